@@ -1,0 +1,1 @@
+"""The host: hooks, plugin manager, assembly, app and serving. Knows no concrete framework or cloud."""

@@ -1,0 +1,27 @@
+"""Counts requests in flight and when the last one was seen: for --killafter and draining."""
+
+from __future__ import annotations
+
+import time
+
+
+class Activity:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_seen = time.monotonic()
+        self.draining = False
+        """Set once shutdown began: readiness turns false while in-flight requests finish."""
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.last_seen = time.monotonic()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        self.last_seen = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds with nothing in flight and nothing received (0 while a request runs)."""
+        if self.in_flight:
+            return 0.0
+        return time.monotonic() - self.last_seen

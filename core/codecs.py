@@ -1,0 +1,57 @@
+"""Choosing a codec for a request: by Content-Type, else by sniffing; replies by Accept."""
+
+from __future__ import annotations
+
+from core.errors import BadRequest, UnsupportedMediaType
+from core.types import Codec
+
+GENERIC_TYPES = frozenset({"", "application/octet-stream", "*/*"})
+
+
+def _media_type(header: str) -> str:
+    return header.split(";", 1)[0].strip().lower()
+
+
+class CodecSet:
+    """The registered codecs, indexed by media type; first registered sniffs first."""
+
+    def __init__(self, codecs: dict[str, Codec]) -> None:
+        self.codecs = list(codecs.values())
+        self.by_type: dict[str, Codec] = {}
+        for codec in self.codecs:
+            for media_type in codec.media_types:
+                self.by_type.setdefault(media_type.lower(), codec)
+
+    def for_request(self, content_type: str, body: bytes) -> Codec:
+        media_type = _media_type(content_type)
+        codec = self.by_type.get(media_type)
+        if codec is not None:
+            return codec
+        if media_type not in GENERIC_TYPES:
+            raise UnsupportedMediaType(
+                f"unsupported Content-Type {media_type!r}; "
+                f"use one of {', '.join(sorted(self.by_type))}"
+            )
+        if not body:
+            raise BadRequest("empty request body; send a dict of named arrays")
+        head = body[:16]
+        for codec in self.codecs:
+            if codec.sniff(head):
+                return codec
+        raise UnsupportedMediaType(
+            "cannot tell the body's format; set Content-Type to one of "
+            + ", ".join(sorted(self.by_type))
+        )
+
+    def for_reply(self, accept: str, request_codec: Codec) -> Codec:
+        """The first acceptable media type we speak; otherwise the request's own format."""
+        if not accept:
+            return request_codec
+        for part in accept.split(","):
+            media_type = _media_type(part)
+            if media_type in GENERIC_TYPES:
+                return request_codec
+            codec = self.by_type.get(media_type)
+            if codec is not None:
+                return codec
+        return request_codec

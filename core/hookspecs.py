@@ -1,0 +1,69 @@
+"""Every hook studio-plug calls. This module is the reference for plugin authors.
+
+Most hooks have the *register-callback* shape: the host calls the hook with a ``register``
+function and each plugin calls it once per thing it provides. The host validates what it is
+given, keeps it under its name, and lets a plugin loaded later (third-party entry points come
+after the built-ins) replace a built-in of the same name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from core.types import Backend, Codec, CreateModel, Loader, Stage, StoreFactory
+
+PROJECT_NAME = "studio_plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def studio_register_loaders(register: Callable[[Loader], None]) -> None:
+    """Register checkpoint loaders: ``register(loader)`` with a ``studio_plugins.Loader``.
+
+    A loader names the files it recognises in a modeldir (``patterns``) and turns one into a
+    ``ServedModel``. Among every loader's matches the newest file is served.
+    """
+
+
+@hookspec
+def studio_register_wrappers(register: Callable[[str, CreateModel], None]) -> None:
+    """Register named wrappers: ``register(name, create_model)``.
+
+    ``create_model(modeldir)`` returns a ``dict -> dict`` callable; ``--wrapper NAME`` uses it.
+    """
+
+
+@hookspec
+def studio_register_stages(register: Callable[[str, Stage], None]) -> None:
+    """Register named pipeline stages: ``register(name, func)``, usable as ``pipe.add(name)``."""
+
+
+@hookspec
+def studio_register_stores(register: Callable[[str, StoreFactory], None]) -> None:
+    """Register experiment stores by URL scheme: ``register(scheme, factory)``.
+
+    ``factory(url)`` returns a ``studio_plugins.ExperimentStore`` for ``--store URL``.
+    """
+
+
+@hookspec
+def studio_register_backends(register: Callable[[Backend], None]) -> None:
+    """Register where servers run: ``register(backend)``, chosen with ``--cloud NAME``."""
+
+
+@hookspec
+def studio_register_codecs(register: Callable[[Codec], None]) -> None:
+    """Register wire formats: ``register(codec)``, chosen by media type or by sniffing the body."""
+
+
+@hookspec
+def studio_register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``studio-plug`` command group (``@cli.command()``)."""

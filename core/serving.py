@@ -1,0 +1,117 @@
+"""Run an app under Hypercorn on a socket we bind ourselves, with our own shutdown rules.
+
+We bind first (so ``--port 0`` can report the port it got, errors come before anything starts,
+and later worker processes can share the socket), then hand Hypercorn the descriptor
+(``fd://N``). SIGINT/SIGTERM and ``--killafter`` idleness set one shutdown event; Hypercorn then
+stops accepting and lets in-flight requests finish within ``graceful_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+from starlette.types import ASGIApp
+
+from core.activity import Activity
+from core.errors import ConfigurationError
+
+log = logging.getLogger("studio_plugins.serving")
+
+LOCAL_NAMES = {"localhost": "127.0.0.1"}
+
+
+def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port)."""
+    address = LOCAL_NAMES.get(host, host)
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"cannot resolve --host {host!r}: {exc}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(
+                f"port {port} on {host} is already in use", hint="choose another --port (0: any)"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigurationError(f"--host {host} is not an address of this machine") from None
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+async def _idle_watch(activity: Activity, killafter: float, shutdown: asyncio.Event) -> None:
+    interval = min(1.0, max(0.05, killafter / 4))
+    while not shutdown.is_set():
+        await asyncio.sleep(interval)
+        if activity.idle_for() >= killafter:
+            log.info("no requests for %.0fs (--killafter); shutting down", killafter)
+            shutdown.set()
+
+
+def run_server(
+    app: ASGIApp,
+    sock: socket.socket,
+    activity: Activity,
+    *,
+    killafter: float = 0,
+    graceful_timeout: float = 30.0,
+) -> int:
+    """Serve ``app`` on ``sock`` until a signal or idleness; returns the exit status (0)."""
+    config = Config()
+    # Hypercorn takes ownership of the descriptor it is given (and closes it): give it a copy.
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    config.graceful_timeout = graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.backlog = 1024
+
+    async def main() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            log.info("%s received; finishing %d request(s) in flight", signal.Signals(signum).name,
+                     activity.in_flight)
+            activity.draining = True
+            shutdown.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        watcher = None
+        if killafter > 0:
+            watcher = asyncio.create_task(_idle_watch(activity, killafter, shutdown))
+        try:
+            await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    asyncio.run(main())
+    log.info("server stopped")
+    return 0

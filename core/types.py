@@ -1,0 +1,216 @@
+"""The types a plugin implements or receives. Re-exported by ``studio_plugins``.
+
+A *model* is any callable ``dict -> dict`` (sync or async). Everything else here describes how
+such a model is found (loaders, stores), how it talks (codecs) and where it runs (backends).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import click
+
+Payload = dict[str, Any]
+"""What a request decodes to and what a model returns: named arrays (or plain values)."""
+
+ModelFn = Callable[[Payload], Payload | Awaitable[Payload]]
+"""A servable model: takes the request's dict, returns a dict (sync or async)."""
+
+CreateModel = Callable[[str], ModelFn]
+"""A wrapper's ``create_model(modeldir)``."""
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output, as far as the framework knows it (-1: unknown / batch axis)."""
+
+    name: str
+    datatype: str = "UNKNOWN"
+    shape: tuple[int, ...] = (-1,)
+
+
+@dataclass
+class ServedModel:
+    """A model ready to serve, with what is known about where it came from."""
+
+    predict: ModelFn
+    platform: str
+    """The loader (or ``wrapper``) that produced it: ``identity``, ``keras``, ``torch``, ..."""
+    checkpoint: Path | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    batchable: bool = True
+    """False when the model must see each request on its own (a wrapper may opt out)."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the user said about loading, passed to every loader."""
+
+    trust_checkpoint: bool = False
+    """Allow deserialisation that can run code stored in the checkpoint (Keras Lambda, pickles)."""
+    gpus: int = 0
+
+
+class Loader(ABC):
+    """Recognises checkpoint files of one framework and loads one into a model.
+
+    Subclasses set ``name`` and ``patterns`` (shell globs matched against file names) and
+    implement ``load``. ``extra`` names the pip extra that installs the framework.
+    """
+
+    name: str = ""
+    patterns: tuple[str, ...] = ()
+    extra: str | None = None
+
+    def recognises(self, path: Path) -> bool:
+        return any(fnmatch.fnmatch(path.name, pattern) for pattern in self.patterns)
+
+    @abstractmethod
+    def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
+        """Load ``checkpoint`` (None only for loaders with no patterns, like identity)."""
+
+
+# --- experiment stores --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file in a modeldir, as a store sees it (remote stores need not download to list)."""
+
+    name: str
+    size: int
+    mtime: datetime
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    key: str
+    files: tuple[FileInfo, ...]
+
+
+class ExperimentStore(ABC):
+    """Where experiments' modeldirs live. One instance per store URL."""
+
+    url: str
+
+    @abstractmethod
+    def modeldir(self, key: str) -> Path:
+        """A local directory holding the experiment's modeldir, fetched or refreshed if remote.
+
+        Raises ``ExperimentError`` when the experiment does not exist.
+        """
+
+    @abstractmethod
+    def experiments(self) -> list[ExperimentInfo]:
+        """Every experiment in the store with the files of its modeldir."""
+
+    @abstractmethod
+    def push(self, key: str, source: Path) -> int:
+        """Copy the files of ``source`` into the experiment's modeldir; returns the file count."""
+
+    def fingerprint(self, key: str) -> str:
+        """A cheap token that changes when the modeldir changes (mtimes, ETags): for reloads."""
+        info = [i for i in self.experiments() if i.key == key]
+        files = info[0].files if info else ()
+        return ";".join(f"{f.name}:{f.size}:{f.mtime.timestamp()}" for f in files)
+
+
+StoreFactory = Callable[[str], ExperimentStore]
+"""Builds a store from its URL (``file:///path``, ``s3://bucket/prefix``)."""
+
+
+# --- codecs -------------------------------------------------------------------------------
+
+
+class Codec(ABC):
+    """A wire format for ``POST /``: bytes <-> dict of named values."""
+
+    name: str = ""
+    media_types: tuple[str, ...] = ()
+    """The first is the one replies are labelled with."""
+
+    def sniff(self, head: bytes) -> bool:
+        """Whether a body that starts with ``head`` is in this format (no Content-Type given)."""
+        return False
+
+    @abstractmethod
+    def decode(self, body: bytes) -> Payload:
+        """Decode a request body; raise ``BadRequest`` with a clear message when it is not valid."""
+
+    @abstractmethod
+    def encode(self, payload: Payload) -> bytes:
+        """Encode a model's reply."""
+
+    @property
+    def media_type(self) -> str:
+        return self.media_types[0]
+
+
+# --- backends -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``studio-plug serve`` was asked for, independent of where it runs."""
+
+    keys: tuple[str, ...]
+    store_url: str | None = None
+    port: int = 5000
+    host: str = "localhost"
+    killafter: float = 3600.0
+    token: str | None = None
+    wrapper: str | None = None
+    checkpoint: str | None = None
+    loader: str | None = None
+    trust_checkpoint: bool = False
+    gpus: int = 0
+    max_body: int = 64 * 1024 * 1024
+    threads: int = 4
+    debug: bool = False
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class LaunchContext(Protocol):
+    """What the host hands a backend: the options, and the means to serve here."""
+
+    options: ServeOptions
+
+    def serve_here(self) -> int:
+        """Assemble the model and serve it in this process until shutdown; the exit status."""
+        ...
+
+    def serve_argv(self) -> list[str]:
+        """The ``studio-plug serve ...`` command line equivalent to these options."""
+        ...
+
+
+class Backend(ABC):
+    """Where a server runs (``--cloud NAME``)."""
+
+    name: str = ""
+    help: str = ""
+
+    def cli_options(self) -> Sequence[click.Option]:
+        """Extra ``serve`` options this backend understands (values land in backend_options)."""
+        return ()
+
+    @abstractmethod
+    def launch(self, context: LaunchContext) -> int:
+        """Start serving; return the process exit status."""
+
+
+# --- stages and wrappers ------------------------------------------------------------------
+
+Stage = Callable[..., Any]
+"""A named pipeline stage: a callable applied per item (or per batch)."""

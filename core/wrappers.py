@@ -1,0 +1,86 @@
+"""``--wrapper``: a registered wrapper name, a Python file, or an importable module name.
+
+A file is loaded by path under a unique module name; its folder is never put on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from core.errors import LoadError
+from core.host import PluginHost
+from core.types import CreateModel, ServedModel
+
+
+def _module_from_file(path: Path) -> ModuleType:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    module_name = f"studio_wrapper_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise LoadError(f"cannot load wrapper file {path}", hint="a wrapper is a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise LoadError(f"wrapper {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def resolve_wrapper(host: PluginHost, spec: str) -> CreateModel:
+    """The ``create_model`` that ``--wrapper spec`` names."""
+    registered = host.wrappers()
+    if spec in registered:
+        return registered[spec]
+    if _looks_like_path(spec) or Path(spec).is_file():
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise LoadError(f"wrapper file {spec} does not exist")
+        module = _module_from_file(path)
+    else:
+        try:
+            module = importlib.import_module(spec)
+        except ImportError as exc:
+            names = ", ".join(sorted(registered)) or "none"
+            raise LoadError(
+                f"wrapper {spec!r} is neither a file, an importable module nor a registered "
+                f"wrapper ({exc})",
+                hint=f"registered wrappers: {names}",
+            ) from exc
+        except Exception as exc:
+            raise LoadError(f"wrapper module {spec} failed to import: {exc}") from exc
+    create_model = getattr(module, "create_model", None)
+    if not callable(create_model):
+        raise LoadError(
+            f"wrapper {spec} has no create_model function",
+            hint="define create_model(modeldir) returning a dict -> dict callable",
+        )
+    return create_model
+
+
+def load_wrapper(host: PluginHost, spec: str, modeldir: Path) -> ServedModel:
+    create_model = resolve_wrapper(host, spec)
+    try:
+        model = create_model(str(modeldir))
+    except Exception as exc:
+        raise LoadError(f"wrapper {spec}: create_model raised {type(exc).__name__}: {exc}") from exc
+    if not callable(model):
+        raise LoadError(
+            f"wrapper {spec}: create_model returned {type(model).__name__}, not a callable",
+            hint="return a function (or ModelPipe) taking and returning a dict",
+        )
+    return ServedModel(
+        predict=model,
+        platform="wrapper",
+        batchable=bool(getattr(model, "batchable", True)),
+    )

@@ -1,0 +1,89 @@
+"""studio-plug: serve a trained model from its experiment's checkpoints in one command.
+
+What users and plugin authors import. A plugin is a module (or object) with ``@hookimpl``
+functions named after the hooks in ``core.hookspecs``; see docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.errors import (
+    BadRequest,
+    ConfigurationError,
+    ExperimentError,
+    LoadError,
+    MissingDependencyError,
+    ModelError,
+    StoreError,
+    StudioError,
+)
+from core.experiments import studio_home, validate_key
+from core.hookspecs import hookimpl
+from core.safe_pickle import dumps as pickle_dumps
+from core.safe_pickle import restricted_loads
+from core.types import (
+    Backend,
+    Codec,
+    CreateModel,
+    ExperimentInfo,
+    ExperimentStore,
+    FileInfo,
+    LaunchContext,
+    Loader,
+    LoadOptions,
+    ModelFn,
+    Payload,
+    ServedModel,
+    ServeOptions,
+    Stage,
+    StoreFactory,
+    TensorSpec,
+)
+from core.version import __version__
+
+
+def get_model_directory(key: str) -> str:
+    """The local modeldir of experiment ``key`` in the embedded store, created if missing.
+
+    Training scripts save their checkpoints here; ``studio-plug serve KEY`` finds them.
+    """
+    validate_key(key)
+    path = Path(studio_home()) / "experiments" / key / "modeldir"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+__all__ = [
+    "Backend",
+    "BadRequest",
+    "Codec",
+    "ConfigurationError",
+    "CreateModel",
+    "ExperimentError",
+    "ExperimentInfo",
+    "ExperimentStore",
+    "FileInfo",
+    "LaunchContext",
+    "LoadError",
+    "LoadOptions",
+    "Loader",
+    "MissingDependencyError",
+    "ModelError",
+    "ModelFn",
+    "Payload",
+    "ServeOptions",
+    "ServedModel",
+    "Stage",
+    "StoreError",
+    "StoreFactory",
+    "StudioError",
+    "TensorSpec",
+    "__version__",
+    "get_model_directory",
+    "hookimpl",
+    "pickle_dumps",
+    "restricted_loads",
+    "studio_home",
+    "validate_key",
+]

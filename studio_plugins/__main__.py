@@ -1,0 +1,3 @@
+from studio_plugins.cli import main
+
+main()

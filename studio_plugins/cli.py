@@ -1,0 +1,249 @@
+"""The ``studio-plug`` command line, built at call time from a fresh PluginHost."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from core.errors import ConfigurationError, StudioError
+from core.experiments import open_store, validate_key
+from core.host import PluginHost
+from core.launch import launch
+from core.types import ServeOptions
+from core.version import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?\s*")
+_UNITS = {None: 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
+          "gb": 10**9, "gib": 2**30}
+
+
+class ByteSize(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE.fullmatch(str(value))
+        if not match:
+            self.fail(f"{value!r} is not a size like 64MB or 1048576", param, ctx)
+        number, unit = match.groups()
+        return int(float(number) * _UNITS[unit.lower() if unit else None])
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def report_errors(func: F) -> F:
+    """Print a StudioError as one line (and its hint) and exit 1; tracebacks only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StudioError as exc:
+            if kwargs.get("debug") or os.environ.get("STUDIO_DEBUG"):
+                raise
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _serve_command(host: PluginHost) -> click.Command:
+    backends = host.backends()
+    backend_params: list[click.Parameter] = []
+    for backend in backends.values():
+        backend_params.extend(backend.cli_options())
+    backend_names = {param.name for param in backend_params}
+
+    @click.command(
+        "serve",
+        params=backend_params,
+        context_settings={"show_default": True},
+    )
+    @click.argument("keys", nargs=-1, required=True, metavar="EXPERIMENT_KEY...")
+    @click.option("--port", type=click.IntRange(0, 65535), default=5000,
+                  help="TCP port to serve on; 0 picks a free one (the URL is printed).")
+    @click.option("--host", "bind_host", default="localhost",
+                  help="Address to listen on: localhost (this machine only) or 0.0.0.0 (every "
+                  "interface).")
+    @click.option("--killafter", type=click.FloatRange(min=0), default=3600,
+                  help="Exit (status 0) after this many seconds with no request; never during a "
+                  "request. 0 disables.")
+    @click.option("--store", "store_url", envvar="STUDIO_STORE", default=None,
+                  help="Experiment store URL (file:///path, ...); default: $STUDIOML_HOME "
+                  "(~/.studioml).")
+    @click.option("--cloud", type=click.Choice(sorted(backends)), default="local",
+                  help="Where to run the server.")
+    @click.option("--token", envvar="STUDIO_TOKEN", default=None,
+                  help="Require 'Authorization: Bearer TOKEN' on every request but health checks.")
+    @click.option("--wrapper", default=None,
+                  help="A .py file, module or registered name with create_model(modeldir) "
+                  "returning a dict -> dict callable.")
+    @click.option("--checkpoint", default=None, help="Serve this file of the modeldir instead of "
+                  "the newest checkpoint.")
+    @click.option("--loader", default=None, help="Force a loader (see `studio-plug plugins`).")
+    @click.option("--trust-checkpoint", is_flag=True, default=False,
+                  help="Allow checkpoints that run their own code when loaded (Keras Lambda "
+                  "layers, pickled torch modules). Only for checkpoints you trust.")
+    @click.option("--gpus", type=click.IntRange(min=0), default=0,
+                  help="GPUs to use (local: CUDA when > 0 and present; cloud: instance size).")
+    @click.option("--max-body", type=ByteSize(), default="64MiB",
+                  help="Largest request body accepted; larger ones get 413.")
+    @click.option("--threads", type=click.IntRange(min=1), default=4,
+                  help="Threads that run a synchronous model.")
+    @click.option("--debug", is_flag=True, default=False,
+                  help="Log debug output and return tracebacks in error replies.")
+    @report_errors
+    def serve(keys: tuple[str, ...], **params: Any) -> None:
+        """Serve the newest checkpoint of EXPERIMENT_KEY over HTTP.
+
+        Finds the experiment's modeldir in the store, loads its newest checkpoint with the
+        loader that recognises it (identity model when there is none), or builds the model with
+        --wrapper, and serves it: POST / takes a pickled (or JSON, or npz) dict of named arrays
+        and answers a dict of results. Several keys serve several models (POST /models/KEY).
+        """
+        setup_logging(params["debug"])
+        for key in keys:
+            validate_key(key)
+        extra = {name: params.pop(name) for name in list(params) if name in backend_names}
+        cloud = params.pop("cloud")
+        options = ServeOptions(
+            keys=keys,
+            store_url=params.pop("store_url"),
+            host=params.pop("bind_host"),
+            backend_options=extra,
+            **params,
+        )
+        sys.exit(launch(host, options, cloud))
+
+    return serve
+
+
+def _experiments_group(host: PluginHost) -> click.Group:
+    store_option = click.option("--store", "store_url", envvar="STUDIO_STORE", default=None,
+                                help="Experiment store URL; default: $STUDIOML_HOME.")
+
+    @click.group("experiments")
+    def experiments() -> None:
+        """List experiments in a store and push checkpoints into it."""
+
+    @experiments.command("ls")
+    @store_option
+    @report_errors
+    def ls(store_url: str | None) -> None:
+        """List experiments with their newest checkpoint and its time."""
+        store = open_store(host, store_url)
+        loaders = host.loaders()
+        infos = store.experiments()
+        if not infos:
+            click.echo(f"no experiments in {store.url}", err=True)
+            return
+        rows = [("KEY", "NEWEST CHECKPOINT", "LOADER", "MODIFIED (UTC)", "FILES")]
+        for info in infos:
+            recognised = [
+                (f.mtime, f.name, loader.name)
+                for f in info.files
+                for loader in loaders.values()
+                if loader.patterns and loader.recognises(Path(f.name))
+            ]
+            if recognised:
+                mtime, name, loader_name = max(recognised)
+                rows.append((info.key, name, loader_name,
+                             mtime.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                             str(len(info.files))))
+            else:
+                rows.append((info.key, "-", "identity", "-", str(len(info.files))))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+    @experiments.command("push")
+    @click.argument("key")
+    @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @store_option
+    @report_errors
+    def push(key: str, directory: Path, store_url: str | None) -> None:
+        """Copy the files of DIRECTORY into experiment KEY's modeldir."""
+        validate_key(key)
+        store = open_store(host, store_url)
+        count = store.push(key, directory)
+        click.echo(f"pushed {count} file(s) to {key} in {store.url}")
+
+    return experiments
+
+
+def _plugins_command(host: PluginHost) -> click.Command:
+    @click.command("plugins")
+    @click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
+    @report_errors
+    def plugins(show_all: bool) -> None:
+        """List installed plugins and what each registered."""
+        infos = [info for info in host.plugins() if show_all or not info.builtin]
+        if not infos:
+            click.echo("no third-party plugins installed (--all lists the built-ins)")
+            return
+        for info in infos:
+            origin = "built-in" if info.builtin else (
+                f"{info.distribution} {info.version}" if info.distribution else "local"
+            )
+            click.echo(f"{info.name} ({origin})")
+            for item in info.registered:
+                click.echo(f"  {item}")
+
+    return plugins
+
+
+def build_cli(host: PluginHost) -> click.Group:
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="studio-plug")
+    def cli() -> None:
+        """Serve trained models from their experiments' checkpoints.
+
+        \b
+        studio-plug serve KEY              serve experiment KEY on http://127.0.0.1:5000/
+        studio-plug experiments ls         list experiments in the store
+        studio-plug plugins --all          list loaders, stores, codecs, backends
+        """
+
+    cli.add_command(_serve_command(host))
+    cli.add_command(_experiments_group(host))
+    cli.add_command(_plugins_command(host))
+    host.add_commands(cli)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        host = PluginHost()
+    except StudioError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(1)
+    build_cli(host)(args=argv, prog_name="studio-plug")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+__all__ = ["ConfigurationError", "build_cli", "main"]

@@ -1,0 +1,61 @@
+"""A small Python client for ``POST /``: pickled dict in, pickled dict out.
+
+Replies are decoded with the same restricted unpickler the server uses, so a hostile server
+cannot run code in the client either.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from core.errors import StudioError
+from core.safe_pickle import dumps, restricted_loads
+
+PICKLE = "application/python-pickle"
+
+
+class PredictionError(StudioError):
+    """The server answered with an error status; ``status`` and ``message`` are the server's."""
+
+    def __init__(self, status: int, message: str, type_name: str = "") -> None:
+        prefix = f"{status} {type_name}" if type_name else str(status)
+        super().__init__(f"{prefix}: {message}")
+        self.status = status
+        self.server_message = message
+        self.server_type = type_name
+
+
+def _error_from(status: int, body: bytes) -> PredictionError:
+    try:
+        content = json.loads(body)
+        return PredictionError(status, str(content.get("error")), str(content.get("type", "")))
+    except (ValueError, AttributeError):
+        return PredictionError(status, body[:500].decode("utf-8", "replace"))
+
+
+def predict(
+    url: str,
+    data: dict[str, Any],
+    token: str | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """POST ``data`` (a dict of named arrays) to ``url`` and return the model's dict."""
+    headers = {"Content-Type": PICKLE, "Accept": PICKLE}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=dumps(data), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise _error_from(exc.code, exc.read()) from None
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as exc:
+        raise PredictionError(0, f"cannot reach {url}: {exc}") from None
+    result = restricted_loads(body)
+    if not isinstance(result, dict):
+        raise PredictionError(200, f"the server answered a {type(result).__name__}, not a dict")
+    return result
