@@ -135,6 +135,34 @@ def restricted_loads(data: bytes) -> Any:
     return value
 
 
+_SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+
+
+def plain_data(value: Any, depth: int = 0) -> Any:
+    """``value`` as only what ``restricted_loads`` admits: array-likes (torch tensors, ...) become
+    numpy arrays; anything else is a ``TypeError``, so every reply we send can be decoded."""
+    if isinstance(value, _SCALARS):
+        return value
+    if depth > MAX_DEPTH:
+        raise TypeError(f"output nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, np.ndarray | np.generic):
+        if value.dtype.hasobject:
+            raise TypeError("object-dtype arrays cannot be sent")
+        return value
+    if isinstance(value, dict):
+        return {plain_data(k, depth + 1): plain_data(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [plain_data(item, depth + 1) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, set | frozenset):
+        return type(value)(plain_data(item, depth + 1) for item in value)
+    if hasattr(value, "__array__"):
+        return plain_data(np.asarray(value), depth)
+    raise TypeError(f"{type(value).__module__}.{type(value).__qualname__} is not data")
+
+
 def dumps(value: Any) -> bytes:
-    """Pickle a reply (protocol 5: arrays without an extra copy; numpy >= 1.26 reads it)."""
-    return pickle.dumps(value, protocol=5)
+    """Pickle a reply (protocol 5: arrays without an extra copy; numpy >= 1.26 reads it).
+
+    Only plain data is pickled (see ``plain_data``): a reply never references code."""
+    return pickle.dumps(plain_data(value), protocol=5)

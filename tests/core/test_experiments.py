@@ -1,0 +1,91 @@
+"""Experiment keys, the embedded store, and key -> model assembly rules that need no framework."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core.assembly import load_model
+from core.errors import ConfigurationError, ExperimentError
+from core.experiments import open_store, studio_home, validate_key
+from core.types import ServeOptions
+from studio_plugins import get_model_directory
+from studio_plugins.testing import make_host
+
+
+@pytest.mark.parametrize("key", ["exp", "1510000000_abc-def.v2", "A_b", "_private"])
+def test_valid_keys(key: str) -> None:
+    assert validate_key(key) == key
+
+
+@pytest.mark.parametrize(
+    "key", ["", "../x", "..", ".", "/abs", "a/b", "a\\b", ".hidden", "x" * 201, "a b", "ké"]
+)
+def test_keys_that_could_escape_the_store_are_refused(key: str) -> None:
+    with pytest.raises(ExperimentError, match="invalid experiment key"):
+        validate_key(key)
+
+
+def test_home_defaults_to_dot_studioml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STUDIOML_HOME", raising=False)
+    assert studio_home() == Path.home() / ".studioml"
+
+
+def test_get_model_directory_creates_the_modeldir(studio_home: Path) -> None:
+    path = Path(get_model_directory("train-1"))
+    assert path == studio_home / "experiments" / "train-1" / "modeldir"
+    assert path.is_dir()
+    with pytest.raises(ExperimentError):
+        get_model_directory("../escape")
+
+
+def test_push_copies_files_and_keeps_mtimes(studio_home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "ckpts"
+    source.mkdir()
+    (source / "a.h5").write_bytes(b"1")
+    os.utime(source / "a.h5", (1_000_000, 1_000_000))
+    store = open_store(make_host())
+    assert store.push("exp", source) == 1
+    copied = studio_home / "experiments" / "exp" / "modeldir" / "a.h5"
+    assert copied.read_bytes() == b"1" and copied.stat().st_mtime == 1_000_000
+    [info] = store.experiments()
+    assert info.key == "exp" and [f.name for f in info.files] == ["a.h5"]
+
+
+def test_store_url_picks_the_store_by_scheme(tmp_path: Path, studio_home: Path) -> None:
+    other = tmp_path / "elsewhere"
+    store = open_store(make_host(), other.as_uri())
+    assert store.url == other.resolve().as_uri()
+    with pytest.raises(ConfigurationError, match="no experiment store"):
+        open_store(make_host(), "gopher://x/y")
+
+
+def test_store_env_variable_is_the_default(tmp_path: Path, studio_home: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STUDIO_STORE", (tmp_path / "env-store").as_uri())
+    assert open_store(make_host()).url.endswith("/env-store")
+
+
+def test_unknown_experiment_is_a_clear_error(studio_home: Path) -> None:
+    with pytest.raises(ExperimentError, match="no experiment 'nope'") as caught:
+        load_model(make_host(), ServeOptions(keys=("nope",)), "nope")
+    assert "experiments push nope" in (caught.value.hint or "")
+
+
+def test_empty_modeldir_serves_identity_and_says_so(
+    modeldir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
+    assert model.platform == "identity"
+    assert "no checkpoints" in caplog.text and "identity" in caplog.text
+
+
+def test_unrecognised_files_are_named_in_the_log(
+    modeldir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (modeldir / "notes.txt").write_text("hi")
+    model = load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
+    assert model.platform == "identity"
+    assert "notes.txt" in caplog.text and "no checkpoint recognised" in caplog.text
