@@ -1,8 +1,10 @@
 """The hot path between decoded request and encoded reply: invoke the model safely.
 
-Sync models run in a bounded thread pool so the event loop never blocks; async models are
-awaited. A model that raises or returns something other than a dict becomes a ``ModelError``
-(HTTP 500) and the server keeps serving.
+Admission is bounded (``--max-queue``: beyond it, 503 at once); each request has a deadline
+(``--timeout``: 504, the late result is discarded); sync models run in a bounded thread pool
+(``--threads``) so the event loop never blocks; compatible concurrent requests may be batched
+(``--max-batch-size``). A model that raises or returns something other than a dict becomes a
+``ModelError`` (500) for exactly the requests it was asked about, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -12,37 +14,109 @@ import inspect
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-from core.errors import ModelError, StudioError
+from core.batching import Batcher
+from core.errors import DeadlineExceeded, ModelError, Overloaded, StudioError
+from core.metrics import Metrics
 from core.types import Payload, ServedModel
 
 log = logging.getLogger("studio_plugins.dataplane")
 
 
-def _is_async(model: ServedModel) -> bool:
-    predict = model.predict
+@dataclass(frozen=True)
+class DataPlaneOptions:
+    threads: int = 4
+    max_queue: int = 256
+    """Requests admitted (waiting or running) at once; 0: unbounded."""
+    timeout: float | None = None
+    """Seconds until a request is answered 504; None: no deadline."""
+    max_batch_size: int = 1
+    """Rows per model call when batching across requests; 1: off."""
+    max_batch_delay: float = 0.005
+    """Seconds a request may wait for others to join its batch."""
+
+
+def _is_async(predict: Any) -> bool:
     return inspect.iscoroutinefunction(predict) or inspect.iscoroutinefunction(
         getattr(predict, "__call__", None)  # noqa: B004 - an object whose __call__ is async
     )
 
 
 class DataPlane:
-    """Runs models for requests. One per server; shared by every model it serves."""
+    """Runs models for requests. One per server, shared by every model it serves."""
 
-    def __init__(self, threads: int = 4) -> None:
-        self.threads = max(1, threads)
+    def __init__(self, options: DataPlaneOptions | None = None, metrics: Metrics | None = None) -> None:
+        self.options = options or DataPlaneOptions()
+        self.metrics = metrics
+        self.admitted = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._batchers: dict[int, Batcher] = {}
 
     @property
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="studio-model")
+            self._executor = ThreadPoolExecutor(
+                max(1, self.options.threads), thread_name_prefix="studio-model"
+            )
         return self._executor
 
-    async def infer(self, model: ServedModel, payload: Payload) -> Payload:
+    async def infer(self, model: ServedModel, payload: Payload, name: str = "") -> tuple[Payload, int]:
+        """The model's reply and the number of rows of the call that produced it."""
+        limit = self.options.max_queue
+        if limit and self.admitted >= limit:
+            raise Overloaded(f"{self.admitted} requests queued (--max-queue {limit}); retry shortly")
+        self.admitted += 1
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.admitted)
         try:
-            if _is_async(model):
+            if self.options.timeout is None:
+                return await self._dispatch(model, payload, name)
+            try:
+                return await asyncio.wait_for(self._dispatch(model, payload, name), self.options.timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no answer within {self.options.timeout:g}s (--timeout)"
+                ) from None
+        finally:
+            self.admitted -= 1
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(self.admitted)
+
+    async def _dispatch(self, model: ServedModel, payload: Payload, name: str) -> tuple[Payload, int]:
+        batcher = self._batcher(model, name)
+        if batcher is not None:
+            batched = await batcher.submit(payload)
+            if batched is not None:
+                return batched
+        result = await self.call(model, payload)
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(name).observe(payload_rows(payload))
+        return result, payload_rows(payload)
+
+    def _batcher(self, model: ServedModel, name: str) -> Batcher | None:
+        if self.options.max_batch_size <= 1 or not model.batchable:
+            return None
+        batcher = self._batchers.get(id(model))
+        if batcher is None:
+
+            async def run(payload: Payload) -> Payload:
+                return await self.call(model, payload)
+
+            def observe(rows: int) -> None:
+                if self.metrics is not None:
+                    self.metrics.batch_size.labels(name).observe(rows)
+
+            batcher = Batcher(run, self.options.max_batch_size, self.options.max_batch_delay, observe)
+            # Keyed by identity: a model swapped in later gets batches of its own.
+            self._batchers[id(model)] = batcher
+        return batcher
+
+    async def call(self, model: ServedModel, payload: Payload) -> Payload:
+        """One model call, sync models in the thread pool; errors become ``ModelError``."""
+        try:
+            if _is_async(model.predict):
                 result: Any = await model.predict(payload)  # type: ignore[misc]
             else:
                 loop = asyncio.get_running_loop()
@@ -62,3 +136,12 @@ class DataPlane:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+def payload_rows(payload: Payload) -> int:
+    """Rows in a request (axis 0 of its first array), 1 when it has no array."""
+    for value in payload.values():
+        shape = getattr(value, "shape", None)
+        if shape:
+            return int(shape[0])
+    return 1

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from dataclasses import dataclass
 
 from core.activity import Activity
 from core.app import AppSettings, build_app
 from core.assembly import load_model
 from core.codecs import CodecSet
+from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
 from core.host import PluginHost
 from core.serving import bind_socket, run_server, socket_url
@@ -28,12 +30,19 @@ class Launch:
     host: PluginHost
     options: ServeOptions
 
-    def assemble(self) -> dict[str, ServedModel]:
-        return {key: load_model(self.host, self.options, key) for key in self.options.keys}
+    def assemble(self) -> tuple[dict[str, ServedModel], dict[str, float]]:
+        """Every model, and how long each took to load."""
+        models: dict[str, ServedModel] = {}
+        seconds: dict[str, float] = {}
+        for key in self.options.keys:
+            started = time.perf_counter()
+            models[key] = load_model(self.host, self.options, key)
+            seconds[key] = time.perf_counter() - started
+        return models, seconds
 
     def serve_here(self) -> int:
         options = self.options
-        models = self.assemble()
+        models, load_seconds = self.assemble()
         sock = bind_socket(options.host, options.port)
         url = socket_url(sock)
         activity = Activity()
@@ -47,7 +56,16 @@ class Launch:
             token=options.token,
             max_body=options.max_body,
             debug=options.debug,
-            threads=options.threads,
+            dataplane=DataPlaneOptions(
+                threads=options.threads,
+                max_queue=options.max_queue,
+                timeout=options.timeout,
+                max_batch_size=options.max_batch_size,
+                max_batch_delay=options.max_batch_delay / 1000,
+            ),
+            metrics=options.metrics,
+            access_log=options.access_log,
+            load_seconds=load_seconds,
             activity=activity,
             on_ready=announce,
         )
@@ -63,7 +81,16 @@ class Launch:
         o = self.options
         argv = ["studio-plug", "serve", *o.keys, "--host", o.host, "--port", str(o.port)]
         argv += ["--killafter", f"{o.killafter:g}", "--max-body", str(o.max_body)]
-        argv += ["--threads", str(o.threads)]
+        argv += ["--threads", str(o.threads), "--max-queue", str(o.max_queue)]
+        if o.timeout:
+            argv += ["--timeout", f"{o.timeout:g}"]
+        if o.max_batch_size > 1:
+            argv += ["--max-batch-size", str(o.max_batch_size),
+                     "--max-batch-delay", f"{o.max_batch_delay:g}"]
+        if not o.metrics:
+            argv.append("--no-metrics")
+        if o.access_log:
+            argv.append("--access-log")
         for flag, value in (
             ("--store", o.store_url),
             ("--wrapper", o.wrapper),

@@ -177,6 +177,13 @@ class ServeOptions:
     gpus: int = 0
     max_body: int = 64 * 1024 * 1024
     threads: int = 4
+    timeout: float | None = None
+    max_queue: int = 256
+    max_batch_size: int = 1
+    max_batch_delay: float = 5.0
+    """Milliseconds."""
+    metrics: bool = True
+    access_log: bool = False
     debug: bool = False
     backend_options: Mapping[str, Any] = field(default_factory=dict)
 

@@ -109,7 +109,23 @@ def _serve_command(host: PluginHost) -> click.Command:
     @click.option("--max-body", type=ByteSize(), default="64MiB",
                   help="Largest request body accepted; larger ones get 413.")
     @click.option("--threads", type=click.IntRange(min=1), default=4,
-                  help="Threads that run a synchronous model.")
+                  help="Threads that run a synchronous model (the event loop never blocks).")
+    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Seconds until a request is answered 504 (the late result is discarded). "
+                  "Default: no deadline.")
+    @click.option("--max-queue", type=click.IntRange(min=0), default=256,
+                  help="Requests admitted at once (waiting or running); more get 503 with "
+                  "Retry-After at once. 0: unbounded.")
+    @click.option("--max-batch-size", type=click.IntRange(min=1), default=1,
+                  help="Batch concurrent requests whose arrays agree in trailing shape and dtype "
+                  "into one model call of up to N rows. 1: off. A wrapper opts out with "
+                  "`model.batchable = False`.")
+    @click.option("--max-batch-delay", type=click.FloatRange(min=0), default=5.0,
+                  help="Milliseconds a request may wait for others to join its batch.")
+    @click.option("--metrics/--no-metrics", default=True,
+                  help="Serve Prometheus metrics on GET /metrics.")
+    @click.option("--access-log", is_flag=True, default=False,
+                  help="Log one line per request: method, path, status, duration, batch size.")
     @click.option("--debug", is_flag=True, default=False,
                   help="Log debug output and return tracebacks in error replies.")
     @report_errors

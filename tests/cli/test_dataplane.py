@@ -1,0 +1,155 @@
+"""The data plane with the real server: batching, deadlines, overload, metrics, request ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from studio_plugins.client import PredictionError, predict
+from studio_plugins.testing import ServerProcess
+from tests.cli.test_serve import get, post
+
+DATA = Path(__file__).parent / "data"
+BATCH_WRAPPER = str(DATA / "batch_wrapper.py")
+BEHAVIOUR_WRAPPER = str(DATA / "behaviour_wrapper.py")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.timeout(120)
+def test_32_concurrent_requests_are_batched_and_each_gets_its_own_rows(modeldir: Path) -> None:
+    with ServerProcess("exp", "--wrapper", BATCH_WRAPPER, "--max-batch-size", "8",
+                       "--max-batch-delay", "20", "--threads", "4") as server:
+        inputs = [np.full((1, 4), i, np.float32) for i in range(32)]
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda x: predict(server.url, {"x": x}, timeout=60), inputs))
+        for x, reply in zip(inputs, replies, strict=True):
+            np.testing.assert_array_equal(reply["y"], x * 2)  # exactly its own result
+        call_sizes = [int(reply["rows_in_call"][0]) for reply in replies]
+        assert max(call_sizes) > 1 and all(size <= 8 for size in call_sizes)
+        # 32 requests in far fewer than 32 calls
+        assert sum(1 / size for size in call_sizes) < 16
+        text = get(server.url + "metrics")[1].decode()
+        assert metric(text, "studio_batch_size_count", model="exp") < 16
+        assert metric(text, "studio_batch_size_sum", model="exp") == 32
+
+
+@pytest.mark.timeout(120)
+def test_mixed_shapes_are_answered_correctly(modeldir: Path) -> None:
+    with ServerProcess("exp", "--wrapper", BATCH_WRAPPER, "--max-batch-size", "8") as server:
+        inputs = [np.full((1 + i % 3, 2 + i % 2), i, np.float32 if i % 4 else np.float64)
+                  for i in range(24)]
+        with ThreadPoolExecutor(24) as pool:
+            replies = list(pool.map(lambda x: predict(server.url, {"x": x}, timeout=60), inputs))
+        for x, reply in zip(inputs, replies, strict=True):
+            np.testing.assert_array_equal(reply["y"], x * 2)
+            assert reply["y"].dtype == x.dtype
+
+
+@pytest.mark.timeout(60)
+def test_deadline_gives_504_and_the_server_keeps_serving(modeldir: Path) -> None:
+    with ServerProcess("exp", "--wrapper", BEHAVIOUR_WRAPPER, "--timeout", "1") as server:
+        started = time.monotonic()
+        with pytest.raises(PredictionError) as caught:
+            predict(server.url, {"sleep": np.array([3.0])}, timeout=30)
+        assert caught.value.status == 504 and time.monotonic() - started < 2.5
+        assert predict(server.url, {"x": np.ones(1)})["done"] is True
+
+
+@pytest.mark.timeout(60)
+def test_a_full_queue_gives_503_with_retry_after(modeldir: Path) -> None:
+    with ServerProcess("exp", "--wrapper", BEHAVIOUR_WRAPPER, "--max-queue", "1") as server:
+        slow = threading.Thread(target=predict, args=(server.url, {"sleep": np.array([2.0])}))
+        slow.start()
+        time.sleep(0.5)
+        status, headers, body = post(server.url, b'{"x": [1]}', "application/json")
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body)["type"] == "Overloaded"
+        slow.join(30)
+        assert predict(server.url, {"x": np.ones(1)})["done"] is True
+        text = get(server.url + "metrics")[1].decode()
+        assert metric(text, "studio_requests_total", status="503") == 1
+        assert metric(text, "studio_requests_total", status="200") == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_disconnects_stops_counting(modeldir: Path) -> None:
+    with ServerProcess("exp", "--wrapper", BEHAVIOUR_WRAPPER, "--max-queue", "1") as server:
+        host, port = server.url.removeprefix("http://").strip("/").split(":")
+        body = b'{"sleep": [3]}'
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.5)
+        time.sleep(0.3)  # the client is gone: its slot is free although the model still sleeps
+        assert predict(server.url, {"x": np.ones(1)})["done"] is True
+
+
+@pytest.mark.timeout(60)
+def test_metrics_count_what_happened(modeldir: Path) -> None:
+    with ServerProcess("exp", "--wrapper", BEHAVIOUR_WRAPPER) as server:
+        for _ in range(3):
+            predict(server.url, {"x": np.ones(1)})
+        post(server.url, b'{"fail": 1}', "application/json")
+        post(server.url, b"not json", "application/json")
+        get(server.url + "v2/health/ready")
+        status, text_bytes = get(server.url + "metrics")
+        text = text_bytes.decode()
+        assert status == 200
+        assert metric(text, "studio_requests_total", route="/", status="200") == 3
+        assert metric(text, "studio_requests_total", status="500") == 1
+        assert metric(text, "studio_requests_total", status="400") == 1
+        assert metric(text, "studio_request_duration_seconds_count", route="/") == 5
+        assert metric(text, "studio_requests_in_flight") == 0
+        assert 'studio_model_info{checkpoint="",key="exp",loader="wrapper",model="exp"} 1.0' in text
+        assert "studio_model_load_seconds" in text
+        assert "/v2/health" not in text  # health checks are not inference
+
+
+def test_no_metrics_turns_the_route_off(modeldir: Path) -> None:
+    with ServerProcess("exp", "--no-metrics") as server:
+        assert get(server.url + "metrics")[0] == 404
+
+
+def test_request_ids_and_the_access_log(modeldir: Path) -> None:
+    with ServerProcess("exp", "--access-log") as server:
+        status, headers, _ = post(server.url, b'{"a": 1}', "application/json",
+                                  {"X-Request-Id": "abc-123"})
+        assert status == 200 and headers["x-request-id"] == "abc-123"
+        status, headers, _ = post(server.url, b"{", "application/json")
+        assert status == 400 and re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+        request = urllib.request.Request(server.url + "v2/health/live")
+        with urllib.request.urlopen(request) as response:
+            assert response.headers["x-request-id"]
+        time.sleep(0.3)
+        lines = [line for line in server.stderr_lines if "studio_plugins.access" in line]
+        assert any("status=200" in line and "request_id=abc-123" in line and "batch=1" in line
+                   and "method=POST path=/ " in line for line in lines), lines
+        assert any("status=400" in line for line in lines)
+
+
+def test_access_log_is_off_by_default(modeldir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with ServerProcess("exp") as server:
+        post(server.url, b'{"a": 1}', "application/json")
+        time.sleep(0.2)
+        assert not [line for line in server.stderr_lines if "studio_plugins.access" in line]

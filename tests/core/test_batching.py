@@ -1,0 +1,129 @@
+"""Batching across requests, in process: who joins a batch, when it runs, what each gets back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from core.batching import Batcher, signature, split_rows
+from core.errors import ModelError
+from core.types import Payload
+
+
+def test_signature_needs_arrays_with_one_row_count() -> None:
+    assert signature({"x": np.zeros((2, 3), np.float32)}) == (((("x", (3,), "<f4")),), 2)
+    assert signature({"x": np.zeros((2, 3)), "y": np.zeros((3, 1))}) is None
+    assert signature({"x": np.zeros(())}) is None
+    assert signature({"s": "text"}) is None
+    assert signature({"x": np.zeros((0, 3))}) is None
+    assert signature({}) is None
+
+
+def test_split_rows_checks_the_row_count() -> None:
+    parts = split_rows({"y": np.arange(5)}, [2, 3])
+    assert [p["y"].tolist() for p in parts] == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ModelError, match="expected 5 rows"):
+        split_rows({"y": np.arange(4)}, [2, 3])
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[int] = []
+        self.fail = fail
+
+    async def __call__(self, payload: Payload) -> Payload:
+        self.calls.append(len(payload["x"]))
+        if self.fail:
+            raise ModelError("model failed")
+        return {"y": payload["x"] * 10}
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_full_batch_runs_at_once_and_each_gets_its_rows() -> None:
+    async def main() -> None:
+        model = Recorder()
+        batcher = Batcher(model, max_batch_size=4, max_delay=10.0)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(batcher.submit({"x": np.array([[i]])}) for i in range(4))
+        )
+        assert time.monotonic() - started < 1.0  # a full batch never waits for the delay
+        assert model.calls == [4]
+        for i, (reply, rows) in enumerate(results):
+            assert reply["y"].tolist() == [[i * 10]] and rows == 4
+
+    run(main())
+
+
+def test_partial_batch_waits_at_most_the_delay() -> None:
+    async def main() -> None:
+        model = Recorder()
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.05)
+        started = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit({"x": np.array([[i]])}) for i in range(3)))
+        waited = time.monotonic() - started
+        assert 0.04 <= waited < 0.5
+        assert model.calls == [3] and [r[0]["y"][0, 0] for r in results] == [0, 10, 20]
+
+    run(main())
+
+
+def test_overflow_starts_the_next_batch() -> None:
+    async def main() -> None:
+        model = Recorder()
+        batcher = Batcher(model, max_batch_size=4, max_delay=0.02)
+        results = await asyncio.gather(*(batcher.submit({"x": np.array([[i]])}) for i in range(10)))
+        assert sorted(model.calls) == [2, 4, 4]
+        assert [r[0]["y"][0, 0] for r in results] == [i * 10 for i in range(10)]
+
+    run(main())
+
+
+def test_incompatible_requests_do_not_share_a_batch() -> None:
+    async def main() -> None:
+        model = Recorder()
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.02)
+        a, b, c = await asyncio.gather(
+            batcher.submit({"x": np.ones((1, 3))}),
+            batcher.submit({"x": np.ones((1, 5))}),
+            batcher.submit({"x": np.ones((1, 3), np.float32)}),
+        )
+        assert sorted(model.calls) == [1, 1, 1]
+        assert a[0]["y"].shape == (1, 3) and b[0]["y"].shape == (1, 5)
+        assert c[0]["y"].dtype == np.float32
+        assert await batcher.submit({"s": "not an array"}) is None
+
+    run(main())
+
+
+def test_a_model_error_fails_only_its_batch() -> None:
+    async def main() -> None:
+        failing = Recorder(fail=True)
+        batcher = Batcher(failing, max_batch_size=2, max_delay=1.0)
+        results = await asyncio.gather(
+            *(batcher.submit({"x": np.array([[i]])}) for i in range(2)), return_exceptions=True
+        )
+        assert all(isinstance(r, ModelError) for r in results)
+        assert failing.calls == [2]
+
+    run(main())
+
+
+def test_a_cancelled_caller_is_left_out() -> None:
+    async def main() -> None:
+        model = Recorder()
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.05)
+        gone = asyncio.ensure_future(batcher.submit({"x": np.array([[1]])}))
+        stays = asyncio.ensure_future(batcher.submit({"x": np.array([[2]])}))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        reply, rows = await stays
+        assert model.calls == [1] and rows == 1 and reply["y"].tolist() == [[20]]
+
+    run(main())
