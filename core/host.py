@@ -34,6 +34,8 @@ LOAD_ENV = "STUDIO_PLUGINS_LOAD"
 # Built-ins are named by module path so that core imports none of them.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.loaders.identity",
+    "plugins.loaders.keras",
+    "plugins.loaders.torch",
     "plugins.stores.local",
     "plugins.backends.local",
     "plugins.codecs.pickle",

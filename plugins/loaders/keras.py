@@ -1,0 +1,207 @@
+"""The default loader: Keras 3 checkpoints (``*.keras``, ``*.h5``, ``*.hdf5``, ``*.hdf``).
+
+Studio.ML's training scripts wrote ``checkpoint.03-0.45.hdf``-style names, so all four count.
+Keras runs on the torch backend unless ``KERAS_BACKEND`` says otherwise; models are loaded with
+``compile=False`` in safe mode (a ``Lambda`` layer's Python code is refused unless
+``--trust-checkpoint``) and called directly (``model.predict`` costs about a millisecond more per
+call), from up to ``--threads`` threads at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from plugins.loaders.signature import (
+    Expected,
+    Runner,
+    TensorModel,
+    datatype_of,
+    name_outputs,
+    unique_names,
+)
+from plugins.loaders.torch_runtime import choose_device, import_torch, single_threaded, to_numpy
+from studio_plugins import (
+    Loader,
+    LoadError,
+    LoadOptions,
+    MissingDependencyError,
+    ServedModel,
+    TensorSpec,
+    hookimpl,
+)
+
+log = logging.getLogger("studio_plugins.loaders.keras")
+
+UNSAFE_HINT = "if you trust this checkpoint, serve it with --trust-checkpoint"
+
+
+def import_keras() -> ModuleType:
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # must precede the first `import keras`
+    try:
+        import keras
+    except ImportError as exc:
+        # keras present but its backend missing (torch, by default) is the same fix
+        raise MissingDependencyError(exc.name or "keras", "keras") from None
+    return keras
+
+
+@contextlib.contextmanager
+def readable_name(checkpoint: Path) -> Iterator[Path]:
+    """Keras chooses the reader by file suffix and knows ``.h5``/``.hdf5`` but not Studio.ML's
+    ``.hdf``: such a file is read through a ``.h5``-named link (or copy) in a temp dir."""
+    if checkpoint.suffix != ".hdf":
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="studio-keras-") as directory:
+        alias = Path(directory) / (checkpoint.stem + ".h5")
+        try:
+            alias.symlink_to(checkpoint.resolve())
+        except OSError:
+            import shutil
+
+            shutil.copyfile(checkpoint, alias)
+        yield alias
+
+
+def _explain(checkpoint: Path, exc: Exception) -> LoadError:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if "safe_mode" in text:
+        return LoadError(
+            f"{checkpoint.name} holds Python code (a Lambda layer) that would run when loaded; "
+            "refused",
+            hint=UNSAFE_HINT,
+        )
+    if "No model config" in text or "model_config" in text:
+        return LoadError(
+            f"{checkpoint.name} holds weights only, not a model",
+            hint="save the whole model (model.save), serve it with a --wrapper that builds the "
+            "model, or pick another file with --checkpoint NAME",
+        )
+    first_line = text.splitlines()[0][:300]
+    return LoadError(
+        f"{checkpoint.name} is not a Keras model Keras can read ({first_line})",
+        hint="is it complete? (a half-written or corrupt file); pick another with --checkpoint "
+        "NAME, or pass --debug for the traceback",
+    )
+
+
+def _input_specs(model: Any) -> list[Expected]:
+    try:
+        tensors = list(model.inputs or ())
+    except (AttributeError, ValueError):  # a subclassed model that was never built
+        return []
+    specs = []
+    for index, tensor in enumerate(tensors):
+        shape = tuple(-1 if size is None else int(size) for size in tensor.shape)
+        name = str(getattr(tensor, "name", "") or f"input_{index}")
+        specs.append(Expected(name, np.dtype(str(tensor.dtype)), shape))
+    return specs
+
+
+def _output_names(model: Any) -> list[str]:
+    try:
+        tensors = list(model.outputs or ())
+    except (AttributeError, ValueError):
+        return []
+    struct = getattr(model, "_outputs_struct", None)
+    if isinstance(struct, dict) and len(struct) == len(tensors):
+        return sorted(map(str, struct))  # flattened in key order
+    names = getattr(model, "output_names", None)  # functional models
+    if not names and len(tensors) == 1 and getattr(model, "layers", None):
+        names = [model.layers[-1].name]  # Sequential
+    if not names or len(names) != len(tensors):
+        names = [f"output_{index}" for index in range(len(tensors))]
+    return unique_names([str(name) for name in names])
+
+
+def _output_specs(model: Any, names: list[str]) -> tuple[TensorSpec, ...]:
+    try:
+        tensors = list(model.outputs or ())
+    except (AttributeError, ValueError):
+        return ()
+    return tuple(
+        TensorSpec(name, datatype_of(str(t.dtype)), tuple(-1 if s is None else int(s) for s in t.shape))
+        for name, t in zip(names, tensors, strict=False)
+    )
+
+
+class KerasLoader(Loader):
+    name = "keras"
+    patterns = ("*.keras", "*.h5", "*.hdf5", "*.hdf")
+    extra = "keras"
+
+    def recognises(self, path: Path) -> bool:
+        # `model.save_weights` files hold no architecture: they cannot be served on their own.
+        return super().recognises(path) and not path.name.endswith(".weights.h5")
+
+    def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
+        if checkpoint is None:
+            raise LoadError("the keras loader needs a checkpoint file")
+        keras = import_keras()
+        torch = import_torch("keras") if keras.backend.backend() == "torch" else None
+        place = _placement(keras, torch, options.gpus)
+        threads = single_threaded(torch) if torch is not None else contextlib.nullcontext()
+        with threads:
+            try:
+                with readable_name(checkpoint) as path, place():
+                    model = keras.saving.load_model(
+                        path, compile=False, safe_mode=not options.trust_checkpoint
+                    )
+            except Exception as exc:
+                raise _explain(checkpoint, exc) from exc
+            inputs = _input_specs(model)
+            names = _output_names(model)
+            served = TensorModel(_runner(keras, torch, model, names, place), inputs)
+            served.prime()
+        return ServedModel(
+            predict=served,
+            platform="keras",
+            checkpoint=checkpoint,
+            inputs=tuple(expected.spec for expected in inputs),
+            outputs=_output_specs(model, names),
+        )
+
+
+Placement = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def _placement(keras: ModuleType, torch: ModuleType | None, gpus: int) -> Placement:
+    """A device scope for loading and every call: Keras on torch uses a GPU whenever one
+    exists, but ``--gpus 0`` means the CPU."""
+    if torch is None:
+        return contextlib.nullcontext
+    device = choose_device(torch, gpus)
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == default:
+        return contextlib.nullcontext
+    return lambda: keras.device(device)
+
+
+def _runner(
+    keras: ModuleType, torch: ModuleType | None, model: Any, names: list[str], place: Placement
+) -> Runner:
+    no_grad = torch.inference_mode if torch is not None else contextlib.nullcontext
+    convert = to_numpy if torch is not None else keras.ops.convert_to_numpy
+
+    def run(named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # inference_mode and the device scope are per thread: entered on every call
+        args: Any = next(iter(named.values())) if len(named) == 1 else named
+        with no_grad(), place():
+            outputs = model(args, training=False)
+        return name_outputs(outputs, names, convert)
+
+    return run
+
+
+@hookimpl
+def studio_register_loaders(register: Callable[[Loader], None]) -> None:
+    register(KerasLoader())
