@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.loaders.identity",
     "plugins.loaders.keras",
     "plugins.loaders.torch",
+    "plugins.commands.demo",
     "plugins.stores.local",
     "plugins.backends.local",
     "plugins.codecs.pickle",

@@ -1,0 +1,1 @@
+"""Built-in extra CLI commands (``studio_register_commands``)."""
