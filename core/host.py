@@ -226,7 +226,13 @@ class PluginHost:
         return self._named("studio_register_stages", "stage")
 
     def add_commands(self, cli: click.Group) -> None:
-        self.pm.hook.studio_register_commands(cli=cli)
+        """Let every plugin add its subcommands, in registration order (a later one wins), and
+        note which plugin added which (``command:NAME`` in ``plugins()``)."""
+        for impl in self.pm.hook.studio_register_commands.get_hookimpls():
+            before = set(cli.commands)
+            impl.function(cli=cli)
+            added = sorted(set(cli.commands) - before)
+            self._info[impl.plugin_name].registered.extend(f"command:{name}" for name in added)
 
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin with what it registered (all registries are collected)."""
