@@ -38,6 +38,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.loaders.torch",
     "plugins.commands.demo",
     "plugins.stores.local",
+    "plugins.stores.s3",
     "plugins.backends.local",
     "plugins.codecs.pickle",
     "plugins.codecs.json",

@@ -26,3 +26,138 @@ def modeldir(studio_home: Path) -> Path:
     path = studio_home / "experiments" / "exp" / "modeldir"
     path.mkdir(parents=True)
     return path
+
+
+# --- AWS: moto's standalone server, spoken to over real HTTP (issue 5) ----------------------
+
+
+class MotoServer:
+    """A ThreadedMotoServer on 127.0.0.1 that records every request it answers."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        self.requests: list[tuple[str, str, str]] = []
+        """(method, path, query) of every request, in order."""
+        wsgi = self._server._server
+        assert wsgi is not None
+        inner = wsgi.app
+
+        def recording_app(environ, start_response):  # type: ignore[no-untyped-def]
+            self.requests.append(
+                (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+            )
+            return inner(environ, start_response)
+
+        wsgi.app = recording_app
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")).read()
+        self.requests.clear()
+
+    def object_gets(self, bucket: str, key_prefix: str = "") -> list[str]:
+        """Paths of the GETs that downloaded objects (listings and other calls left out)."""
+        path = f"/{bucket}/{key_prefix}"
+        return [p for method, p, query in self.requests
+                if method == "GET" and p.startswith(path) and "list-type" not in query]
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+AWS_ENV_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION",
+                   "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_EC2", "AWS_CA_BUNDLE")
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_server: MotoServer, studio_home: Path, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
+    """A fresh, empty moto (S3, EC2, ...) with boto3 pointed at it through the environment only,
+    so server subprocesses started by the test reach it exactly as the test does."""
+    moto_server.reset()
+    for variable in AWS_ENV_CLEARED:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(studio_home / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(studio_home / "no-aws-credentials"))
+    return moto_server
+
+
+# --- a small HTTP site for pipe stages that fetch URLs (issue 4) ----------------------------
+
+
+class HttpSite:
+    """A threaded HTTP server on 127.0.0.1 serving ``files`` (path -> bytes), plus ``/never``
+    (accepts the request and never answers) and ``/redirect?to=URL`` (a 302 to URL)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        from urllib.parse import parse_qs, urlparse
+
+        self.files: dict[str, bytes] = {}
+        self.released = threading.Event()
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parsed = urlparse(self.path)
+                if parsed.path == "/never":
+                    site.released.wait(60)
+                    return
+                if parsed.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", parse_qs(parsed.query)["to"][0])
+                    self.end_headers()
+                    return
+                body = site.files.get(parsed.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def http_site():
+    site = HttpSite()
+    yield site
+    site.close()
