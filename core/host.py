@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.codecs.pickle",
     "plugins.codecs.json",
     "plugins.codecs.npz",
+    "plugins.stages.builtin",
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +19,9 @@ from core.types import CreateModel, ServedModel
 
 
 def _module_from_file(path: Path) -> ModuleType:
+    # Unique per path, and a valid identifier whatever the file is called.
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module_name = f"studio_wrapper_{path.stem}_{digest}"
+    module_name = f"studio_wrapper_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise LoadError(f"cannot load wrapper file {path}", hint="a wrapper is a .py file")
@@ -45,20 +47,26 @@ def resolve_wrapper(host: PluginHost, spec: str) -> CreateModel:
     if _looks_like_path(spec) or Path(spec).is_file():
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
-            raise LoadError(f"wrapper file {spec} does not exist")
+            what = "is a directory, not a .py file" if path.is_dir() else "does not exist"
+            raise LoadError(f"wrapper file {spec} {what}", hint="--wrapper takes a .py file, a "
+                            "module name or a registered wrapper name")
         module = _module_from_file(path)
     else:
         try:
             module = importlib.import_module(spec)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (spec == exc.name or spec.startswith(exc.name + ".")):
+                # The module exists; something it imports does not.
+                raise LoadError(f"wrapper module {spec} failed to import: {exc}") from exc
             names = ", ".join(sorted(registered)) or "none"
             raise LoadError(
-                f"wrapper {spec!r} is neither a file, an importable module nor a registered "
-                f"wrapper ({exc})",
-                hint=f"registered wrappers: {names}",
+                f"wrapper {spec!r} is neither a file, an importable module nor a registered wrapper",
+                hint=f"registered wrappers: {names}; a module must be importable (PYTHONPATH)",
             ) from exc
         except Exception as exc:
-            raise LoadError(f"wrapper module {spec} failed to import: {exc}") from exc
+            raise LoadError(
+                f"wrapper module {spec} failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
     create_model = getattr(module, "create_model", None)
     if not callable(create_model):
         raise LoadError(
