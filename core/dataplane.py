@@ -68,8 +68,6 @@ class DataPlane:
         if limit and self.admitted >= limit:
             raise Overloaded(f"{self.admitted} requests queued (--max-queue {limit}); retry shortly")
         self.admitted += 1
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self.admitted)
         try:
             if self.options.timeout is None:
                 return await self._dispatch(model, payload, name)
@@ -81,8 +79,6 @@ class DataPlane:
                 ) from None
         finally:
             self.admitted -= 1
-            if self.metrics is not None:
-                self.metrics.queue_depth.set(self.admitted)
 
     async def _dispatch(self, model: ServedModel, payload: Payload, name: str) -> tuple[Payload, int]:
         batcher = self._batcher(model, name)
@@ -91,9 +87,10 @@ class DataPlane:
             if batched is not None:
                 return batched
         result = await self.call(model, payload)
+        rows = payload_rows(payload)
         if self.metrics is not None:
-            self.metrics.batch_size.labels(name).observe(payload_rows(payload))
-        return result, payload_rows(payload)
+            self.metrics.observe_batch(name, rows)
+        return result, rows
 
     def _batcher(self, model: ServedModel, name: str) -> Batcher | None:
         if self.options.max_batch_size <= 1 or not model.batchable:
@@ -106,7 +103,7 @@ class DataPlane:
 
             def observe(rows: int) -> None:
                 if self.metrics is not None:
-                    self.metrics.batch_size.labels(name).observe(rows)
+                    self.metrics.observe_batch(name, rows)
 
             batcher = Batcher(run, self.options.max_batch_size, self.options.max_batch_delay, observe)
             # Keyed by identity: a model swapped in later gets batches of its own.

@@ -83,6 +83,10 @@ class NotFound(StudioError):
     status = 404
 
 
+class MethodNotAllowed(StudioError):
+    status = 405
+
+
 class PayloadTooLarge(StudioError):
     status = 413
 

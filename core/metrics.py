@@ -53,6 +53,25 @@ class Metrics:
             "studio_model_load_seconds", "Time to assemble the model", ["model"], registry=r
         )
         self.model_info = Info("studio_model", "The served model", ["model"], registry=r)
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._batch_children: dict[str, Histogram] = {}
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        # labels() takes a lock and builds a key each call; the children are cached here.
+        key = (route, model, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, model, str(status)),
+                        self.latency.labels(route, model))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_batch(self, model: str, rows: int) -> None:
+        child = self._batch_children.get(model)
+        if child is None:
+            child = self._batch_children[model] = self.batch_size.labels(model)
+        child.observe(rows)
 
     def describe_model(self, name: str, model: ServedModel, load_seconds: float) -> None:
         self.load_seconds.labels(name).set(load_seconds)

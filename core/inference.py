@@ -1,0 +1,196 @@
+"""The inference hot path (``POST /``, ``POST /models/{name}``) as plain ASGI.
+
+Read the body (bounded), pick the codec, decode, run the model on the data plane, encode, send.
+It bypasses Starlette's router, request object and middleware stack on purpose: on a small
+request those cost as much as everything else we do (see bench/bench_http.py). The rest of the
+app (health, metrics, errors for unknown routes) stays on Starlette.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from core.codecs import CodecSet
+from core.dataplane import DataPlane
+from core.errors import BadRequest, ModelError, NotFound, Overloaded, PayloadTooLarge, StudioError
+from core.types import Codec, Payload, ServedModel
+
+log = logging.getLogger("studio_plugins.app")
+
+JSON = b"application/json"
+
+
+def error_body(exc: StudioError, debug: bool = False) -> bytes:
+    content: dict[str, object] = {"error": exc.message, "type": exc.type_name}
+    if exc.hint:
+        content["hint"] = exc.hint
+    if debug and exc.__cause__ is not None:
+        content["traceback"] = "".join(traceback.format_exception(exc.__cause__))
+    return json.dumps(content).encode()
+
+
+def error_headers(exc: StudioError) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", JSON)]
+    if isinstance(exc, Overloaded):
+        headers.append((b"retry-after", b"1"))
+    return headers
+
+
+async def send_reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ClientGone(Exception):
+    """The client disconnected; there is no one to answer."""
+
+
+async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before reading them all."""
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest("invalid Content-Length") from None
+        if size > limit:
+            raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class DisconnectGuard:
+    """Cancels the request's task if its client disconnects, so a request whose client left
+    stops counting against the queue and the model.
+
+    Listening for the disconnect costs a task, so it starts only once the request has taken
+    ``after`` seconds: fast requests (most of them) pay for a timer only."""
+
+    def __init__(self, receive: Receive, after: float = 0.05) -> None:
+        self.receive = receive
+        self.task = asyncio.current_task()
+        self.gone = False
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(after, self._listen)
+
+    def _listen(self) -> None:
+        self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True (and the cancellation undone) if we caused it."""
+        if self.gone and self.task is not None:
+            self.task.uncancel()
+            return True
+        return False
+
+
+class InferenceEndpoint:
+    """Answers ``POST /`` (the default model) and ``POST /models/{name}``."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        dataplane: DataPlane,
+        codecs: CodecSet,
+        max_body: int,
+        debug: bool = False,
+    ) -> None:
+        self.models = models
+        self.default = next(iter(models))
+        self.dataplane = dataplane
+        self.codecs = codecs
+        self.max_body = max_body
+        self.debug = debug
+
+    def model_for(self, path: str) -> str | None:
+        """The model a path addresses, None when the path is not an inference route."""
+        if path == "/":
+            return self.default
+        if path.startswith("/models/"):
+            name = path[len("/models/") :]
+            if name and "/" not in name:
+                return name
+        return None
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, name: str, headers: dict[bytes, bytes],
+        info: dict[str, Any],
+    ) -> None:
+        info["model"] = name
+        try:
+            model = self.models.get(name)
+            if model is None:
+                raise NotFound(f"no model named {name!r}")
+            body = await read_body(receive, headers.get(b"content-length"), self.max_body)
+            codec = self.codecs.for_request(headers.get(b"content-type", b"").decode("latin-1"), body)
+            payload = codec.decode(body)
+            if not isinstance(payload, dict) or not all(isinstance(k, str) for k in payload):
+                raise BadRequest("the body must be a dict with string keys (names -> arrays)")
+            guard = DisconnectGuard(receive)
+            try:
+                result, info["batch"] = await self.dataplane.infer(model, payload, name)
+            except asyncio.CancelledError:
+                if not guard.absorb():
+                    raise
+                raise ClientGone() from None
+            finally:
+                guard.close()
+            reply_codec = self.codecs.for_reply(headers.get(b"accept", b"").decode("latin-1"), codec)
+            reply = self.encode(reply_codec, result)
+        except StudioError as exc:
+            if exc.status >= 500:
+                log.warning("POST %s -> %d: %s", scope["path"], exc.status, exc)
+            await send_reply(send, exc.status, error_body(exc, self.debug), error_headers(exc))
+            return
+        except ClientGone:
+            log.info("POST %s: client disconnected; request dropped", scope["path"])
+            info["status"] = 499
+            return
+        except Exception as exc:  # a bug of ours: log it, never show it
+            log.exception("internal error")
+            wrapped = StudioError(f"internal error: {type(exc).__name__}")
+            wrapped.__cause__ = exc
+            await send_reply(send, 500, error_body(wrapped, self.debug), error_headers(wrapped))
+            return
+        await send_reply(send, 200, reply, [(b"content-type", reply_codec.media_type.encode())])
+
+    @staticmethod
+    def encode(codec: Codec, result: Payload) -> bytes:
+        try:
+            return codec.encode(result)
+        except StudioError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"model output cannot be encoded: {type(exc).__name__}: {exc}") from exc
