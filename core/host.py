@@ -39,6 +39,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.commands.demo",
     "plugins.stores.local",
     "plugins.stores.s3",
+    "plugins.backends.ec2",
+    "plugins.commands.cloud",
     "plugins.backends.local",
     "plugins.codecs.pickle",
     "plugins.codecs.json",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.errors import (
+    BackendError,
     BadRequest,
     ConfigurationError,
     ExperimentError,
@@ -56,6 +57,7 @@ def get_model_directory(key: str) -> str:
 
 __all__ = [
     "Backend",
+    "BackendError",
     "BadRequest",
     "Codec",
     "ConfigurationError",

@@ -1,0 +1,86 @@
+"""The instance's user data: install this package, fetch the wrapper, serve, then power off.
+
+The script is plain bash run once by cloud-init as root. Whatever way it ends — ``serve`` exits
+after ``--killafter`` idle seconds, is stopped, or a step fails — the ``EXIT`` trap shuts the
+machine down, and the instance was launched with ``InstanceInitiatedShutdownBehavior=terminate``,
+so it is terminated: nothing is left billing. The token travels as ``STUDIO_TOKEN`` in the
+environment, never on the command line (process listings).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from studio_plugins import __version__
+
+VENV = "/opt/studio-plug"
+LOG = "/var/log/studio-plug.log"
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def default_install_spec() -> str:
+    return f"studio-plugins[all]=={__version__}"
+
+
+@dataclass(frozen=True)
+class WrapperFetch:
+    """Copy ``s3://bucket/key`` to ``path`` on the instance before serving."""
+
+    bucket: str
+    key: str
+    path: str
+
+
+@dataclass(frozen=True)
+class UserData:
+    serve_argv: list[str]
+    """``studio-plug serve ...`` exactly as the instance runs it."""
+    environment: Mapping[str, str] = field(default_factory=dict)
+    install: str = field(default_factory=default_install_spec)
+    cpu_only: bool = False
+    """Install the CPU build of torch first (no GB of CUDA wheels on a CPU instance)."""
+    wrapper: WrapperFetch | None = None
+
+    def serve_line(self) -> str:
+        return shlex.join(self.serve_argv)
+
+    def render(self) -> str:
+        q = shlex.quote
+        lines = [
+            "#!/bin/bash",
+            f"# studio-plug {__version__}: serve, then shut down (and so terminate) when serve exits.",
+            f"exec >>{LOG} 2>&1",
+            "trap 'echo \"studio-plug: exiting, shutting the instance down\"; shutdown -h now' EXIT",
+            "set -euo pipefail",
+            "export HOME=/root PYTHONUNBUFFERED=1 KERAS_BACKEND=torch",
+        ]
+        lines += [f"export {name}={q(value)}" for name, value in sorted(self.environment.items())]
+        lines += [
+            f"if ! python3 -m venv {VENV}; then",
+            "  apt-get update -q && apt-get install -y -q python3-venv",
+            f"  python3 -m venv {VENV}",
+            "fi",
+            f"export PATH={VENV}/bin:$PATH",
+            "pip install -q --upgrade pip",
+        ]
+        if self.cpu_only:
+            lines.append(f"pip install -q torch --index-url {CPU_TORCH_INDEX}")
+        lines.append(f"pip install -q {q(self.install)}")
+        if self.wrapper:
+            fetch = ("import sys, boto3; "
+                     "boto3.client('s3').download_file(sys.argv[1], sys.argv[2], sys.argv[3])")
+            directory = self.wrapper.path.rsplit("/", 1)[0]
+            lines.append(f"mkdir -p {q(directory)}")
+            lines.append(shlex.join(
+                ["python", "-c", fetch, self.wrapper.bucket, self.wrapper.key, self.wrapper.path]
+            ))
+        lines.append(f"cd {VENV}")
+        lines.append(self.serve_line())
+        return "\n".join(lines) + "\n"
+
+
+def serve_lines(script: str) -> list[str]:
+    """The ``studio-plug serve`` command lines of a rendered script."""
+    return [line for line in script.splitlines() if line.startswith("studio-plug serve ")]
