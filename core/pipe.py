@@ -197,6 +197,21 @@ class _Item:
     done: bool = False
 
 
+@dataclass(eq=False)
+class _Failure:
+    """What a worker returns for an item that failed. The scheduler logs it and makes it None,
+    so a straggler that fails after its deadline (its result discarded) logs nothing."""
+
+    what: str
+    error: BaseException
+
+    def log(self, stage: _Stage) -> None:
+        error = self.error
+        log.warning("pipe stage %s %s: %s: %s; %s", stage.label, self.what, type(error).__name__,
+                    error, "results are None" if "batch" in self.what else "result is None")
+        log.debug("traceback of the failure above", exc_info=(type(error), error, error.__traceback__))
+
+
 class _Stage:
     def __init__(self, index: int, func: Func, options: StageOptions, inline: bool) -> None:
         self.index = index
@@ -211,25 +226,21 @@ class _Stage:
     def label(self) -> str:
         return f"{self.index} ({'+'.join(_describe(func) for func in self.funcs)})"
 
-    def _passes(self, value: Any, key: Hashable) -> bool:
+    def passes(self, value: Any, key: Hashable) -> bool | _Failure:
         try:
             return bool(self.filterf(value))
         except Exception as exc:
-            log.warning("pipe stage %s: filterf raised for key %r: %s: %s; result is None",
-                        self.label, key, type(exc).__name__, exc)
-            return False
+            return _Failure(f"filterf raised for key {key!r}", exc)
 
     def _chain(self, funcs: list[Func], value: Any, key: Hashable) -> Any:
         for func in funcs:
-            if not self._passes(value, key):
-                return None
+            passes = self.passes(value, key)
+            if passes is not True:
+                return passes or None
             try:
                 value = func(value)
             except Exception as exc:
-                log.warning("pipe stage %s failed for key %r: %s: %s; result is None",
-                            self.label, key, type(exc).__name__, exc)
-                log.debug("traceback of the failure above", exc_info=True)
-                return None
+                return _Failure(f"failed for key {key!r}", exc)
         return value
 
     def run_one(self, item: _Item) -> list[Any]:
@@ -247,10 +258,7 @@ class _Stage:
             if len(results) != len(items):
                 raise ValueError(f"the batch of {len(items)} items gave {len(results)} results")
         except Exception as exc:
-            log.warning("pipe stage %s failed for the batch of keys %r: %s: %s; results are None",
-                        self.label, keys, type(exc).__name__, exc)
-            log.debug("traceback of the failure above", exc_info=True)
-            return [None] * len(items)
+            return [_Failure(f"failed for the batch of keys {keys!r}", exc)] * len(items)
         return [self._chain(tail, value, key) for value, key in zip(results, keys, strict=True)]
 
 
@@ -378,10 +386,12 @@ class _Run:
         while index < len(self.stages):
             stage = self.stages[index]
             if stage.inline:
-                item.value = stage.run_one(item)[0]
+                item.value = self._settle(stage, stage.run_one(item)[0], set())
                 index += 1
                 continue
-            if not stage._passes(item.value, item.key):
+            passes = stage.passes(item.value, item.key)
+            if passes is not True:
+                self._settle(stage, passes, set())
                 item.value = None  # rejected: this stage yields nothing for it
                 index += 1
                 continue
@@ -445,11 +455,22 @@ class _Run:
             return
         self._finish(task, task.results)
 
+    @staticmethod
+    def _settle(stage: _Stage, value: Any, logged: set[int]) -> Any:
+        """``value``, or None (logged once) for a failure."""
+        if isinstance(value, _Failure):
+            if id(value) not in logged:  # a failed batch is one failure shared by its items
+                logged.add(id(value))
+                value.log(stage)
+            return None
+        return value
+
     def _finish(self, task: _Task, results: list[Any]) -> None:
         self.tasks.discard(task)
         self.at_stage[task.stage] -= len(task.items)
+        stage, logged = self.stages[task.stage], set[int]()
         for item, value in zip(task.items, results, strict=True):
-            item.value = value
+            item.value = self._settle(stage, value, logged)
             self._advance(item, task.stage + 1)
 
     def _time_out(self, stage: _Stage, task: _Task) -> None:
