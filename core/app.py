@@ -9,6 +9,7 @@ request) does request ids, auth, activity counting, metrics, the access log and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import itertools
@@ -16,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,16 +25,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.activity import Activity
 from core.codecs import CodecSet
+from core.context import ServerContext
 from core.dataplane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
 from core.inference import InferenceEndpoint, error_body, error_headers
 from core.metrics import Metrics
-from core.types import ServedModel
+from core.repository import ModelRepository
+from core.types import RouteFactory, ServedModel
 
 log = logging.getLogger("studio_plugins.app")
 access_log = logging.getLogger("studio_plugins.access")
@@ -53,7 +56,7 @@ class AppSettings:
     metrics: bool = True
     access_log: bool = False
     activity: Activity = field(default_factory=Activity)
-    load_seconds: Mapping[str, float] = field(default_factory=dict)
+    watch: float = 0.0
     on_ready: Callable[[], None] | None = None
 
 
@@ -64,10 +67,18 @@ def error_response(exc: StudioError, debug: bool = False) -> Response:
 
 
 def _route_of(path: str) -> str:
+    """The route template a path matched, for metric labels (bounded cardinality)."""
     if path == "/":
         return "/"
     if path.startswith("/models/"):
         return "/models/{name}"
+    if path.startswith("/v2/models/"):
+        return "/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.endswith(
+            ("/infer", "/ready")) else "/v2/models/{name}"
+    if path.startswith("/v2/repository/"):
+        return "/v2/repository"
+    if path == "/v2":
+        return "/v2"
     return "other"
 
 
@@ -126,6 +137,7 @@ class EdgeMiddleware:
         metrics = self.metrics
         started = time.perf_counter()
         info: dict[str, Any] = {}
+        scope["studio"] = info  # route plugins record the model and batch size here
         model_name = self.endpoint.model_for(path)
         try:
             if model_name is None:
@@ -150,25 +162,43 @@ class EdgeMiddleware:
                 )
 
 
-def build_app(models: Mapping[str, ServedModel], settings: AppSettings) -> ASGIApp:
-    """An ASGI app serving ``models`` (the first is the default for ``POST /``)."""
-    if not models:
+def build_app(
+    repository: ModelRepository,
+    settings: AppSettings,
+    route_factories: Sequence[RouteFactory] = (),
+) -> ASGIApp:
+    """An ASGI app serving the repository's models (the first is the default for ``POST /``),
+    with the routes plugins registered (the V2 protocol among them)."""
+    if not repository.names():
         raise ValueError("build_app needs at least one model")
     metrics = Metrics() if settings.metrics else None
     dataplane = DataPlane(settings.dataplane, metrics)
+    context = ServerContext(repository, dataplane)
+
+    def on_swap(name: str, model: ServedModel, seconds: float, old: ServedModel | None) -> None:
+        if metrics is not None:
+            metrics.describe_model(name, model, seconds)
+        if old is not None:
+            dataplane.forget(old)
+
+    repository.on_swap.append(on_swap)
     if metrics is not None:
-        for name, model in models.items():
-            metrics.describe_model(name, model, settings.load_seconds.get(name, 0.0))
+        for name in repository.names():
+            slot = repository.slot(name)
+            if slot.model is not None:
+                metrics.describe_model(name, slot.model, slot.load_seconds)
         metrics.in_flight.set_function(lambda: settings.activity.in_flight)
         metrics.queue_depth.set_function(lambda: dataplane.admitted)
-    codecs = settings.codecs
-    ready = {"value": False}
+    started = {"value": False}
+
+    def is_ready() -> bool:
+        return started["value"] and not settings.activity.draining and repository.any_ready()
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
 
-    async def is_ready(request: Request) -> Response:
-        ok = ready["value"] and not settings.activity.draining
+    async def ready(request: Request) -> Response:
+        ok = is_ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -179,23 +209,41 @@ def build_app(models: Mapping[str, ServedModel], settings: AppSettings) -> ASGIA
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail, "type": "HTTPError"}, status_code=exc.status_code)
 
+    async def studio_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StudioError)
+        return error_response(exc, settings.debug)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        ready["value"] = True
+        watcher = None
+        if settings.watch > 0:
+            watcher = asyncio.create_task(repository.watch(settings.watch))
+        started["value"] = True
         if settings.on_ready is not None:
             settings.on_ready()
         try:
             yield
         finally:
-            ready["value"] = False
+            started["value"] = False
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             dataplane.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v2/health/live", live, methods=["GET"]),
-        Route("/v2/health/ready", is_ready, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
     ]
     if metrics is not None:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-    endpoint = InferenceEndpoint(models, dataplane, codecs, settings.max_body, settings.debug)
+    for factory in route_factories:
+        routes.extend(factory(context))
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, StudioError: studio_error},
+        lifespan=lifespan,
+    )
+    app.state.ready = is_ready
+    endpoint = InferenceEndpoint(context, settings.codecs, settings.max_body, settings.debug)
     return EdgeMiddleware(app, endpoint, settings, metrics)

@@ -13,7 +13,7 @@ from pathlib import Path
 from core.errors import ConfigurationError, ExperimentError, LoadError, StudioError
 from core.experiments import open_store, validate_key
 from core.host import PluginHost
-from core.types import Loader, LoadOptions, ServedModel, ServeOptions
+from core.types import Loader, LoadOptions, ModelSpec, ServedModel, ServeOptions
 from core.wrappers import load_wrapper
 
 log = logging.getLogger("studio_plugins.assembly")
@@ -95,17 +95,22 @@ def choose(
     return _pick_loader(loaders, IDENTITY), None
 
 
-def load_model(host: PluginHost, options: ServeOptions, key: str) -> ServedModel:
-    """Assemble the model for experiment ``key`` as ``options`` ask."""
+def load_model(
+    host: PluginHost, options: ServeOptions, key: str, spec: ModelSpec | None = None
+) -> ServedModel:
+    """Assemble the model for experiment ``key`` as ``options`` ask (``spec``, when given,
+    says which checkpoint and wrapper this one model uses)."""
     validate_key(key)
+    checkpoint = spec.checkpoint if spec else options.checkpoint
+    wrapper = spec.wrapper if spec else options.wrapper
     store = open_store(host, options.store_url)
     modeldir = store.modeldir(key)
     started = time.perf_counter()
-    if options.wrapper:
-        model = load_wrapper(host, options.wrapper, modeldir)
-        log.info("serving %s with wrapper %s (modeldir %s)", key, options.wrapper, modeldir)
+    if wrapper:
+        model = load_wrapper(host, wrapper, modeldir)
+        log.info("serving %s with wrapper %s (modeldir %s)", key, wrapper, modeldir)
     else:
-        loader, path = choose(modeldir, host.loaders(), options.checkpoint, options.loader)
+        loader, path = choose(modeldir, host.loaders(), checkpoint, options.loader)
         log.info("serving %s: %s with loader %s", key, path.name if path else "no file", loader.name)
         load_options = LoadOptions(trust_checkpoint=options.trust_checkpoint, gpus=options.gpus)
         try:

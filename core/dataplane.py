@@ -129,6 +129,10 @@ class DataPlane:
             raise ModelError(f"model returned {type(result).__name__}, expected a dict")
         return dict(result)
 
+    def forget(self, model: ServedModel) -> None:
+        """Drop the batcher of a model that was swapped out (batches in flight finish)."""
+        self._batchers.pop(id(model), None)
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from core.types import Backend, Codec, CreateModel, Loader, Stage, StoreFactory
+    from core.types import Backend, Codec, CreateModel, Loader, RouteFactory, Stage, StoreFactory
 
 PROJECT_NAME = "studio_plugins"
 
@@ -62,6 +62,16 @@ def studio_register_backends(register: Callable[[Backend], None]) -> None:
 @hookspec
 def studio_register_codecs(register: Callable[[Codec], None]) -> None:
     """Register wire formats: ``register(codec)``, chosen by media type or by sniffing the body."""
+
+
+@hookspec
+def studio_register_routes(register: Callable[[RouteFactory], None]) -> None:
+    """Register HTTP routes: ``register(factory)``; ``factory(context)`` returns Starlette routes.
+
+    ``context`` is the server's ``studio_plugins.ServingContext``: its models and the data plane
+    (``await context.infer(name, payload)``), so a protocol added this way gets the queue,
+    deadlines, batching, auth and metrics of ``POST /``. The Open Inference Protocol (V2) is one.
+    """
 
 
 @hookspec

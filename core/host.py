@@ -20,7 +20,7 @@ import pluggy
 
 from core import hookspecs
 from core.errors import PluginError
-from core.types import Backend, Codec, CreateModel, Loader, Stage, StoreFactory
+from core.types import Backend, Codec, CreateModel, Loader, RouteFactory, Stage, StoreFactory
 
 if TYPE_CHECKING:
     import click
@@ -229,6 +229,15 @@ class PluginHost:
     def stages(self) -> dict[str, Stage]:
         return self._named("studio_register_stages", "stage")
 
+    def route_factories(self) -> list[RouteFactory]:
+        """Every registered route factory, in registration order."""
+        def name_of(args: tuple[Any, ...]) -> str:
+            if len(args) != 1 or not callable(args[0]):
+                raise PluginError(f"studio_register_routes: register() takes one factory, got {args!r}")
+            return f"{getattr(args[0], '__module__', '?')}.{getattr(args[0], '__qualname__', args[0])}"
+
+        return [args[0] for args in self._registry("studio_register_routes", "routes", name_of).values()]
+
     def add_commands(self, cli: click.Group) -> None:
         """Let every plugin add its subcommands, in registration order (a later one wins), and
         note which plugin added which (``command:NAME`` in ``plugins()``)."""
@@ -241,7 +250,7 @@ class PluginHost:
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin with what it registered (all registries are collected)."""
         self.loaders(), self.codecs(), self.backends()
-        self.stores(), self.wrappers(), self.stages()
+        self.stores(), self.wrappers(), self.stages(), self.route_factories()
         return list(self._info.values())
 
 

@@ -12,15 +12,14 @@ import asyncio
 import json
 import logging
 import traceback
-from collections.abc import Mapping
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from core.codecs import CodecSet
-from core.dataplane import DataPlane
-from core.errors import BadRequest, ModelError, NotFound, Overloaded, PayloadTooLarge, StudioError
-from core.types import Codec, Payload, ServedModel
+from core.context import ServerContext
+from core.errors import BadRequest, ModelError, Overloaded, PayloadTooLarge, StudioError
+from core.types import Codec, Payload
 
 log = logging.getLogger("studio_plugins.app")
 
@@ -119,17 +118,10 @@ class DisconnectGuard:
 class InferenceEndpoint:
     """Answers ``POST /`` (the default model) and ``POST /models/{name}``."""
 
-    def __init__(
-        self,
-        models: Mapping[str, ServedModel],
-        dataplane: DataPlane,
-        codecs: CodecSet,
-        max_body: int,
-        debug: bool = False,
-    ) -> None:
-        self.models = models
-        self.default = next(iter(models))
-        self.dataplane = dataplane
+    def __init__(self, context: ServerContext, codecs: CodecSet, max_body: int, debug: bool = False) -> None:
+        self.context = context
+        self.default = context.default_model
+        self.dataplane = context.dataplane
         self.codecs = codecs
         self.max_body = max_body
         self.debug = debug
@@ -150,9 +142,7 @@ class InferenceEndpoint:
     ) -> None:
         info["model"] = name
         try:
-            model = self.models.get(name)
-            if model is None:
-                raise NotFound(f"no model named {name!r}")
+            model = self.context.ready_model(name)
             body = await read_body(receive, headers.get(b"content-length"), self.max_body)
             codec = self.codecs.for_request(headers.get(b"content-type", b"").decode("latin-1"), body)
             payload = codec.decode(body)

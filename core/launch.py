@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import logging
 import shlex
-import time
 from dataclasses import dataclass
 
 from core.activity import Activity
 from core.app import AppSettings, build_app
-from core.assembly import load_model
 from core.codecs import CodecSet
 from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
 from core.host import PluginHost
+from core.repository import ModelRepository
 from core.serving import bind_socket, run_server, socket_url
-from core.types import ServedModel, ServeOptions
+from core.types import ServeOptions
 
 log = logging.getLogger("studio_plugins.launch")
 
@@ -30,26 +29,22 @@ class Launch:
     host: PluginHost
     options: ServeOptions
 
-    def assemble(self) -> tuple[dict[str, ServedModel], dict[str, float]]:
-        """Every model, and how long each took to load."""
-        models: dict[str, ServedModel] = {}
-        seconds: dict[str, float] = {}
-        for key in self.options.keys:
-            started = time.perf_counter()
-            models[key] = load_model(self.host, self.options, key)
-            seconds[key] = time.perf_counter() - started
-        return models, seconds
+    def assemble(self) -> ModelRepository:
+        """Every model, loaded in parallel threads (errors name the model that failed)."""
+        repository = ModelRepository(self.host, self.options)
+        repository.load_all()
+        return repository
 
     def serve_here(self) -> int:
         options = self.options
-        models, load_seconds = self.assemble()
+        repository = self.assemble()
         sock = bind_socket(options.host, options.port)
         url = socket_url(sock)
         activity = Activity()
 
         def announce() -> None:
             # The one line on stdout: scripts and tests wait for it.
-            print(f"Serving {', '.join(models)} on {url}", flush=True)
+            print(f"Serving {', '.join(repository.names())} on {url}", flush=True)
 
         settings = AppSettings(
             codecs=CodecSet(self.host.codecs()),
@@ -65,11 +60,11 @@ class Launch:
             ),
             metrics=options.metrics,
             access_log=options.access_log,
-            load_seconds=load_seconds,
+            watch=options.watch,
             activity=activity,
             on_ready=announce,
         )
-        app = build_app(models, settings)
+        app = build_app(repository, settings, self.host.route_factories())
         with sock:
             return run_server(app, sock, activity, killafter=options.killafter)
 
@@ -80,6 +75,15 @@ class Launch:
         (``STUDIO_TOKEN`` in the environment keeps it out of process listings)."""
         o = self.options
         argv = ["studio-plug", "serve", *o.keys, "--host", o.host, "--port", str(o.port)]
+        for spec in o.models:
+            target = f"{spec.key}:{spec.checkpoint}" if spec.checkpoint else spec.key
+            argv += ["--model", f"{spec.name}={target}"]
+        for name, wrapper in o.wrappers.items():
+            argv += ["--wrapper", f"{name}={wrapper}"]
+        if o.allow_partial:
+            argv.append("--allow-partial")
+        if o.watch:
+            argv += ["--watch", f"{o.watch:g}"]
         argv += ["--killafter", f"{o.killafter:g}", "--max-body", str(o.max_body)]
         argv += ["--threads", str(o.threads), "--max-queue", str(o.max_queue)]
         if o.timeout:

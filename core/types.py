@@ -157,6 +157,69 @@ class Codec(ABC):
         return self.media_types[0]
 
 
+# --- serving ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: its name on the server, its experiment and how to build it."""
+
+    name: str
+    key: str
+    checkpoint: str | None = None
+    wrapper: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a server knows about one of its models, for metadata and repository routes."""
+
+    name: str
+    key: str
+    state: str
+    """``ready``, ``loading``, ``failed`` or ``unloaded``."""
+    model: ServedModel | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.model is not None
+
+
+class ServingContext(Protocol):
+    """What route plugins (``studio_register_routes``) get: the models and the data plane."""
+
+    server_name: str
+    version: str
+    default_model: str
+
+    def model_names(self) -> list[str]: ...
+
+    def state(self, name: str) -> ModelState:
+        """The model's state; raises ``NotFound`` for a name the server does not have."""
+        ...
+
+    async def infer(self, name: str, payload: Payload) -> tuple[Payload, int]:
+        """Run model ``name`` on the data plane (queue, deadline, batching, metrics apply):
+        its reply and the rows of the call that produced it. Raises ``StudioError``s."""
+        ...
+
+    async def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:
+        """(Re)load ``name`` now, optionally from another experiment key or checkpoint; the
+        new model is primed, then swapped in atomically (requests in flight finish on the old)."""
+        ...
+
+    async def unload(self, name: str) -> ModelState: ...
+
+    def record(self, scope: Any, model: str, rows: int | None = None) -> None:
+        """Tell the access log and metrics which model (and batch size) a request used."""
+        ...
+
+
+RouteFactory = Callable[[ServingContext], Sequence[Any]]
+"""Builds Starlette routes (``starlette.routing.Route``) for a server's ``ServingContext``."""
+
+
 # --- backends -----------------------------------------------------------------------------
 
 
@@ -165,6 +228,14 @@ class ServeOptions:
     """Everything ``studio-plug serve`` was asked for, independent of where it runs."""
 
     keys: tuple[str, ...]
+    """Positional experiment keys; each is served under its own name."""
+    models: tuple[ModelSpec, ...] = ()
+    """``--model NAME=KEY[:CHECKPOINT]``, after the positional keys."""
+    wrappers: Mapping[str, str] = field(default_factory=dict)
+    """``--wrapper NAME=PATH``: a wrapper for one model (``wrapper`` is for every model)."""
+    allow_partial: bool = False
+    watch: float = 0.0
+    """Seconds between checks of the store for a newer checkpoint; 0: never."""
     store_url: str | None = None
     port: int = 5000
     host: str = "localhost"
@@ -186,6 +257,14 @@ class ServeOptions:
     access_log: bool = False
     debug: bool = False
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_specs(self) -> list[ModelSpec]:
+        """Every model to serve, in order (the first is the default for ``POST /``)."""
+        specs = [ModelSpec(key, key, self.checkpoint, None) for key in self.keys] + list(self.models)
+        return [
+            ModelSpec(s.name, s.key, s.checkpoint, self.wrappers.get(s.name, self.wrapper))
+            for s in specs
+        ]
 
 
 class LaunchContext(Protocol):

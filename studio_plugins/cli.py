@@ -18,7 +18,7 @@ from core.errors import ConfigurationError, StudioError
 from core.experiments import open_store, validate_key
 from core.host import PluginHost
 from core.launch import launch
-from core.types import ServeOptions
+from core.types import ModelSpec, ServeOptions
 from core.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,7 +79,7 @@ def _serve_command(host: PluginHost) -> click.Command:
         params=backend_params,
         context_settings={"show_default": True},
     )
-    @click.argument("keys", nargs=-1, required=True, metavar="EXPERIMENT_KEY...")
+    @click.argument("keys", nargs=-1, required=False, metavar="EXPERIMENT_KEY...")
     @click.option("--port", type=click.IntRange(0, 65535), default=5000,
                   help="TCP port to serve on; 0 picks a free one (the URL is printed).")
     @click.option("--host", "bind_host", default="localhost",
@@ -95,9 +95,18 @@ def _serve_command(host: PluginHost) -> click.Command:
                   help="Where to run the server.")
     @click.option("--token", envvar="STUDIO_TOKEN", default=None,
                   help="Require 'Authorization: Bearer TOKEN' on every request but health checks.")
-    @click.option("--wrapper", default=None,
+    @click.option("--wrapper", "wrapper_args", multiple=True,
                   help="A .py file, module or registered name with create_model(modeldir) "
-                  "returning a dict -> dict callable.")
+                  "returning a dict -> dict callable. NAME=WRAPPER gives one model its own.")
+    @click.option("--model", "model_args", multiple=True, metavar="NAME=KEY[:CHECKPOINT]",
+                  help="Serve experiment KEY as model NAME (repeatable; after the positional "
+                  "keys). POST /models/NAME and the V2 routes address it by name.")
+    @click.option("--allow-partial", is_flag=True, default=False,
+                  help="With several models: serve the others when one fails to load (it is "
+                  "reported not ready) instead of failing the start.")
+    @click.option("--watch", type=click.FloatRange(min=0), default=0,
+                  help="Check the store every S seconds for a newer checkpoint and swap it in "
+                  "without a restart (a load that fails keeps the old model). 0: off.")
     @click.option("--checkpoint", default=None, help="Serve this file of the modeldir instead of "
                   "the newest checkpoint.")
     @click.option("--loader", default=None, help="Force a loader (see `studio-plug plugins`).")
@@ -140,10 +149,20 @@ def _serve_command(host: PluginHost) -> click.Command:
         setup_logging(params["debug"])
         for key in keys:
             validate_key(key)
+        models = tuple(parse_model(arg) for arg in params.pop("model_args"))
+        if not keys and not models:
+            raise ConfigurationError(
+                "nothing to serve", hint="name an experiment: studio-plug serve KEY"
+            )
+        names = [*keys, *(spec.name for spec in models)]
+        wrapper, wrappers = parse_wrappers(params.pop("wrapper_args"), names)
         extra = {name: params.pop(name) for name in list(params) if name in backend_names}
         cloud = params.pop("cloud")
         options = ServeOptions(
             keys=keys,
+            models=models,
+            wrapper=wrapper,
+            wrappers=wrappers,
             store_url=params.pop("store_url"),
             host=params.pop("bind_host"),
             backend_options=extra,
@@ -152,6 +171,33 @@ def _serve_command(host: PluginHost) -> click.Command:
         sys.exit(launch(host, options, cloud))
 
     return serve
+
+
+def parse_model(arg: str) -> ModelSpec:
+    """``NAME=KEY[:CHECKPOINT]`` -> ModelSpec."""
+    name, sep, target = arg.partition("=")
+    if not sep or not name or not target:
+        raise ConfigurationError(f"--model {arg!r}: expected NAME=KEY[:CHECKPOINT]")
+    key, _, checkpoint = target.partition(":")
+    return ModelSpec(validate_key(name), validate_key(key), checkpoint or None)
+
+
+def parse_wrappers(args: tuple[str, ...], names: list[str]) -> tuple[str | None, dict[str, str]]:
+    """One wrapper for every model and/or ``NAME=WRAPPER`` for one."""
+    common: str | None = None
+    own: dict[str, str] = {}
+    for arg in args:
+        name, sep, target = arg.partition("=")
+        if sep and name in names:
+            own[name] = target
+        elif common is None:
+            common = arg
+        else:
+            raise ConfigurationError(
+                f"--wrapper given twice ({common!r}, {arg!r})",
+                hint="give one model its own wrapper with --wrapper NAME=PATH",
+            )
+    return common, own
 
 
 def _experiments_group(host: PluginHost) -> click.Group:

@@ -71,6 +71,20 @@ class LocalStore(ExperimentStore):
             raise ExperimentError(f"cannot read modeldir {path}: {exc.strerror}") from None
         return path
 
+    def fingerprint(self, key: str) -> str:
+        """Names, sizes and mtimes (ns) of the modeldir's files: a stat per file, no reads."""
+        directory = self._modeldir(key)
+        if not directory.is_dir():
+            return ""
+        parts = []
+        for path in sorted(directory.iterdir()):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed while we looked
+                continue
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        return ";".join(parts)
+
     def experiments(self) -> list[ExperimentInfo]:
         base = self.root / "experiments"
         if not base.is_dir():

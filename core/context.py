@@ -1,0 +1,53 @@
+"""The ``ServingContext`` route plugins get: the server's models and its data plane."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from core.dataplane import DataPlane
+from core.errors import NotReady
+from core.repository import ModelRepository
+from core.types import ModelState, Payload, ServedModel
+from core.version import __version__
+
+
+class ServerContext:
+    server_name = "studio-plug"
+    version = __version__
+
+    def __init__(self, repository: ModelRepository, dataplane: DataPlane) -> None:
+        self.repository = repository
+        self.dataplane = dataplane
+        self.default_model = repository.names()[0]
+
+    def model_names(self) -> list[str]:
+        return self.repository.names()
+
+    def state(self, name: str) -> ModelState:
+        return self.repository.state(name)
+
+    def ready_model(self, name: str) -> ServedModel:
+        """The model serving ``name`` now (read once per request: swaps are atomic)."""
+        slot = self.repository.slot(name)
+        model = slot.model
+        if model is None:
+            reason = f": {slot.error}" if slot.error else ""
+            raise NotReady(f"model {name!r} is not ready ({slot.state}){reason}")
+        return model
+
+    async def infer(self, name: str, payload: Payload) -> tuple[Payload, int]:
+        return await self.dataplane.infer(self.ready_model(name), payload, name)
+
+    async def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:
+        return await asyncio.to_thread(self.repository.load, name, key, checkpoint)
+
+    async def unload(self, name: str) -> ModelState:
+        return await asyncio.to_thread(self.repository.unload, name)
+
+    def record(self, scope: Any, model: str, rows: int | None = None) -> None:
+        info = scope.get("studio")
+        if info is not None:
+            info["model"] = model
+            if rows is not None:
+                info["batch"] = rows
