@@ -26,6 +26,7 @@ from plugins.loaders.signature import (
     TensorModel,
     datatype_of,
     name_outputs,
+    numpy_dtype,
     unique_names,
 )
 from plugins.loaders.torch_runtime import choose_device, import_torch, single_threaded, to_numpy
@@ -73,6 +74,8 @@ def readable_name(checkpoint: Path) -> Iterator[Path]:
 
 
 def _explain(checkpoint: Path, exc: Exception) -> LoadError:
+    if isinstance(exc, ImportError):  # h5py, for .h5 files
+        return MissingDependencyError(exc.name or "h5py", "keras")
     text = f"{type(exc).__name__}: {exc}".strip()
     if "safe_mode" in text:
         return LoadError(
@@ -103,7 +106,7 @@ def _input_specs(model: Any) -> list[Expected]:
     for index, tensor in enumerate(tensors):
         shape = tuple(-1 if size is None else int(size) for size in tensor.shape)
         name = str(getattr(tensor, "name", "") or f"input_{index}")
-        specs.append(Expected(name, np.dtype(str(tensor.dtype)), shape))
+        specs.append(Expected(name, numpy_dtype(datatype_of(str(tensor.dtype))), shape))
     return specs
 
 
