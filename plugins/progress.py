@@ -33,6 +33,7 @@ class Progress:
         self.interval = interval
         self._lock = threading.Lock()
         self._last_draw = 0.0
+        self._drawn = -1
 
     def __call__(self, count: int) -> None:
         if not self.enabled:
@@ -45,6 +46,9 @@ class Progress:
                 self._draw()
 
     def _draw(self) -> None:
+        if self._drawn == self.done:
+            return
+        self._drawn = self.done
         fraction = min(self.done / self.total, 1.0) if self.total else 1.0
         filled = int(fraction * 30)
         bar = "#" * filled + "." * (30 - filled)

@@ -134,6 +134,8 @@ def test_launch_creates_the_instance_firewall_and_user_data_asked_for(cloud) -> 
 
     script = user_data(cloud, instance_id)
     assert script.startswith("#!/bin/bash\n")
+    syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True, timeout=10)
+    assert syntax.returncode == 0, syntax.stderr
     assert "trap '" in script and "shutdown -h now' EXIT" in script
     assert f"pip install -q 'studio-plugins[all]=={__version__}'" in script
     assert f"export STUDIO_TOKEN={token}" in script

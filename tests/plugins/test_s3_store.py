@@ -227,12 +227,17 @@ def test_access_denied_is_one_line(s3, monkeypatch: pytest.MonkeyPatch) -> None:
     assert err.splitlines()[0].startswith(f"error: access denied to {STORE} (ListObjectsV2: AccessDenied)")
 
 
-def test_progress_bar_for_large_transfers(s3, tmp_path: Path) -> None:
+def test_progress_bar_for_large_transfers(s3, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_files(tmp_path / "big", {"big.h5": os.urandom(5 * 1024 * 1024), "small.h5": b"s"})
     code, _out, err = cli("experiments", "push", "big", str(source), "--store", STORE)
     assert code == 0, err
     assert "uploading big.h5" in err and "100%" in err and "5.2 MB / 5.2 MB" in err
     assert "small.h5" not in err  # small files show no bar
+
+    modeldir = store().modeldir("big")
+    err = capsys.readouterr().err
+    assert "downloading big.h5" in err and "5.2 MB / 5.2 MB" in err and "small.h5" not in err
+    assert (modeldir / "big.h5").read_bytes() == (source / "big.h5").read_bytes()
 
 
 # --- end to end: a real Keras checkpoint served from s3:// -----------------------------------
