@@ -246,3 +246,13 @@ def test_missing_keras_on_the_command_line_is_one_line(studio_home: Path, modeld
     assert "error: keras is not installed" in done.stderr
     assert "hint: pip install 'studio-plugins[keras]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(150)
+def test_a_loaded_model_runs_in_a_forked_child_with_several_threads(tmp_path: Path) -> None:
+    from tests.plugins.forking import forked_child
+
+    path = save(scaler(2.0), tmp_path / "m.keras")
+    assert forked_child("keras", path, (64, 3)) == "child finished"
+    # the check can fail: a parent that ran a multi-threaded op first hangs its child
+    assert forked_child("keras", path, (64, 3), dirty=True, patience=5) == "child hung"

@@ -205,3 +205,11 @@ def test_torchscript_and_exported_served_end_to_end(tmp_path: Path) -> None:
         reply = predict(server.url + "models/exported", {"one": batch[:1], "all": batch})
         np.testing.assert_allclose(reply["one"], expected(exported, batch[:1]), rtol=1e-5)
         np.testing.assert_allclose(reply["all"], expected(exported, batch), rtol=1e-5)
+
+
+@pytest.mark.timeout(150)
+def test_a_loaded_model_runs_in_a_forked_child_with_several_threads(tmp_path: Path) -> None:
+    from tests.plugins.forking import forked_child
+
+    path = save_exported(Affine(), tmp_path / "m.pt2", torch.ones(2, 3))
+    assert forked_child("torch", path, (64, 3)) == "child finished"
