@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,10 @@ def bodies() -> dict[str, bytes]:
         "small": pickle.dumps({"x": rng.random(10)}, protocol=5),
         "large": pickle.dumps({"x": rng.random((1, 224, 224, 3), dtype=np.float32)}, protocol=5),
     }
+
+
+def _same_x(expected: np.ndarray, reply: bytes) -> bool:
+    return bool(np.array_equal(pickle.loads(reply)["x"], expected))
 
 
 def median(results: list[Result]) -> Result:
@@ -89,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, body in payloads.items():
             # identity: the reply is the same dict (re-pickled), so only its decoding is checked
             expected = pickle.loads(body)["x"]
-            check_echo(ours.url, body, PICKLE,
-                       lambda reply, e=expected: np.array_equal(pickle.loads(reply)["x"], e))
-            check_echo(floor.url, body, PICKLE, lambda reply, b=body: reply == b)
+            check_echo(ours.url, body, PICKLE, partial(_same_x, expected))
+            check_echo(floor.url, body, PICKLE, body.__eq__)
             for connections in connection_counts:
                 servers = {"floor": floor, "studio": ours}
                 common = dict(connections=connections, client=args.client, threads=args.threads)

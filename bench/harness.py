@@ -117,7 +117,7 @@ def _serve_asgi(app_path: str, host: str, port: int) -> None:
             loop.add_signal_handler(signum, shutdown.set)
         address, bound_port = sock.getsockname()[:2]
         print(f"Serving {app_path} on http://{address}:{bound_port}/", flush=True)
-        await serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=shutdown.wait)
 
     asyncio.run(main())
 
