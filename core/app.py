@@ -135,6 +135,9 @@ class EdgeMiddleware:
         activity = self.settings.activity
         activity.started()
         metrics = self.metrics
+        counted = metrics is not None and metrics.multiprocess
+        if counted:
+            metrics.in_flight.inc()  # type: ignore[union-attr]
         started = time.perf_counter()
         info: dict[str, Any] = {}
         scope["studio"] = info  # route plugins record the model and batch size here
@@ -152,6 +155,8 @@ class EdgeMiddleware:
             elapsed = time.perf_counter() - started
             model = str(info.get("model", ""))
             status_seen[0] = info.get("status", status_seen[0])
+            if counted:
+                metrics.in_flight.dec()  # type: ignore[union-attr]
             if metrics is not None:
                 metrics.observe_request(_route_of(path), model, status_seen[0], elapsed)
             if self.settings.access_log:
@@ -177,7 +182,7 @@ def build_app(
 
     def on_swap(name: str, model: ServedModel, seconds: float, old: ServedModel | None) -> None:
         if metrics is not None:
-            metrics.describe_model(name, model, seconds)
+            metrics.describe_model(name, repository.slot(name).spec.key, model, seconds)
         if old is not None:
             dataplane.forget(old)
 
@@ -186,9 +191,10 @@ def build_app(
         for name in repository.names():
             slot = repository.slot(name)
             if slot.model is not None:
-                metrics.describe_model(name, slot.model, slot.load_seconds)
-        metrics.in_flight.set_function(lambda: settings.activity.in_flight)
-        metrics.queue_depth.set_function(lambda: dataplane.admitted)
+                metrics.describe_model(name, slot.spec.key, slot.model, slot.load_seconds)
+        if not metrics.multiprocess:  # read at scrape time; across processes they are counted
+            metrics.in_flight.set_function(lambda: settings.activity.in_flight)
+            metrics.queue_depth.set_function(lambda: dataplane.admitted)
     started = {"value": False}
 
     def is_ready() -> bool:

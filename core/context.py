@@ -20,6 +20,7 @@ class ServerContext:
         self.repository = repository
         self.dataplane = dataplane
         self.default_model = repository.names()[0]
+        self.max_body = repository.options.max_body
 
     def model_names(self) -> list[str]:
         return self.repository.names()

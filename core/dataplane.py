@@ -68,6 +68,9 @@ class DataPlane:
         if limit and self.admitted >= limit:
             raise Overloaded(f"{self.admitted} requests queued (--max-queue {limit}); retry shortly")
         self.admitted += 1
+        counted = self.metrics is not None and self.metrics.multiprocess
+        if counted:
+            self.metrics.queue_depth.inc()  # type: ignore[union-attr]
         try:
             if self.options.timeout is None:
                 return await self._dispatch(model, payload, name)
@@ -79,6 +82,8 @@ class DataPlane:
                 ) from None
         finally:
             self.admitted -= 1
+            if counted:
+                self.metrics.queue_depth.dec()  # type: ignore[union-attr]
 
     async def _dispatch(self, model: ServedModel, payload: Payload, name: str) -> tuple[Payload, int]:
         batcher = self._batcher(model, name)

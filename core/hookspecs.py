@@ -75,5 +75,16 @@ def studio_register_routes(register: Callable[[RouteFactory], None]) -> None:
 
 
 @hookspec
+def studio_configure_threads(threads: int) -> None:
+    """Set this process's intra-op thread count for your framework (``--workers``).
+
+    Called with 1 in the parent before it loads models for worker processes — a framework that
+    ran a multi-threaded op before ``fork`` hangs its children — and with
+    ``--threads-per-worker`` in each worker right after the fork. Import nothing heavy that the
+    process has not imported yet: set the framework's environment variables instead.
+    """
+
+
+@hookspec
 def studio_register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``studio-plug`` command group (``@cli.command()``)."""

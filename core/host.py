@@ -238,6 +238,9 @@ class PluginHost:
 
         return [args[0] for args in self._registry("studio_register_routes", "routes", name_of).values()]
 
+    def configure_threads(self, threads: int) -> None:
+        self.pm.hook.studio_configure_threads(threads=threads)
+
     def add_commands(self, cli: click.Group) -> None:
         """Let every plugin add its subcommands, in registration order (a later one wins), and
         note which plugin added which (``command:NAME`` in ``plugins()``)."""

@@ -6,7 +6,12 @@ Order matters: everything that can fail in assembly fails before the port is bou
 from __future__ import annotations
 
 import logging
+import os
 import shlex
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.activity import Activity
@@ -15,11 +20,29 @@ from core.codecs import CodecSet
 from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
 from core.host import PluginHost
+from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
 from core.repository import ModelRepository
 from core.serving import bind_socket, run_server, socket_url
 from core.types import ServeOptions
+from core.workers import Supervisor, WorkerPlan
 
 log = logging.getLogger("studio_plugins.launch")
+
+WORKER_BACKLOG = 2048
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads per worker: the usable cores shared out, at least one."""
+    return max(1, usable_cores() // max(1, workers))
+
+
+def announce(repository: ModelRepository, sock: socket.socket, extra: str = "") -> None:
+    # The one line on stdout: scripts and tests wait for it.
+    print(f"Serving {', '.join(repository.names())}{extra} on {socket_url(sock)}", flush=True)
 
 
 @dataclass
@@ -37,16 +60,60 @@ class Launch:
 
     def serve_here(self) -> int:
         options = self.options
+        if options.workers > 1:
+            return self._serve_with_workers()
         repository = self.assemble()
         sock = bind_socket(options.host, options.port)
-        url = socket_url(sock)
         activity = Activity()
+        settings = self._settings(activity, watch=options.watch,
+                                  on_ready=lambda: announce(repository, sock))
+        app = build_app(repository, settings, self.host.route_factories())
+        with sock:
+            return run_server(app, sock, activity, killafter=options.killafter)
 
-        def announce() -> None:
-            # The one line on stdout: scripts and tests wait for it.
-            print(f"Serving {', '.join(repository.names())} on {url}", flush=True)
+    def _serve_with_workers(self) -> int:
+        """Load once here, fork the workers, supervise them (core/workers.py)."""
+        options = self.options
+        self.host.configure_threads(1)  # before anything runs: see core/workers.py
+        metrics_dir = None
+        if options.metrics:
+            metrics_dir = tempfile.mkdtemp(prefix="studio-metrics-")
+            os.environ[MULTIPROCESS_ENV] = metrics_dir  # before prometheus_client is imported
+        try:
+            repository = self.assemble()
+            sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
+            routes = self.host.route_factories()
 
-        settings = AppSettings(
+            def serve_in_worker(sock: socket.socket, activity: Activity) -> int:
+                settings = self._settings(activity, watch=0.0, on_ready=None)
+                app = build_app(repository, settings, routes)
+                return run_server(app, sock, activity, killafter=0)
+
+            plan = WorkerPlan(
+                workers=options.workers,
+                threads_per_worker=options.threads_per_worker or default_threads(options.workers),
+                killafter=options.killafter,
+                watch=options.watch,
+            )
+            supervisor = Supervisor(
+                sock, plan, serve_in_worker,
+                worker_init=self.host.configure_threads,
+                reload=lambda: bool(repository.poll()),
+                on_worker_exit=mark_worker_dead if metrics_dir else None,
+            )
+            with sock:
+                return supervisor.run(
+                    on_started=lambda: announce(repository, sock, f" ({options.workers} workers)")
+                )
+        finally:
+            if metrics_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _settings(
+        self, activity: Activity, watch: float, on_ready: Callable[[], None] | None
+    ) -> AppSettings:
+        options = self.options
+        return AppSettings(
             codecs=CodecSet(self.host.codecs()),
             token=options.token,
             max_body=options.max_body,
@@ -60,13 +127,10 @@ class Launch:
             ),
             metrics=options.metrics,
             access_log=options.access_log,
-            watch=options.watch,
+            watch=watch,
             activity=activity,
-            on_ready=announce,
+            on_ready=on_ready,
         )
-        app = build_app(repository, settings, self.host.route_factories())
-        with sock:
-            return run_server(app, sock, activity, killafter=options.killafter)
 
     def serve_argv(self) -> list[str]:
         """The ``studio-plug serve`` command line for these options.
@@ -84,6 +148,10 @@ class Launch:
             argv.append("--allow-partial")
         if o.watch:
             argv += ["--watch", f"{o.watch:g}"]
+        if o.workers > 1:
+            argv += ["--workers", str(o.workers)]
+            if o.threads_per_worker:
+                argv += ["--threads-per-worker", str(o.threads_per_worker)]
         argv += ["--killafter", f"{o.killafter:g}", "--max-body", str(o.max_body)]
         argv += ["--threads", str(o.threads), "--max-queue", str(o.max_queue)]
         if o.timeout:

@@ -1,34 +1,36 @@
-"""Prometheus metrics for one server (``GET /metrics``), in a registry of its own.
+"""Prometheus metrics for one server (``GET /metrics``).
 
-A private ``CollectorRegistry`` per app (not the process-global one) keeps servers built in one
-process — tests, several apps — from sharing or clashing. Health and metrics requests are not
+One process: a private ``CollectorRegistry`` per app (not the process-global one), so servers
+built in one process — tests, several apps — neither share nor clash, and in-flight requests and
+queue depth are read at scrape time. Worker processes (``--workers``): prometheus-client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by the parent before anything imports
+prometheus_client — hence the lazy imports), so ``/metrics`` from any worker reports the whole
+server; in-flight requests carry a ``pid`` label per worker. Health and metrics requests are not
 counted as inference.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
+import os
+from typing import Any
 
 from core.types import ServedModel
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    content_type = CONTENT_TYPE_LATEST
+    content_type = CONTENT_TYPE
 
     def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -40,21 +42,28 @@ class Metrics:
             ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(
-            "studio_requests_in_flight", "Inference requests being handled", registry=r
+            "studio_requests_in_flight", "Inference requests being handled", registry=r,
+            multiprocess_mode="liveall",
         )
         self.queue_depth = Gauge(
             "studio_queue_depth", "Requests admitted and not yet answered (bounded by --max-queue)",
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
             "studio_batch_size", "Rows per model call", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.load_seconds = Gauge(
-            "studio_model_load_seconds", "Time to assemble the model", ["model"], registry=r
+            "studio_model_load_seconds", "Time to assemble the model", ["model"], registry=r,
+            multiprocess_mode="livemax",
         )
-        self.model_info = Info("studio_model", "The served model", ["model"], registry=r)
-        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._batch_children: dict[str, Histogram] = {}
+        # an "info" metric as a gauge: prometheus-client's Info does not work across processes
+        self.model_info = Gauge(
+            "studio_model_info", "The served model", ["checkpoint", "key", "loader", "model"],
+            registry=r, multiprocess_mode="livemax",
+        )
+        self._info_labels: dict[str, tuple[str, str, str, str]] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._batch_children: dict[str, Any] = {}
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         # labels() takes a lock and builds a key each call; the children are cached here.
@@ -73,15 +82,29 @@ class Metrics:
             child = self._batch_children[model] = self.batch_size.labels(model)
         child.observe(rows)
 
-    def describe_model(self, name: str, model: ServedModel, load_seconds: float) -> None:
+    def describe_model(self, name: str, key: str, model: ServedModel, load_seconds: float) -> None:
         self.load_seconds.labels(name).set(load_seconds)
-        self.model_info.labels(name).info(
-            {
-                "key": name,
-                "loader": model.platform,
-                "checkpoint": str(model.checkpoint.name) if model.checkpoint else "",
-            }
-        )
+        labels = (model.checkpoint.name if model.checkpoint else "", key, model.platform, name)
+        old = self._info_labels.get(name)
+        if old is not None and old != labels:
+            self.model_info.remove(*old)
+        self._info_labels[name] = labels
+        self.model_info.labels(*labels).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if not self.multiprocess:
+            return bytes(generate_latest(self.registry))
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return bytes(generate_latest(registry))
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Forget a dead worker's live gauges (multiprocess mode)."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid)

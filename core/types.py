@@ -192,6 +192,8 @@ class ServingContext(Protocol):
     server_name: str
     version: str
     default_model: str
+    max_body: int
+    """The largest request body the server takes (``--max-body``): read no more than this."""
 
     def model_names(self) -> list[str]: ...
 
@@ -236,6 +238,10 @@ class ServeOptions:
     allow_partial: bool = False
     watch: float = 0.0
     """Seconds between checks of the store for a newer checkpoint; 0: never."""
+    workers: int = 1
+    """Worker processes forked after loading (1: serve in this process)."""
+    threads_per_worker: int | None = None
+    """Intra-op threads in each worker; None: the usable cores shared out."""
     store_url: str | None = None
     port: int = 5000
     host: str = "localhost"

@@ -17,7 +17,7 @@ import click
 from core.errors import ConfigurationError, StudioError
 from core.experiments import open_store, validate_key
 from core.host import PluginHost
-from core.launch import launch
+from core.launch import launch, usable_cores
 from core.types import ModelSpec, ServeOptions
 from core.version import __version__
 
@@ -39,6 +39,23 @@ class ByteSize(click.ParamType):
             self.fail(f"{value!r} is not a size like 64MB or 1048576", param, ctx)
         number, unit = match.groups()
         return int(float(number) * _UNITS[unit.lower() if unit else None])
+
+
+class WorkerCount(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return usable_cores()
+        try:
+            count = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if count < 1:
+            self.fail("at least 1 worker", param, ctx)
+        return count
 
 
 def setup_logging(debug: bool) -> None:
@@ -131,6 +148,13 @@ def _serve_command(host: PluginHost) -> click.Command:
                   "`model.batchable = False`.")
     @click.option("--max-batch-delay", type=click.FloatRange(min=0), default=5.0,
                   help="Milliseconds a request may wait for others to join its batch.")
+    @click.option("--workers", type=WorkerCount(), default="1",
+                  help="Worker processes: the model is loaded once, then N workers are forked and "
+                  "share it (copy-on-write) and one socket. 'auto': one per usable core. Batching "
+                  "forms batches within a worker.")
+    @click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+                  help="Intra-op threads (torch/Keras) in each worker. Default: usable cores / "
+                  "workers, at least 1.")
     @click.option("--metrics/--no-metrics", default=True,
                   help="Serve Prometheus metrics on GET /metrics.")
     @click.option("--access-log", is_flag=True, default=False,

@@ -11,6 +11,7 @@ is loaded (``weights_only=False``, which runs code from the file) only with
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import warnings
 import zipfile
@@ -223,3 +224,17 @@ class TorchLoader(Loader):
 @hookimpl
 def studio_register_loaders(register: Callable[[Loader], None]) -> None:
     register(TorchLoader())
+
+
+@hookimpl
+def studio_configure_threads(threads: int) -> None:
+    """Intra-op threads for torch (and Keras on it): set now if torch is loaded, else through
+    the environment, so that a parent that forks workers never runs torch multi-threaded."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    else:
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = str(threads)

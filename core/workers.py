@@ -1,0 +1,220 @@
+"""``--workers N``: load once, fork N workers that serve one inherited socket, supervise them.
+
+The parent assembles everything (store, loader, wrapper, priming) and binds the socket, then
+forks; copy-on-write keeps one copy of the weights for all workers. It never serves a request
+itself: it replaces a worker that dies, counts idleness across all of them for ``--killafter``,
+drains them on SIGTERM/SIGINT, and for ``--watch`` loads a new checkpoint once and re-forks the
+workers one at a time from it (reloading in each worker would cost N copies of the weights).
+
+Fork rule (measured): after a framework has run a multi-threaded op in a process, a forked child
+that runs it with more than one thread hangs (OpenMP's pool is not fork-safe). So the parent
+runs with one intra-op thread, and each worker sets its own count after the fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from core.activity import Activity
+
+log = logging.getLogger("studio_plugins.workers")
+
+
+class SharedActivity(Activity):
+    """A worker's Activity, mirrored into shared memory for the parent's idle count."""
+
+    def __init__(self, table: ctypes.Array[ctypes.c_double], slot: int) -> None:
+        super().__init__()
+        self.table = table
+        self.slot = slot
+        self._publish()
+
+    def _publish(self) -> None:
+        self.table[2 * self.slot] = self.in_flight
+        self.table[2 * self.slot + 1] = self.last_seen
+
+    def started(self) -> None:
+        super().started()
+        self._publish()
+
+    def finished(self) -> None:
+        super().finished()
+        self._publish()
+
+
+@dataclass
+class WorkerPlan:
+    workers: int
+    threads_per_worker: int
+    killafter: float = 0.0
+    watch: float = 0.0
+    graceful_timeout: float = 30.0
+
+
+ServeInWorker = Callable[[socket.socket, Activity], int]
+"""Builds the app in the worker (after the fork) and serves until told to stop."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        sock: socket.socket,
+        plan: WorkerPlan,
+        serve: ServeInWorker,
+        worker_init: Callable[[int], None],
+        reload: Callable[[], bool] | None = None,
+        on_worker_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self.plan = plan
+        self.serve = serve
+        self.worker_init = worker_init
+        self.reload = reload
+        self.on_worker_exit = on_worker_exit
+        # per slot: requests in flight, monotonic time last seen (CLOCK_MONOTONIC is system-wide)
+        self.table = multiprocessing.RawArray(ctypes.c_double, 2 * plan.workers)
+        self.pids: dict[int, int] = {}  # slot -> pid
+        self.stopping = False
+        self.started = time.monotonic()
+
+    # --- child ----------------------------------------------------------------------------
+
+    def _fork(self, slot: int) -> int:
+        self.table[2 * slot] = 0
+        self.table[2 * slot + 1] = time.monotonic()
+        pid = os.fork()
+        if pid:
+            self.pids[slot] = pid
+            return pid
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self.worker_init(self.plan.threads_per_worker)
+            code = self.serve(self.sock, SharedActivity(self.table, slot))
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    # --- parent ---------------------------------------------------------------------------
+
+    def run(self, on_started: Callable[[], None] | None = None) -> int:
+        for slot in range(self.plan.workers):
+            self._fork(slot)
+        log.info("%d workers serving (pids %s)", self.plan.workers,
+                 ", ".join(str(pid) for pid in self.pids.values()))
+        if on_started is not None:
+            on_started()
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            if not self.stopping:
+                log.info("%s received; draining %d workers", signal.Signals(signum).name,
+                         len(self.pids))
+            self.stopping = True
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        next_watch = time.monotonic() + self.plan.watch
+        try:
+            while not self.stopping:
+                time.sleep(0.1)
+                self._reap_and_replace()
+                if self.plan.killafter and self._idle_for() >= self.plan.killafter:
+                    log.info("no requests for %.0fs (--killafter); shutting down",
+                             self.plan.killafter)
+                    break
+                if self.reload is not None and self.plan.watch and time.monotonic() >= next_watch:
+                    if self.reload():
+                        self._roll()
+                    next_watch = time.monotonic() + self.plan.watch
+        finally:
+            self._drain()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 0
+
+    def _idle_for(self) -> float:
+        in_flight = sum(self.table[2 * slot] for slot in self.pids)
+        if in_flight:
+            return 0.0
+        last = max([self.started, *(self.table[2 * slot + 1] for slot in self.pids)])
+        return time.monotonic() - last
+
+    def _reap(self) -> list[int]:
+        """Slots whose worker has exited (collected, so no zombies)."""
+        dead = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            for slot, worker in list(self.pids.items()):
+                if worker == pid:
+                    del self.pids[slot]
+                    dead.append(slot)
+                    if self.on_worker_exit is not None:
+                        self.on_worker_exit(pid)
+                    if not self.stopping:
+                        log.warning("worker %d exited (%s); starting a new one", pid,
+                                    _describe_status(status))
+        return dead
+
+    def _reap_and_replace(self) -> None:
+        for slot in self._reap():
+            if not self.stopping:
+                self._fork(slot)
+
+    def _roll(self) -> None:
+        """Re-fork every worker from the parent's new model, one at a time, each old one
+        drained gracefully, so the socket always has workers accepting."""
+        for slot in sorted(self.pids):
+            old = self.pids[slot]
+            self._fork(slot)  # the new worker takes the slot; the old one drains
+            os.kill(old, signal.SIGTERM)
+            self._wait_for(old, self.plan.graceful_timeout + 5)
+        log.info("workers now serve the new model (pids %s)",
+                 ", ".join(str(pid) for pid in self.pids.values()))
+
+    def _wait_for(self, pid: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                if self.on_worker_exit is not None:
+                    self.on_worker_exit(pid)
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+    def _drain(self) -> None:
+        self.stopping = True
+        for pid in self.pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in list(self.pids.values()):
+            self._wait_for(pid, self.plan.graceful_timeout + 5)
+        self.pids.clear()
+        log.info("all workers stopped")
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"status {os.WEXITSTATUS(status)}"
