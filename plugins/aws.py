@@ -8,6 +8,7 @@ S3-compatible endpoint works. boto3 is imported here, lazily, never at plugin im
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,10 @@ def client(service: str, region: str | None = None) -> Any:
         from botocore.config import Config
     except ImportError:
         raise MissingDependencyError("boto3", "aws") from None
+    for name in ("botocore", "boto3"):  # they log every credential/endpoint lookup at INFO
+        quiet = logging.getLogger(name)
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)
     config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10,
                     read_timeout=60)
     return boto3.session.Session().client(service, region_name=region, config=config)

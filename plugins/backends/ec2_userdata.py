@@ -69,8 +69,8 @@ class UserData:
             lines.append(f"pip install -q torch --index-url {CPU_TORCH_INDEX}")
         lines.append(f"pip install -q {q(self.install)}")
         if self.wrapper:
-            fetch = ("import sys, boto3; "
-                     "boto3.client('s3').download_file(sys.argv[1], sys.argv[2], sys.argv[3])")
+            fetch = ('import sys, boto3; '
+                     'boto3.client("s3").download_file(sys.argv[1], sys.argv[2], sys.argv[3])')
             directory = self.wrapper.path.rsplit("/", 1)[0]
             lines.append(f"mkdir -p {q(directory)}")
             lines.append(shlex.join(

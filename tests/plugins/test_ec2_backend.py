@@ -339,3 +339,14 @@ def test_the_user_data_command_serves_a_keras_checkpoint(cloud, tmp_path: Path) 
     with ServerProcess(*argv, env=env) as server:
         result = predict(server.url, {"x": np.ones((1, 3), np.float32)}, token=token)
         assert float(np.asarray(result["x"]).ravel()[0]) == pytest.approx(6.5)
+
+
+@pytest.mark.timeout(60)
+def test_no_public_address_in_a_private_subnet_times_out_and_cleans_up(cloud) -> None:
+    vpc = cloud.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = cloud.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
+    code, _out, err = launch("--subnet-id", subnet, "--launch-timeout", "2")
+    assert code == 1
+    assert "has no public address after 2 s" in err and "--subnet-id" in err
+    assert "cleaning up: terminating i-" in err and "cleaning up: deleting security group" in err
+    assert live_instances(cloud) == [] and our_groups(cloud) == []
