@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.codecs.json",
     "plugins.codecs.npz",
     "plugins.stages.builtin",
+    "plugins.protocols.v2",
 )
 
 

@@ -1,0 +1,1 @@
+"""Wire protocols served as routes on the same data plane (``studio_register_routes``)."""

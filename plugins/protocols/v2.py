@@ -1,0 +1,250 @@
+"""The Open Inference Protocol (V2, KServe/Triton/MLServer) as routes on the server's data plane.
+
+Everything goes through the ``ServingContext``: inference takes the same queue, deadlines,
+batching, auth and metrics as ``POST /``. ``/v2/health/live|ready`` belong to the core app.
+
+Versions: a model is served in one version at a time, named ``"1"``; a reload replaces it in
+place (the served checkpoint is in the metadata's ``parameters``). ``/versions/1/...`` is the
+same as the unversioned route; any other version is a 404.
+
+Extensions: ``binary_tensor_data`` and ``model_repository`` (index, load — optionally from
+another experiment key or checkpoint: ``{"parameters": {"key": K, "checkpoint": C}}`` — and
+unload).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from studio_plugins import (
+    BadRequest,
+    ModelState,
+    NotFound,
+    RouteFactory,
+    ServingContext,
+    StudioError,
+    hookimpl,
+)
+
+from .body import ClientGone, read_body
+from .v2_messages import encode_response, header_length, parse_request
+
+log = logging.getLogger("studio_plugins.v2")
+
+VERSION = "1"
+EXTENSIONS = ("binary_tensor_data", "model_repository")
+# ModelState.state -> the repository extension's states (Triton's names)
+REPOSITORY_STATES = {
+    "ready": "READY", "loading": "LOADING", "failed": "UNAVAILABLE", "unloaded": "UNAVAILABLE",
+}
+JSON_TYPE = b"application/json"
+BINARY_TYPE = b"application/octet-stream"
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def error_body(exc: StudioError) -> bytes:
+    content: dict[str, str] = {"error": exc.message, "type": exc.type_name}
+    if exc.hint:
+        content["hint"] = exc.hint
+    return orjson.dumps(content)
+
+
+def check_version(name: str, version: str | None) -> None:
+    if version is not None and version != VERSION:
+        raise NotFound(f"model {name!r} has no version {version!r}; it serves version {VERSION}")
+
+
+class InferEndpoint:
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` as plain ASGI (the hot path: no
+    Request object, a bounded body read, orjson both ways)."""
+
+    def __init__(self, context: ServingContext) -> None:
+        self.context = context
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        params = scope["path_params"]
+        name: str = params["name"]
+        context = self.context
+        context.record(scope, name)
+        try:
+            check_version(name, params.get("version"))
+            context.state(name)  # 404 for an unknown model before reading its body
+            headers = dict(scope["headers"])
+            body = await read_body(receive, headers.get(b"content-length"), context.max_body)
+            request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
+            result, rows = await context.infer(name, request.inputs)
+            context.record(scope, name, rows)
+            reply, json_length = encode_response(name, VERSION, request, result)
+        except StudioError as exc:
+            if exc.status >= 500:
+                log.warning("POST %s -> %d: %s", scope["path"], exc.status, exc)
+            error_headers = [(b"content-type", JSON_TYPE)]
+            if exc.type_name == "Overloaded":
+                error_headers.append((b"retry-after", b"1"))
+            await _send(send, exc.status, error_body(exc), error_headers)
+            return
+        except ClientGone:
+            log.info("POST %s: client disconnected; request dropped", scope["path"])
+            info = scope.get("studio")
+            if info is not None:
+                info["status"] = 499
+            return
+        except Exception as exc:  # a bug of ours: log it, never show it
+            log.exception("internal error")
+            error = StudioError(f"internal error: {type(exc).__name__}")
+            await _send(send, 500, error_body(error), [(b"content-type", JSON_TYPE)])
+            return
+        if json_length is None:
+            await _send(send, 200, reply, [(b"content-type", JSON_TYPE)])
+        else:
+            await _send(send, 200, reply, [
+                (b"content-type", BINARY_TYPE),
+                (b"inference-header-content-length", str(json_length).encode()),
+            ])
+
+
+async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class V2Routes:
+    """The metadata, readiness and repository routes (GET and control: not the hot path)."""
+
+    def __init__(self, context: ServingContext) -> None:
+        self.context = context
+
+    def routes(self) -> list[BaseRoute]:
+        infer = InferEndpoint(self.context)
+        routes: list[BaseRoute] = [Route("/v2", self.server_metadata, methods=["GET"])]
+        for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [
+                Route(base, self.model_metadata, methods=["GET"]),
+                Route(base + "/ready", self.model_ready, methods=["GET"]),
+                Route(base + "/infer", infer, methods=["POST"]),
+            ]
+        routes += [
+            Route("/v2/repository/index", self.repository_index, methods=["POST"]),
+            Route("/v2/repository/models/{name}/load", self.load, methods=["POST"]),
+            Route("/v2/repository/models/{name}/unload", self.unload, methods=["POST"]),
+        ]
+        return routes
+
+    def _state(self, request: Request) -> ModelState:
+        name = request.path_params["name"]
+        self.context.record(request.scope, name)
+        check_version(name, request.path_params.get("version"))
+        return self.context.state(name)
+
+    async def _json_body(self, request: Request) -> Mapping[str, Any]:
+        headers = dict(request.scope["headers"])
+        body = await read_body(request.receive, headers.get(b"content-length"), self.context.max_body)
+        if not body.strip():
+            return {}
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"invalid JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return message
+
+    async def server_metadata(self, request: Request) -> Response:
+        context = self.context
+        return json_response(
+            {"name": context.server_name, "version": context.version, "extensions": list(EXTENSIONS)}
+        )
+
+    async def model_metadata(self, request: Request) -> Response:
+        state = self._state(request)
+        model = state.model
+        metadata: dict[str, Any] = {
+            "name": state.name,
+            "versions": [VERSION],
+            "platform": model.platform if model is not None else "",
+            "inputs": [_spec(s) for s in model.inputs] if model is not None else [],
+            "outputs": [_spec(s) for s in model.outputs] if model is not None else [],
+            "parameters": _describe(state),
+        }
+        return json_response(metadata)
+
+    async def model_ready(self, request: Request) -> Response:
+        state = self._state(request)
+        # The protocol: 200 means ready, a 4xx means not.
+        return json_response({"name": state.name, "ready": state.ready}, 200 if state.ready else 400)
+
+    async def repository_index(self, request: Request) -> Response:
+        message = await self._json_body(request)
+        only_ready = message.get("ready", False)
+        if not isinstance(only_ready, bool):
+            raise BadRequest("ready must be true or false")
+        index = []
+        for name in self.context.model_names():
+            state = self.context.state(name)
+            if only_ready and not state.ready:
+                continue
+            entry = {"name": name, "version": VERSION, "state": REPOSITORY_STATES.get(state.state, "UNKNOWN")}
+            reason = state.error or ("unloaded" if state.state == "unloaded" else "")
+            entry["reason"] = reason
+            index.append(entry)
+        return json_response(index)
+
+    async def load(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.context.state(name)  # 404 for an unknown name
+        parameters = (await self._json_body(request)).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest("parameters must be an object")
+        unsupported = [p for p in parameters if p == "config" or p.startswith("file:")]
+        if unsupported:
+            raise BadRequest(
+                f"load parameter {unsupported[0]!r} is not supported",
+                hint='name an experiment or a checkpoint: {"parameters": {"key": K, "checkpoint": C}}',
+            )
+        key, checkpoint = parameters.get("key"), parameters.get("checkpoint")
+        for label, value in (("key", key), ("checkpoint", checkpoint)):
+            if value is not None and not isinstance(value, str):
+                raise BadRequest(f"load parameter {label!r} must be a string")
+        log.info("V2 repository: loading %s%s", name, f" from {key}" if key else "")
+        state = await self.context.load(name, key, checkpoint)
+        return json_response({"name": name, "state": REPOSITORY_STATES[state.state], **_describe(state)})
+
+    async def unload(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.context.state(name)
+        await self._json_body(request)  # unload_dependents and the like: nothing depends on a model
+        state = await self.context.unload(name)
+        return json_response({"name": name, "state": REPOSITORY_STATES[state.state], **_describe(state)})
+
+
+def _spec(spec: Any) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _describe(state: ModelState) -> dict[str, Any]:
+    """What is served: the experiment key, the checkpoint file (when there is one), the state."""
+    described: dict[str, Any] = {"experiment": state.key, "state": state.state}
+    model = state.model
+    if model is not None and model.checkpoint is not None:
+        described["checkpoint"] = model.checkpoint.name
+    return described
+
+
+def v2_routes(context: ServingContext) -> Sequence[BaseRoute]:
+    return V2Routes(context).routes()
+
+
+@hookimpl
+def studio_register_routes(register: Callable[[RouteFactory], None]) -> None:
+    register(v2_routes)

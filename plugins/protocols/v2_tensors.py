@@ -1,0 +1,307 @@
+"""Open Inference Protocol (V2) tensors <-> the values a model sees, in JSON and in binary.
+
+A numeric tensor becomes a numpy array of its datatype, shaped as declared (binary data with
+``np.frombuffer``: no copy, read-only). A ``BYTES`` tensor becomes nested Python lists of
+``bytes`` shaped like the tensor (a bare ``bytes`` for shape ``[]``), as ``ndarray.tolist()``
+nests: object arrays are refused elsewhere in studio-plug, while lists pass the data plane
+(batching leaves them alone) and the identity model unchanged. Going out, a model may answer a
+BYTES output with such lists, ``str`` or ``bytes`` values, or ``S``/``U``/object arrays of them.
+
+Every check a client can fail raises ``BadRequest`` naming the tensor; nothing is read past the
+bytes a tensor was given.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from studio_plugins import BadRequest, ModelError
+
+BYTES = "BYTES"
+
+# Binary tensor data is little-endian (the extension says so); JSON data is native.
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+DATATYPES = (*DTYPES, BYTES)
+_BY_KIND_SIZE = {(dtype.kind, dtype.itemsize): name for name, dtype in DTYPES.items()}
+_LENGTH = struct.Struct("<I")
+
+
+def _datatype(name: str, datatype: Any) -> str:
+    if datatype in DTYPES or datatype == BYTES:
+        return str(datatype)
+    raise BadRequest(
+        f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}"
+    )
+
+
+def check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    """The declared shape as a tuple of non-negative ints, or a ``BadRequest``."""
+    if not isinstance(shape, list) or not all(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape
+    ):
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def nest(flat: list[Any], shape: tuple[int, ...]) -> Any:
+    """A flat row-major list as nested lists of ``shape`` (the element itself for ``()``)."""
+    if not shape:
+        return flat[0]
+    if len(shape) == 1:
+        return flat
+    step = math.prod(shape[1:])
+    return [nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+# --- decoding: JSON ---------------------------------------------------------------------------
+
+
+def decode_json(name: str, datatype: Any, shape: Any, data: Any) -> Any:
+    """The value of a tensor sent as JSON ``data`` (nested or flat, row-major)."""
+    datatype = _datatype(name, datatype)
+    dims = check_shape(name, shape)
+    count = math.prod(dims)
+    if datatype == BYTES:
+        items = _flat_strings(name, data)
+        _check_count(name, dims, count, len(items))
+        return nest(items, dims)
+    dtype = DTYPES[datatype]
+    try:
+        source = np.asarray(data)
+    except (ValueError, TypeError) as exc:  # ragged lists
+        raise BadRequest(f"input {name!r}: data is not a rectangular array ({exc})") from None
+    _check_count(name, dims, count, source.size)
+    if count == 0:
+        return np.empty(dims, dtype.newbyteorder("="))
+    return _cast(name, datatype, dtype.newbyteorder("="), source, data).reshape(dims)
+
+
+def _check_count(name: str, dims: tuple[int, ...], count: int, got: int) -> None:
+    if got != count:
+        raise BadRequest(
+            f"input {name!r}: shape {list(dims)} holds {count} elements but data has {got}"
+        )
+
+
+def _flat_strings(name: str, data: Any) -> list[bytes]:
+    out: list[bytes] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            out.append(value.encode("utf-8"))
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        else:
+            raise BadRequest(f"input {name!r}: BYTES data must be strings, got {value!r}")
+
+    walk(data)
+    return out
+
+
+def _example(source: np.ndarray, bad: np.ndarray) -> Any:
+    return source[bad].flat[0].item() if bad.any() else None
+
+
+def _leaves(data: Any) -> Iterator[Any]:
+    if isinstance(data, list):
+        for item in data:
+            yield from _leaves(item)
+    else:
+        yield data
+
+
+def _integer(name: str, datatype: str, info: np.iinfo, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"input {name!r}: {value!r} is not a {datatype} value")
+    if not info.min <= value <= info.max:
+        raise BadRequest(f"input {name!r}: {value!r} is out of range for {datatype} [{info.min}, {info.max}]")
+    return value
+
+
+def _cast(name: str, datatype: str, dtype: np.dtype, source: np.ndarray, data: Any) -> np.ndarray:
+    """``source`` (as numpy inferred it from JSON) as ``dtype``, refusing values that do not fit:
+    300 for UINT8, 1.5 for INT32, a string for FP32, a number for BOOL."""
+    kind = source.dtype.kind
+    if dtype.kind == "b":
+        if kind != "b":
+            raise BadRequest(f"input {name!r}: BOOL data must be true or false, got {source.flat[0]!r}")
+        return source
+    if kind not in "iuf":
+        example = source.flat[0]
+        raise BadRequest(f"input {name!r}: {example!r} is not a {datatype} value")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if kind == "f":
+            # numpy made floats: the client sent some, or 64-bit ints numpy would not mix
+            # (2**64-1 beside 0): check the exact Python values instead
+            return np.array([_integer(name, datatype, info, value) for value in _leaves(data)], dtype)
+        out_of_range = (source < info.min) | (source > info.max)
+        if out_of_range.any():
+            _integer(name, datatype, info, _example(source, out_of_range))
+        return source.astype(dtype)
+    with np.errstate(over="ignore"):
+        result = source.astype(dtype)
+    if dtype.itemsize < 8 and np.isinf(result).any():  # JSON has no infinities: an overflow
+        overflow = np.isinf(result) & np.isfinite(source)
+        raise BadRequest(f"input {name!r}: {_example(source, overflow)!r} is out of range for {datatype}")
+    return result
+
+
+# --- decoding: binary -------------------------------------------------------------------------
+
+
+def decode_binary(name: str, datatype: Any, shape: Any, buffer: memoryview) -> Any:
+    """The value of a tensor whose data is exactly ``buffer`` (its ``binary_data_size`` bytes)."""
+    datatype = _datatype(name, datatype)
+    dims = check_shape(name, shape)
+    count = math.prod(dims)
+    size = len(buffer)
+    if datatype == BYTES:
+        return nest(_bytes_elements(name, buffer, count), dims)
+    dtype = DTYPES[datatype]
+    if size != count * dtype.itemsize:
+        raise BadRequest(
+            f"input {name!r}: binary_data_size is {size} bytes but shape {list(dims)} of {datatype} "
+            f"takes {count * dtype.itemsize}"
+        )
+    array = np.frombuffer(buffer, dtype, count)
+    if dtype.kind == "b" and count and array.view(np.uint8).max() > 1:
+        raise BadRequest(f"input {name!r}: BOOL bytes must be 0 or 1")
+    return array.reshape(dims)
+
+
+def _bytes_elements(name: str, buffer: memoryview, count: int) -> list[bytes]:
+    """BYTES in binary: each element a 4-byte little-endian length, then that many bytes."""
+    end = len(buffer)
+    if count * 4 > end:
+        raise BadRequest(f"input {name!r}: {end} bytes cannot hold {count} BYTES elements")
+    items: list[bytes] = []
+    position = 0
+    for _ in range(count):
+        if position + 4 > end:
+            raise BadRequest(f"input {name!r}: BYTES data ends inside an element's length")
+        (length,) = _LENGTH.unpack_from(buffer, position)
+        position += 4
+        if position + length > end:
+            raise BadRequest(f"input {name!r}: a BYTES element of {length} bytes runs past its data")
+        items.append(bytes(buffer[position:position + length]))
+        position += length
+    if position != end:
+        raise BadRequest(
+            f"input {name!r}: binary_data_size is {end} bytes but its {count} BYTES elements "
+            f"take {position}"
+        )
+    return items
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A model's output as the protocol carries it: numeric (``array``) or BYTES (``items``)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray | None = None
+    """Numeric data, C-contiguous and flat."""
+    items: list[bytes] | None = None
+    """BYTES elements, row-major."""
+
+    def json_data(self) -> Any:
+        """``data`` for JSON: the flat array (orjson serialises numpy) or a list of strings."""
+        if self.array is not None:
+            return self.array
+        assert self.items is not None
+        try:
+            return [item.decode("utf-8") for item in self.items]
+        except UnicodeDecodeError:
+            raise BadRequest(
+                f"output {self.name!r} holds bytes that are not UTF-8, which JSON cannot carry: "
+                "ask for it in binary (outputs: [{\"name\": ..., \"parameters\": {\"binary_data\": true}}])"
+            ) from None
+
+    def binary_data(self) -> bytes | memoryview:
+        """The binary extension's bytes: little-endian elements (the array's own memory when it
+        is already laid out so), or length-prefixed BYTES."""
+        if self.array is not None:
+            little = np.ascontiguousarray(self.array, self.array.dtype.newbyteorder("<"))
+            return little.data.cast("B")
+        assert self.items is not None
+        return b"".join(_LENGTH.pack(len(item)) + item for item in self.items)
+
+
+def encode(name: str, value: Any, hint: str | None = None) -> Tensor:
+    """A model's output value as a ``Tensor`` (a ``ModelError`` when it is not one).
+
+    ``hint``: the datatype of the request's input of the same name, for a value whose own type
+    says nothing (an empty list: an empty BYTES tensor through the identity model)."""
+    if isinstance(value, list) and not _has_leaf(value) and hint is not None:
+        if hint == BYTES:
+            return Tensor(name, BYTES, _flatten(name, value)[0], items=[])
+        if hint in DTYPES:
+            value = np.asarray(value, DTYPES[hint].newbyteorder("="))
+    if isinstance(value, bytes | str) or (isinstance(value, list) and _first_leaf_is_text(value)):
+        shape, leaves = _flatten(name, value)
+        return Tensor(name, BYTES, shape, items=[_as_bytes(name, leaf) for leaf in leaves])
+    if isinstance(value, dict):
+        raise ModelError(f"output {name!r} is a dict ({', '.join(map(str, value))}); a V2 output "
+                         "is one tensor: give each tensor its own key")
+    try:
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"output {name!r} is not an array: {exc}") from None
+    shape = [int(size) for size in array.shape]
+    if array.dtype.kind in "SUO":
+        return Tensor(name, BYTES, shape, items=[_as_bytes(name, leaf) for leaf in array.ravel().tolist()])
+    datatype = _BY_KIND_SIZE.get((array.dtype.kind, array.dtype.itemsize))
+    if datatype is None:
+        raise ModelError(f"output {name!r} has dtype {array.dtype}, which the V2 protocol cannot carry")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return Tensor(name, datatype, shape, array=np.ascontiguousarray(array.reshape(-1)))
+
+
+def _has_leaf(value: list[Any]) -> bool:
+    return any(_has_leaf(item) if isinstance(item, list) else True for item in value)
+
+
+def _first_leaf_is_text(value: list[Any]) -> bool:
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, bytes | str)
+
+
+def _flatten(name: str, value: Any) -> tuple[list[int], list[Any]]:
+    if not isinstance(value, list | tuple):
+        return [], [value]
+    if not value:
+        return [0], []
+    parts = [_flatten(name, item) for item in value]
+    shape = parts[0][0]
+    if any(part[0] != shape for part in parts):
+        raise ModelError(f"output {name!r} is a ragged list; a tensor must be rectangular")
+    return [len(value), *shape], [leaf for part in parts for leaf in part[1]]
+
+
+def _as_bytes(name: str, leaf: Any) -> bytes:
+    if isinstance(leaf, bytes):
+        return leaf
+    if isinstance(leaf, str):
+        return leaf.encode("utf-8")
+    raise ModelError(f"output {name!r} mixes {type(leaf).__name__} values with strings")
