@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="measurements per point and server, alternating; the median is shown")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra `studio-plug serve` argument (repeat; e.g. --serve-arg=--no-metrics)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for both servers (repeat; e.g. glibc's "
+                        "MALLOC_TRIM_THRESHOLD_=268435456)")
     parser.add_argument("--only", choices=("small", "large"), default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
@@ -89,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
           f"warm-up, {args.rounds} round(s) each, median shown; load average {load_average()}")
     if args.serve_arg:
         print(f"# studio-plug serve bench {' '.join(args.serve_arg)}")
+    if args.server_env:
+        print(f"# server environment: {' '.join(args.server_env)}")
     results: list[tuple[str, Result, Result]] = []
-    with studio_server("bench", *args.serve_arg) as ours, asgi_server("bench.harness:echo_app") as floor:
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    with studio_server("bench", *args.serve_arg, env=server_env) as ours, \
+            asgi_server("bench.harness:echo_app", env=server_env) as floor:
         for name, body in payloads.items():
             # identity: the reply is the same dict (re-pickled), so only its decoding is checked
             expected = pickle.loads(body)["x"]
