@@ -53,6 +53,7 @@ class DataPlane:
         self.admitted = 0
         self._executor: ThreadPoolExecutor | None = None
         self._batchers: dict[int, Batcher] = {}
+        self._async: dict[int, bool] = {}  # by model identity: inspect is slow per request
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -118,7 +119,10 @@ class DataPlane:
     async def call(self, model: ServedModel, payload: Payload) -> Payload:
         """One model call, sync models in the thread pool; errors become ``ModelError``."""
         try:
-            if _is_async(model.predict):
+            is_async = self._async.get(id(model))
+            if is_async is None:
+                is_async = self._async[id(model)] = _is_async(model.predict)
+            if is_async:
                 result: Any = await model.predict(payload)  # type: ignore[misc]
             else:
                 loop = asyncio.get_running_loop()
@@ -137,6 +141,7 @@ class DataPlane:
     def forget(self, model: ServedModel) -> None:
         """Drop the batcher of a model that was swapped out (batches in flight finish)."""
         self._batchers.pop(id(model), None)
+        self._async.pop(id(model), None)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -11,7 +11,9 @@ counted as inference.
 
 from __future__ import annotations
 
+import bisect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from core.types import ServedModel
@@ -33,14 +35,19 @@ class Metrics:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "studio_requests", "Inference requests by route, model and status",
-            ["route", "model", "status"], registry=r,
-        )
-        self.latency = Histogram(
-            "studio_request_duration_seconds", "Inference request latency",
-            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        if self.multiprocess:
+            self.requests = Counter(REQUESTS[0], REQUESTS[1], ["route", "model", "status"], registry=r)
+            self.latency = Histogram(LATENCY[0], LATENCY[1], ["route", "model"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+            self.batch_size = Histogram(BATCH[0], BATCH[1], ["model"], buckets=BATCH_BUCKETS,
+                                        registry=r)
+        else:
+            # one process: plain counts kept by the event loop, exported at scrape time (no lock
+            # and no label lookup per request)
+            self.tally = Tally()
+            r.register(self.tally)
+            self.observe_request = self.tally.observe_request  # type: ignore[method-assign]
+            self.observe_batch = self.tally.observe_batch  # type: ignore[method-assign]
         self.in_flight = Gauge(
             "studio_requests_in_flight", "Inference requests being handled", registry=r,
             multiprocess_mode="liveall",
@@ -48,9 +55,6 @@ class Metrics:
         self.queue_depth = Gauge(
             "studio_queue_depth", "Requests admitted and not yet answered (bounded by --max-queue)",
             registry=r, multiprocess_mode="livesum",
-        )
-        self.batch_size = Histogram(
-            "studio_batch_size", "Rows per model call", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.load_seconds = Gauge(
             "studio_model_load_seconds", "Time to assemble the model", ["model"], registry=r,
@@ -101,6 +105,69 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         return bytes(generate_latest(registry))
+
+
+REQUESTS = ("studio_requests", "Inference requests by route, model and status")
+LATENCY = ("studio_request_duration_seconds", "Inference request latency")
+BATCH = ("studio_batch_size", "Rows per model call")
+
+
+class Tally:
+    """Request counts and histograms in plain dicts, as a prometheus-client collector.
+
+    Only the event loop's thread writes them, so no locks; ``collect`` runs at scrape time."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}
+        self.batches: dict[str, list[float]] = {}
+
+    @staticmethod
+    def _observe(table: dict[Any, list[float]], key: Any, bounds: tuple[float, ...],
+                 value: float) -> None:
+        counts = table.get(key)
+        if counts is None:
+            counts = table[key] = [0.0] * (len(bounds) + 2)  # buckets, +Inf, sum
+        counts[bisect.bisect_left(bounds, value)] += 1
+        counts[-1] += value
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        key = (route, model, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self._observe(self.latency, (route, model), LATENCY_BUCKETS, seconds)
+
+    def observe_batch(self, model: str, rows: int) -> None:
+        self._observe(self.batches, model, BATCH_BUCKETS, rows)
+
+    @staticmethod
+    def _histogram(name: str, doc: str, labels: list[str], table: dict[Any, list[float]],
+                   bounds: tuple[float, ...]) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        family = HistogramMetricFamily(name, doc, labels=labels)
+        for key, counts in sorted(table.items()):
+            cumulative, total = [], 0.0
+            for bound, count in zip([*bounds, float("inf")], counts[:-1], strict=True):
+                total += count
+                cumulative.append((floatToGoString(bound), total))
+            family.add_metric(list(key) if isinstance(key, tuple) else [key], cumulative,
+                              sum_value=counts[-1])
+        return family
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        requests = CounterMetricFamily(REQUESTS[0], REQUESTS[1], labels=["route", "model", "status"])
+        for (route, model, status), count in sorted(self.requests.items()):
+            requests.add_metric([route, model, str(status)], count)
+        yield requests
+        yield self._histogram(LATENCY[0], LATENCY[1], ["route", "model"], self.latency,
+                              LATENCY_BUCKETS)
+        yield self._histogram(BATCH[0], BATCH[1], ["model"], self.batches, BATCH_BUCKETS)
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
 
 
 def mark_worker_dead(pid: int) -> None:
