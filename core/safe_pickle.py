@@ -45,6 +45,8 @@ def _check_dtype(dtype: Any, depth: int = 0) -> np.dtype[Any]:
     Object and StringDType items are pointers; forged flags, out-of-range field offsets or a
     subarray bigger than its item would make numpy read or free memory outside the array.
     """
+    if type(dtype) is _DatetimeDtype:
+        dtype = dtype.dtype
     if not isinstance(dtype, np.dtype):
         raise UnsafePickleError(f"expected a numpy dtype, got {type(dtype).__name__}")
     if type(dtype) not in _DATA_DTYPES or dtype.hasobject or dtype.flags & _POINTER_FLAGS:
@@ -73,9 +75,31 @@ def _private_dtype(dtype: Any) -> np.dtype[Any]:
     return _check_dtype(copy.copy(_check_dtype(dtype)))
 
 
-def _checked_dtype(*args: Any) -> np.dtype[Any]:
+class _DatetimeDtype:
+    """What ``numpy.dtype(...)`` gives for datetime64/timedelta64: numpy's own ``__setstate__``
+    for them dereferences a missing unit and crashes the process on a malformed state (a numpy
+    bug), so the pickle's BUILD lands here and only numpy's own state shape is passed on."""
+
+    __slots__ = ("built", "dtype")
+
+    def __init__(self, dtype: np.dtype[Any]) -> None:
+        self.dtype = dtype
+        self.built = False
+
+    def __setstate__(self, state: Any) -> None:
+        metadata = state[8] if isinstance(state, tuple) and len(state) == 9 else None
+        unit = metadata[1] if isinstance(metadata, tuple) and len(metadata) == 2 else None
+        if (self.built or state[0] != 4 or not isinstance(unit, tuple) or len(unit) != 4
+                or not isinstance(unit[0], bytes) or not all(type(n) is int for n in unit[1:])):
+            raise UnsafePickleError("a datetime dtype's state is not numpy's")
+        self.dtype.__setstate__(state)  # type: ignore[attr-defined]
+        self.built = True
+
+
+def _checked_dtype(*args: Any) -> np.dtype[Any] | _DatetimeDtype:
     """``numpy.dtype`` as pickles call it, refusing object dtypes (they carry arbitrary objects)."""
-    return _check_dtype(np.dtype(*args))
+    dtype = _check_dtype(np.dtype(*args))
+    return _DatetimeDtype(dtype) if dtype.kind in "mM" else dtype
 
 
 def _checked_scalar(dtype: np.dtype[Any], *args: Any) -> Any:
@@ -199,6 +223,8 @@ def _finish(value: Any, depth: int = 0) -> Any:
     Dicts and lists are fixed in place (so shared references stay shared), tuples rebuilt."""
     if depth > MAX_DEPTH:
         raise UnsafePickleError(f"nested deeper than {MAX_DEPTH} levels")
+    if type(value) is _DatetimeDtype:
+        return _check_dtype(value)
     if type(value) is _ArrayBuilder:
         if value.array is None:
             raise UnsafePickleError("an array without its state")

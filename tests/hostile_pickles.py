@@ -215,6 +215,12 @@ def data_payloads() -> dict[str, bytes]:
         "array whose dtype has forged refcount flags": _array_with_dtype_state(
             (3, "|", None, None, None, 8, 1, 1)
         ),
+        "datetime dtype with a version-3 state (segfaults numpy's own __setstate__)": pickle.dumps(
+            {"x": Reduce(np.dtype, ("M8[s]", False, True), (3, "<", None, None, None, -1, -1, 0))}, protocol=2
+        ),
+        "timedelta dtype with forged flags": pickle.dumps(
+            {"x": Reduce(np.dtype, ("m8", False, True), (3, ">", None, None, None, 99, 99, 63))}, protocol=4
+        ),
         "field of StringDType": _array_with_dtype_state(
             (3, "|", None, ("a",), {"a": (Reduce(np.dtypes.StringDType, ()), 0)}, 16, 8, 0), size=16
         ),
