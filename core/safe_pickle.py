@@ -72,7 +72,12 @@ def _check_dtype(dtype: Any, depth: int = 0) -> np.dtype[Any]:
 def _private_dtype(dtype: Any) -> np.dtype[Any]:
     """A checked copy of ``dtype`` for an array or scalar to keep. The pickle cannot reach the
     copy, so a later BUILD on the original (a memo reference) cannot change what data uses."""
-    return _check_dtype(copy.copy(_check_dtype(dtype)))
+    checked = _check_dtype(dtype)
+    if checked.fields is None and checked.subdtype is None:
+        # a plain dtype is fully described by its string; numpy hands back its own (shared,
+        # unreachable from the pickle) descriptor for it, which is much cheaper than a copy
+        return _check_dtype(np.dtype(checked.str))
+    return _check_dtype(copy.copy(checked))
 
 
 class _DatetimeDtype:
