@@ -16,9 +16,10 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from core.body import ClientGone, read_body
 from core.codecs import CodecSet
 from core.context import ServerContext
-from core.errors import BadRequest, ModelError, Overloaded, PayloadTooLarge, StudioError
+from core.errors import BadRequest, ModelError, Overloaded, StudioError
 from core.types import Codec, Payload
 
 log = logging.getLogger("studio_plugins.app")
@@ -46,36 +47,6 @@ async def send_reply(send: Send, status: int, body: bytes, headers: list[tuple[b
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class ClientGone(Exception):
-    """The client disconnected; there is no one to answer."""
-
-
-async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise BadRequest("invalid Content-Length") from None
-        if size > limit:
-            raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    received = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        if chunk:
-            received += len(chunk)
-            if received > limit:
-                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class DisconnectGuard:

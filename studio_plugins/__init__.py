@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.body import ClientGone, read_body
 from core.errors import (
     BackendError,
     BadRequest,
@@ -66,6 +67,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BadRequest",
+    "ClientGone",
     "Codec",
     "ConfigurationError",
     "CreateModel",
@@ -99,6 +101,7 @@ __all__ = [
     "get_model_directory",
     "hookimpl",
     "pickle_dumps",
+    "read_body",
     "restricted_loads",
     "studio_home",
     "validate_key",

@@ -25,15 +25,16 @@ from starlette.routing import BaseRoute, Route
 
 from studio_plugins import (
     BadRequest,
+    ClientGone,
     ModelState,
     NotFound,
     RouteFactory,
     ServingContext,
     StudioError,
     hookimpl,
+    read_body,
 )
 
-from .body import ClientGone, read_body
 from .v2_messages import encode_response, header_length, parse_request
 
 log = logging.getLogger("studio_plugins.v2")
@@ -70,6 +71,7 @@ class InferEndpoint:
 
     def __init__(self, context: ServingContext) -> None:
         self.context = context
+        self.names = frozenset(context.model_names())  # a server's set of models is fixed
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         params = scope["path_params"]
@@ -78,7 +80,8 @@ class InferEndpoint:
         context.record(scope, name)
         try:
             check_version(name, params.get("version"))
-            context.state(name)  # 404 for an unknown model before reading its body
+            if name not in self.names:  # 404 for an unknown model before reading its body
+                context.state(name)
             headers = dict(scope["headers"])
             body = await read_body(receive, headers.get(b"content-length"), context.max_body)
             request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
@@ -127,12 +130,16 @@ class V2Routes:
 
     def routes(self) -> list[BaseRoute]:
         infer = InferEndpoint(self.context)
-        routes: list[BaseRoute] = [Route("/v2", self.server_metadata, methods=["GET"])]
+        # inference first: the router tries routes in order
+        routes: list[BaseRoute] = [
+            Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+            Route("/v2", self.server_metadata, methods=["GET"]),
+        ]
         for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             routes += [
                 Route(base, self.model_metadata, methods=["GET"]),
                 Route(base + "/ready", self.model_ready, methods=["GET"]),
-                Route(base + "/infer", infer, methods=["POST"]),
             ]
         routes += [
             Route("/v2/repository/index", self.repository_index, methods=["POST"]),
