@@ -57,6 +57,8 @@ class AppSettings:
     access_log: bool = False
     activity: Activity = field(default_factory=Activity)
     watch: float = 0.0
+    in_worker: bool = False
+    """One of several worker processes (--workers): models are swapped by the parent only."""
     on_ready: Callable[[], None] | None = None
 
 
@@ -178,7 +180,7 @@ def build_app(
         raise ValueError("build_app needs at least one model")
     metrics = Metrics() if settings.metrics else None
     dataplane = DataPlane(settings.dataplane, metrics)
-    context = ServerContext(repository, dataplane)
+    context = ServerContext(repository, dataplane, in_worker=settings.in_worker)
 
     def on_swap(name: str, model: ServedModel, seconds: float, old: ServedModel | None) -> None:
         if metrics is not None:

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from core.dataplane import DataPlane
-from core.errors import NotReady
+from core.errors import Conflict, NotReady
 from core.repository import ModelRepository
 from core.types import ModelState, Payload, ServedModel
 from core.version import __version__
@@ -16,9 +16,10 @@ class ServerContext:
     server_name = "studio-plug"
     version = __version__
 
-    def __init__(self, repository: ModelRepository, dataplane: DataPlane) -> None:
+    def __init__(self, repository: ModelRepository, dataplane: DataPlane, in_worker: bool = False) -> None:
         self.repository = repository
         self.dataplane = dataplane
+        self.in_worker = in_worker
         self.default_model = repository.names()[0]
         self.max_body = repository.options.max_body
 
@@ -40,10 +41,20 @@ class ServerContext:
     async def infer(self, name: str, payload: Payload) -> tuple[Payload, int]:
         return await self.dataplane.infer(self.ready_model(name), payload, name)
 
+    def _refuse_in_worker(self) -> None:
+        # one worker swapping its own copy would leave the others serving the old model
+        if self.in_worker:
+            raise Conflict(
+                "loading and unloading models is not available with --workers",
+                hint="use --watch: the parent loads a new checkpoint once and re-forks every worker",
+            )
+
     async def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:
+        self._refuse_in_worker()
         return await asyncio.to_thread(self.repository.load, name, key, checkpoint)
 
     async def unload(self, name: str) -> ModelState:
+        self._refuse_in_worker()
         return await asyncio.to_thread(self.repository.unload, name)
 
     def record(self, scope: Any, model: str, rows: int | None = None) -> None:

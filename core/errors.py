@@ -87,6 +87,12 @@ class MethodNotAllowed(StudioError):
     status = 405
 
 
+class Conflict(StudioError):
+    """The request cannot be carried out in the server's current configuration."""
+
+    status = 409
+
+
 class PayloadTooLarge(StudioError):
     status = 413
 

@@ -87,6 +87,7 @@ class Launch:
 
             def serve_in_worker(sock: socket.socket, activity: Activity) -> int:
                 settings = self._settings(activity, watch=0.0, on_ready=None)
+                settings.in_worker = True
                 app = build_app(repository, settings, routes)
                 return run_server(app, sock, activity, killafter=0)
 

@@ -167,3 +167,13 @@ def test_watch_reloads_every_worker(modeldir: Path) -> None:
             time.sleep(0.2)
         assert values == {7.0}
         assert any("workers now serve the new model" in line for line in server.stderr_lines)
+
+
+def test_repository_load_is_refused_in_workers(modeldir: Path) -> None:
+    # one worker swapping its own copy would leave the others on the old model
+    from tests.cli.test_serve import post
+
+    with ServerProcess("exp", "--workers", "2") as server:
+        status, _, body = post(server.url + "v2/repository/models/exp/load", b"{}",
+                               "application/json")
+        assert status == 409 and b"--watch" in body
