@@ -161,3 +161,34 @@ def http_site():
     site = HttpSite()
     yield site
     site.close()
+
+
+# --- AWS fleets: an experiment in moto's S3 and the clients a fleet uses (issue 9) -----------
+
+
+@pytest.fixture
+def fleet_cloud(aws: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """moto with experiment ``exp`` (``weights.npy``, a 3x1 matrix) in ``s3://models/prod`` and
+    the AMI lookup pointed at moto's public Deep Learning AMI. Returns the EC2, ELBv2 and Auto
+    Scaling clients and the weights."""
+    from types import SimpleNamespace
+
+    import boto3
+    import numpy as np
+    from click.testing import CliRunner
+
+    from studio_plugins.cli import build_cli
+    from studio_plugins.testing import make_host
+
+    monkeypatch.setenv("STUDIO_EC2_AMI_NAME", "Deep Learning AMI Ubuntu Linux*")
+    monkeypatch.setenv("STUDIO_EC2_AMI_OWNER", "898082745236")
+    boto3.client("s3").create_bucket(Bucket="models")
+    weights = np.array([[1.0], [2.0], [3.0]], np.float32)
+    source = tmp_path / "fleet-modeldir"
+    source.mkdir()
+    np.save(source / "weights.npy", weights)
+    pushed = CliRunner().invoke(build_cli(make_host()), ["experiments", "push", "exp", str(source),
+                                                         "--store", "s3://models/prod"])
+    assert pushed.exit_code == 0, pushed.output
+    return SimpleNamespace(ec2=boto3.client("ec2"), elb=boto3.client("elbv2"),
+                           asg=boto3.client("autoscaling"), weights=weights)

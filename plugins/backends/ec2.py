@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 from plugins.aws import aws_errors, client
 from plugins.backends.ec2_firewall import MANAGED_TAG, delete_group, ensure_group, vpc_for, wanted_rules
+from plugins.backends.ec2_fleet_options import FleetOptions
+from plugins.backends.ec2_fleet_options import cli_options as fleet_cli_options
 from plugins.backends.ec2_instances import (
     KEY_TAG,
     PORT_TAG,
@@ -302,12 +304,19 @@ def execute(plan: Plan) -> int:
 
 class Ec2Backend(Backend):
     name = "ec2"
-    help = "a new EC2 instance running the same serve command (needs an s3:// store)"
+    help = ("a new EC2 instance running the same serve command, or with --replicas a fleet of "
+            "them behind a load balancer (needs an s3:// store)")
 
     def cli_options(self) -> Sequence[click.Option]:
-        return cli_options()
+        return [*cli_options(), *fleet_cli_options()]
 
     def launch(self, context: LaunchContext) -> int:
+        fleet = FleetOptions.from_options(context.options)
+        fleet.refuse_without_fleet()
+        if fleet.wanted:  # --replicas / --min-replicas / --max-replicas: ec2_fleet.py
+            from plugins.backends.ec2_fleet import execute_fleet, plan_fleet
+
+            return execute_fleet(plan_fleet(context))
         return execute(plan(context))
 
 

@@ -1,11 +1,13 @@
-"""``studio-plug ls`` and ``studio-plug stop``: the servers ``--cloud ec2`` started.
+"""``studio-plug ls`` and ``studio-plug stop``: the servers and fleets ``--cloud ec2`` started.
 
-Both act only on instances tagged ``studio-plug:managed=true``; ``stop`` then deletes our
-security groups that no instance uses any more.
+Both act only on instances tagged ``studio-plug:managed=true`` and on fleets' parts tagged
+``studio-plug:managed=fleet``; ``stop`` then deletes our security groups that no instance uses
+any more. A fleet is stopped by name (``plugins/backends/ec2_fleet.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +36,12 @@ def _ec2(region: str | None) -> Any:
         return client("ec2", region)
 
 
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 region_option = click.option("--region", default=None,
                              help="AWS region; default: AWS_DEFAULT_REGION / your AWS config.")
 
@@ -42,40 +50,72 @@ region_option = click.option("--region", default=None,
 @region_option
 @report_errors
 def ls_command(region: str | None) -> None:
-    """List the servers started with --cloud ec2: key, address, port, type, age."""
+    """List the servers and fleets started with --cloud ec2: key, address, size, age."""
+    from plugins.backends.ec2_fleet import clients, fleets
     from plugins.backends.ec2_instances import servers
 
-    found = servers(_ec2(region))
-    if not found:
+    ec2 = _ec2(region)
+    found = servers(ec2)
+    try:
+        groups = fleets(clients(region, ec2))
+    except BackendError as exc:  # e.g. no permission for ELB/Auto Scaling: still list servers
+        click.echo(f"warning: could not list fleets: {exc.message}", err=True)
+        groups = []
+    if not found and not groups:
         click.echo("no studio-plug servers running", err=True)
         return
     now = datetime.now(UTC)
-    rows = [("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "AGE", "STARTED BY")]
-    rows += [
-        (s.instance_id, s.key, s.address or "-", str(s.port), s.instance_type, s.state,
-         _age(s.launched, now), s.started_by)
-        for s in found
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if found:
+        _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "AGE", "STARTED BY")] + [
+            (s.instance_id, s.key, s.address or "-", str(s.port), s.instance_type, s.state,
+             _age(s.launched, now), s.started_by)
+            for s in found
+        ])
+    if found and groups:
+        click.echo()
+    if groups:
+        _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "AGE", "STARTED BY")] + [
+            (f.name, f.key, "-" if f.desired is None else str(f.desired),
+             "-" if f.in_service is None else str(f.in_service), f.url, _age(f.created, now),
+             f.started_by)
+            for f in groups
+        ])
 
 
 @click.command("stop")
-@click.argument("instance_ids", nargs=-1, metavar="INSTANCE_ID...")
-@click.option("--all", "stop_all", is_flag=True, help="Stop every server studio-plug started.")
+@click.argument("targets", nargs=-1, metavar="INSTANCE_ID|FLEET...")
+@click.option("--all", "stop_all", is_flag=True,
+              help="Stop every server and fleet studio-plug started.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
-              help="Seconds to wait for the instances to terminate before deleting their groups.")
+              help="Seconds to wait for instances to terminate (and a fleet's balancer to go) "
+              "before deleting their security groups.")
 @region_option
 @report_errors
-def stop_command(instance_ids: tuple[str, ...], stop_all: bool, timeout: float,
+def stop_command(targets: tuple[str, ...], stop_all: bool, timeout: float,
                  region: str | None) -> None:
-    """Terminate servers started with --cloud ec2, then delete our unused security groups."""
+    """Terminate servers started with --cloud ec2 and remove fleets (by name), then delete our
+    unused security groups. Safe to run again after a partial failure."""
+    from plugins.backends.ec2_fleet import clients, fleet_names
+    from plugins.backends.ec2_fleet_options import looks_like_instance_id
     from plugins.backends.ec2_instances import delete_unused_groups, servers, terminate
 
-    if bool(instance_ids) == stop_all:
+    if bool(targets) == stop_all:
         raise click.UsageError("name the instances to stop, or pass --all (not both)")
+    instance_ids = tuple(t for t in targets if looks_like_instance_id(t))
+    names = [t for t in targets if not looks_like_instance_id(t)]
+    again = f"`studio-plug stop {' '.join(targets) if targets else '--all'}`"
     ec2 = _ec2(region)
+    fleet_clients = clients(region, ec2)
+    if stop_all:
+        try:
+            names = fleet_names(fleet_clients)
+        except BackendError as exc:
+            click.echo(f"warning: could not list fleets: {exc.message}", err=True)
+    left_in_fleets = _stop_fleets(fleet_clients, names, timeout)
+    if names and not instance_ids and not stop_all:
+        if left_in_fleets:
+            _unfinished(left_in_fleets, again)
+        return
     ours = servers(ec2, instance_ids)
     if instance_ids:
         others = sorted(set(instance_ids) - {s.instance_id for s in ours})
@@ -94,11 +134,44 @@ def stop_command(instance_ids: tuple[str, ...], stop_all: bool, timeout: float,
     deleted, kept = delete_unused_groups(ec2)
     for group_id in deleted:
         click.echo(f"deleted security group {group_id}")
-    if left or kept:
+    if left or kept or left_in_fleets:
+        _unfinished(left + kept + left_in_fleets, again)
+
+
+def _unfinished(what: list[str], command: str) -> None:
+    raise BackendError(
+        f"still shutting down: {', '.join(what)}",
+        hint=f"run {command} again in a minute to finish",
+    )
+
+
+def _stop_fleets(fleet_clients: Any, names: list[str], timeout: float) -> list[str]:
+    """Stop each fleet; returns the fleets not completely gone yet. A name that only other
+    things (not a fleet's parts) carry is refused."""
+    from plugins.backends.ec2_fleet import stop_fleet
+
+    unfinished, not_ours = [], []
+    for name in names:
+        done = stop_fleet(fleet_clients, name, timeout,
+                          progress=lambda line: click.echo(line, err=True))
+        for what in done.foreign:
+            click.echo(f"warning: {what} is not part of a studio-plug fleet; left alone", err=True)
+        for what in done.left:
+            click.echo(f"warning: {what}", err=True)
+        if done.left:
+            unfinished.append(f"fleet {name}")
+        elif done.removed:
+            click.echo(f"stopped fleet {name}")
+        elif done.foreign:
+            not_ours.append(name)
+        else:
+            click.echo(f"fleet {name}: nothing left to delete", err=True)
+    if not_ours:
         raise BackendError(
-            f"still shutting down: {', '.join(left + kept)}",
-            hint="run `studio-plug stop --all` again in a minute to finish",
+            f"not a studio-plug fleet: {', '.join(not_ours)}",
+            hint="studio-plug stops only the fleets it started (see `studio-plug ls`)",
         )
+    return unfinished
 
 
 @hookimpl

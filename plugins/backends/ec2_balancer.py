@@ -1,0 +1,215 @@
+"""A fleet's front: an Application Load Balancer, its HTTP listener and the target group.
+
+The target group sends to ``--port`` on the instances and health-checks ``/v2/health/ready``
+there, so an instance gets traffic only once its model is loaded. Every call that removes
+something treats "already gone" as done, so ``studio-plug stop`` can be run again after a
+partial failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from plugins.aws import aws_errors, error_code
+from plugins.backends.ec2_instances import tag_list, tags_of
+from studio_plugins import BackendError
+
+HEALTH_PATH = "/v2/health/ready"
+Sleep = Callable[[float], None]
+
+
+def tolerating(codes: Iterable[str], what: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+    """``call(**kwargs)``; None when AWS answers with one of ``codes`` (it is already gone)."""
+    try:
+        return call(**kwargs)
+    except Exception as exc:
+        if error_code(exc) in set(codes):
+            return None
+        with aws_errors(BackendError, what):
+            raise
+
+
+def fleet_subnets(ec2: Any, vpc_id: str) -> list[str]:
+    """The VPC's default subnet in each availability zone (a balancer needs two zones)."""
+    with aws_errors(BackendError, "the subnet lookup"):
+        subnets = ec2.describe_subnets(Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "default-for-az", "Values": ["true"]},
+        ])["Subnets"]
+    by_zone: dict[str, str] = {}
+    for subnet in sorted(subnets, key=lambda s: (s["AvailabilityZone"], s["SubnetId"])):
+        by_zone.setdefault(subnet["AvailabilityZone"], subnet["SubnetId"])
+    if len(by_zone) < 2:
+        raise BackendError(
+            f"VPC {vpc_id} has default subnets in {len(by_zone)} availability zone(s); a load "
+            "balancer needs two",
+            hint="use a region whose default VPC is intact (`aws ec2 create-default-subnet "
+            "--availability-zone ZONE` restores one)",
+        )
+    return list(by_zone.values())
+
+
+@dataclass(frozen=True)
+class Balancer:
+    arn: str
+    dns_name: str
+
+
+def create_target_group(elb: Any, name: str, vpc_id: str, port: int, tags: dict[str, str]) -> str:
+    with aws_errors(BackendError, f"target group {name}"):
+        group = elb.create_target_group(
+            Name=name, Protocol="HTTP", Port=port, VpcId=vpc_id, TargetType="instance",
+            HealthCheckEnabled=True, HealthCheckProtocol="HTTP", HealthCheckPort="traffic-port",
+            HealthCheckPath=HEALTH_PATH, Matcher={"HttpCode": "200"},
+            HealthCheckIntervalSeconds=15, HealthyThresholdCount=2, UnhealthyThresholdCount=3,
+            Tags=tag_list(tags),
+        )["TargetGroups"][0]
+    return str(group["TargetGroupArn"])
+
+
+def create_balancer(
+    elb: Any, name: str, subnets: list[str], group_id: str, tags: dict[str, str]
+) -> Balancer:
+    with aws_errors(BackendError, f"load balancer {name}"):
+        balancer = elb.create_load_balancer(
+            Name=name, Subnets=subnets, SecurityGroups=[group_id], Scheme="internet-facing",
+            Type="application", IpAddressType="ipv4", Tags=tag_list(tags),
+        )["LoadBalancers"][0]
+    return Balancer(str(balancer["LoadBalancerArn"]), str(balancer["DNSName"]))
+
+
+def create_listener(elb: Any, balancer_arn: str, port: int, target_group_arn: str,
+                    tags: dict[str, str]) -> str:
+    with aws_errors(BackendError, f"a listener on port {port}"):
+        listener = elb.create_listener(
+            LoadBalancerArn=balancer_arn, Protocol="HTTP", Port=port,
+            DefaultActions=[{"Type": "forward", "TargetGroupArn": target_group_arn}],
+            Tags=tag_list(tags),
+        )["Listeners"][0]
+    return str(listener["ListenerArn"])
+
+
+def resource_label(balancer_arn: str, target_group_arn: str) -> str:
+    """``app/NAME/ID/targetgroup/NAME/ID``: what ALBRequestCountPerTarget is measured on."""
+    return (balancer_arn.split(":loadbalancer/", 1)[1] + "/"
+            + target_group_arn.split(":", 5)[5])
+
+
+def wait_active(elb: Any, arn: str, timeout: float, sleep: Sleep = time.sleep) -> None:
+    """Wait (with backoff) until the balancer is provisioned (a few minutes on AWS)."""
+    deadline = time.monotonic() + timeout
+    delay, state = 2.0, "provisioning"
+    while True:
+        with aws_errors(BackendError, "the load balancer"):
+            found = elb.describe_load_balancers(LoadBalancerArns=[arn])["LoadBalancers"]
+        state = found[0]["State"]["Code"] if found else "gone"
+        if state == "active":
+            return
+        if state in ("failed", "gone"):
+            reason = found[0]["State"].get("Reason", "") if found else ""
+            raise BackendError(f"the load balancer is {state} {reason}".rstrip())
+        if time.monotonic() + delay > deadline:
+            raise BackendError(f"the load balancer is still {state} after {timeout:g} s",
+                               hint="use a longer --launch-timeout")
+        sleep(delay)
+        delay = min(delay * 1.5, 15.0)
+
+
+# --- finding and removing ------------------------------------------------------------------------
+
+
+def elb_tags(elb: Any, arns: list[str]) -> dict[str, dict[str, str]]:
+    """Tags by ARN (describe_tags takes 20 at a time)."""
+    tags: dict[str, dict[str, str]] = {}
+    for start in range(0, len(arns), 20):
+        with aws_errors(BackendError, "load balancer tags"):
+            found = elb.describe_tags(ResourceArns=arns[start:start + 20])["TagDescriptions"]
+        for item in found:
+            tags[item["ResourceArn"]] = tags_of(item)
+    return tags
+
+
+def find_balancer(elb: Any, name: str) -> dict[str, Any] | None:
+    """The balancer named ``name`` with its ``Tags``, or None."""
+    found = tolerating(["LoadBalancerNotFound"], f"load balancer {name}",
+                       elb.describe_load_balancers, Names=[name])
+    if not found or not found["LoadBalancers"]:
+        return None
+    balancer = dict(found["LoadBalancers"][0])
+    balancer["Tags"] = tag_list(elb_tags(elb, [balancer["LoadBalancerArn"]]).get(
+        balancer["LoadBalancerArn"], {}))
+    return balancer
+
+
+def find_target_group(elb: Any, name: str) -> dict[str, Any] | None:
+    found = tolerating(["TargetGroupNotFound"], f"target group {name}",
+                       elb.describe_target_groups, Names=[name])
+    if not found or not found["TargetGroups"]:
+        return None
+    group = dict(found["TargetGroups"][0])
+    group["Tags"] = tag_list(elb_tags(elb, [group["TargetGroupArn"]]).get(group["TargetGroupArn"], {}))
+    return group
+
+
+def tagged_balancers(elb: Any, tag: str, value: str) -> list[dict[str, Any]]:
+    """Every balancer whose tag ``tag`` is ``value``, with its ``Tags``."""
+    balancers: list[dict[str, Any]] = []
+    with aws_errors(BackendError, "load balancers"):
+        for page in elb.get_paginator("describe_load_balancers").paginate():
+            balancers.extend(page["LoadBalancers"])
+    tags = elb_tags(elb, [b["LoadBalancerArn"] for b in balancers])
+    ours = []
+    for balancer in balancers:
+        own = tags.get(balancer["LoadBalancerArn"], {})
+        if own.get(tag) == value:
+            ours.append({**balancer, "Tags": tag_list(own)})
+    return ours
+
+
+def delete_listener(elb: Any, arn: str) -> None:
+    tolerating(["ListenerNotFound"], "the listener", elb.delete_listener, ListenerArn=arn)
+
+
+def delete_balancer(elb: Any, arn: str, timeout: float = 300.0, sleep: Sleep = time.sleep) -> bool:
+    """Delete its listeners, then the balancer, and wait until it is gone. True when it is."""
+    listeners = tolerating(["LoadBalancerNotFound"], "the listeners", elb.describe_listeners,
+                           LoadBalancerArn=arn)
+    for listener in (listeners or {}).get("Listeners", []):
+        delete_listener(elb, listener["ListenerArn"])
+    tolerating(["LoadBalancerNotFound"], "the load balancer", elb.delete_load_balancer,
+               LoadBalancerArn=arn)
+    deadline = time.monotonic() + timeout
+    delay = 2.0
+    while True:
+        found = tolerating(["LoadBalancerNotFound"], "the load balancer",
+                           elb.describe_load_balancers, LoadBalancerArns=[arn])
+        if not found or not found["LoadBalancers"]:
+            return True
+        if time.monotonic() + delay > deadline:
+            return False
+        sleep(delay)
+        delay = min(delay * 1.5, 15.0)
+
+
+def delete_target_group(elb: Any, arn: str, timeout: float = 120.0, sleep: Sleep = time.sleep) -> bool:
+    """Delete it, retrying while a listener being deleted still uses it. True when it is gone."""
+    deadline = time.monotonic() + timeout
+    delay = 2.0
+    while True:
+        try:
+            elb.delete_target_group(TargetGroupArn=arn)
+            return True
+        except Exception as exc:
+            code = error_code(exc)
+            if code == "TargetGroupNotFound":
+                return True
+            if code != "ResourceInUse":
+                with aws_errors(BackendError, "the target group"):
+                    raise
+            if time.monotonic() + delay > deadline:
+                return False
+        sleep(delay)
+        delay = min(delay * 1.5, 15.0)

@@ -1,0 +1,347 @@
+"""``serve --cloud ec2 --replicas N``: a fleet behind a load balancer, against moto's server.
+
+What these tests prove: the AWS resources a fleet launch creates exist and are wired to each
+other as AWS would need them (the launch template's user data is the single-instance script with
+``--killafter 0``, the S3 store and the token; the target group on ``--port`` with the
+``/v2/health/ready`` health check; the listener on ``--lb-port`` forwarding to it; the group in
+the default VPC's subnets attached to the target group; the scaling policy measuring that
+balancer's target group; the security groups' rules), that the group starts N tagged instances,
+that a failure after the balancer exists removes everything, and that the template's serve
+command really serves the experiment with the fleet's token (run here, against moto's S3).
+
+What they cannot prove: moto runs no health checks (every target reports ``healthy`` at once),
+routes no traffic through the balancer, never scales on the policy, and puts every replica in
+the first subnet. Nor does it refuse to delete a security group still in use, so the order of
+deletion is checked from what ``stop`` prints, not from AWS refusing a wrong one.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+import subprocess
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from plugins.backends.ec2_userdata import serve_lines
+from studio_plugins import __version__
+from studio_plugins.client import PredictionError, predict
+from studio_plugins.testing import ServerProcess
+from tests.plugins.test_ec2_backend import MOTO_DLAMI, cli, run_user_data_locally
+
+STORE = "s3://models/prod"  # the fleet_cloud fixture (tests/conftest.py) pushed "exp" here
+WRAPPER = textwrap.dedent("""
+    import os
+    import numpy as np
+
+    def create_model(modeldir):
+        weights = np.load(os.path.join(modeldir, "weights.npy"))
+        return lambda data: {key: np.asarray(value, np.float32) @ weights for key, value in data.items()}
+""")
+
+
+def launch_fleet(*args: str, key: str = "exp") -> tuple[int, str, str]:
+    return cli("serve", key, "--cloud", "ec2", "--store", STORE, *args)
+
+
+def launched_fleet(stdout: str) -> tuple[str, str, str | None]:
+    """(url, fleet name, token) from what a successful launch printed."""
+    lines = stdout.splitlines()
+    name = lines[1].removeprefix("fleet: ").split()[0]
+    token = lines[2].removeprefix("token: ") if len(lines) > 2 else None
+    return lines[0], name, token
+
+
+def tags(resource: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+def elb_tags(aws: SimpleNamespace, arn: str) -> dict[str, str]:
+    return tags(aws.elb.describe_tags(ResourceArns=[arn])["TagDescriptions"][0])
+
+
+def template_user_data(aws: SimpleNamespace, template_id: str) -> str:
+    version = aws.ec2.describe_launch_template_versions(
+        LaunchTemplateId=template_id, Versions=["$Latest"])["LaunchTemplateVersions"][0]
+    return base64.b64decode(version["LaunchTemplateData"]["UserData"]).decode()
+
+
+def fleet_instances(aws: SimpleNamespace, name: str) -> list[dict[str, Any]]:
+    reservations = aws.ec2.describe_instances(Filters=[
+        {"Name": "tag:studio-plug:fleet", "Values": [name]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]},
+    ])["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def leftovers(aws: SimpleNamespace) -> dict[str, list[str]]:
+    """Every resource a fleet can create that still exists (moto is reset per test, so anything
+    here was created by the test), by kind; empty when nothing is left. Listeners are the
+    balancers' (none can exist without one)."""
+    found: dict[str, list[str]] = {
+        "auto scaling groups": [g["AutoScalingGroupName"]
+                                for g in aws.asg.describe_auto_scaling_groups()["AutoScalingGroups"]],
+        "scaling policies": [p["PolicyName"] for p in aws.asg.describe_policies()["ScalingPolicies"]],
+        "launch templates": [t["LaunchTemplateName"]
+                             for t in aws.ec2.describe_launch_templates()["LaunchTemplates"]],
+        "target groups": [g["TargetGroupName"] for g in aws.elb.describe_target_groups()["TargetGroups"]],
+        "load balancers": [b["LoadBalancerName"]
+                           for b in aws.elb.describe_load_balancers()["LoadBalancers"]],
+        "security groups": [g["GroupName"] for g in aws.ec2.describe_security_groups()["SecurityGroups"]
+                            if g["GroupName"] != "default"],
+        "instances": [i["InstanceId"] for r in aws.ec2.describe_instances(Filters=[
+            {"Name": "instance-state-name", "Values": ["pending", "running", "shutting-down", "stopped"]},
+        ])["Reservations"] for i in r["Instances"]],
+    }
+    return {kind: names for kind, names in found.items() if names}
+
+
+def listeners_of(aws: SimpleNamespace, name: str) -> list[dict[str, Any]]:
+    balancer = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"][0]
+    return aws.elb.describe_listeners(LoadBalancerArn=balancer["LoadBalancerArn"])["Listeners"]
+
+
+def permissions(group: dict[str, Any]) -> set[tuple[int, str]]:
+    """(port, source) of each ingress rule: a CIDR or a group id."""
+    rules = set()
+    for perm in group["IpPermissions"]:
+        rules |= {(perm["FromPort"], r["CidrIp"]) for r in perm["IpRanges"]}
+        rules |= {(perm["FromPort"], g["GroupId"]) for g in perm["UserIdGroupPairs"]}
+    return rules
+
+
+# --- what a launch creates, and how it is wired ------------------------------------------------
+
+
+def test_a_scaling_fleet_is_wired_template_to_group_to_balancer(fleet_cloud) -> None:
+    aws = fleet_cloud
+    code, out, err = launch_fleet(
+        "--min-replicas", "2", "--max-replicas", "4", "--target-rps", "5", "--port", "8080",
+        "--lb-port", "8000", "--cidr", "203.0.113.0/24", "--key-name", "mine",
+        "--iam-profile", "reader", "--fleet-name", "exp-prod", "--killafter", "600")
+    assert code == 0, err
+    url, name, token = launched_fleet(out)
+    assert name == "exp-prod"
+    assert out.splitlines()[1] == "fleet: exp-prod (2 x m5.large in us-east-1, 2-4 at 5 req/s each)"
+    assert token and len(token) >= 24
+    assert "studio-plug stop exp-prod --region us-east-1" in err
+
+    # the balancer: internet-facing, in every default subnet, behind its own security group
+    (balancer,) = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"]
+    assert url == f"http://{balancer['DNSName']}:8000/"
+    assert balancer["Scheme"] == "internet-facing" and balancer["Type"] == "application"
+    vpc = aws.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    default_subnets = {s["SubnetId"] for s in aws.ec2.describe_subnets(Filters=[
+        {"Name": "vpc-id", "Values": [vpc]}, {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]}
+    assert {z["SubnetId"] for z in balancer["AvailabilityZones"]} == default_subnets
+    (lb_group_id,) = balancer["SecurityGroups"]
+
+    # the target group: --port, HTTP, health check /v2/health/ready on the traffic port
+    (target_group,) = aws.elb.describe_target_groups(Names=[name])["TargetGroups"]
+    assert (target_group["Protocol"], target_group["Port"], target_group["VpcId"]) == ("HTTP", 8080, vpc)
+    assert target_group["HealthCheckPath"] == "/v2/health/ready"
+    assert target_group["HealthCheckPort"] == "traffic-port"
+    assert target_group["Matcher"] == {"HttpCode": "200"}
+    assert target_group["LoadBalancerArns"] == [balancer["LoadBalancerArn"]]
+
+    # the listener: --lb-port, forwarding everything to that target group
+    (listener,) = listeners_of(aws, name)
+    assert (listener["Protocol"], listener["Port"]) == ("HTTP", 8000)
+    forward = {"Type": "forward", "TargetGroupArn": target_group["TargetGroupArn"]}
+    assert listener["DefaultActions"] == [forward]
+
+    # the group: the template, the default subnets, the target group, ELB health checks
+    (group,) = aws.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+    (template,) = aws.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
+    assert group["LaunchTemplate"]["LaunchTemplateId"] == template["LaunchTemplateId"]
+    assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (2, 2, 4)
+    assert set(group["VPCZoneIdentifier"].split(",")) == default_subnets
+    assert group["TargetGroupARNs"] == [target_group["TargetGroupArn"]]
+    assert group["HealthCheckType"] == "ELB" and group["HealthCheckGracePeriod"] == 900
+
+    # the policy: requests per target of exactly this balancer's target group, per minute
+    (policy,) = aws.asg.describe_policies(AutoScalingGroupName=name)["ScalingPolicies"]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    tracking = policy["TargetTrackingConfiguration"]
+    metric = tracking["PredefinedMetricSpecification"]
+    assert metric["PredefinedMetricType"] == "ALBRequestCountPerTarget"
+    balancer_part = balancer["LoadBalancerArn"].split(":loadbalancer/")[1]
+    group_part = target_group["TargetGroupArn"].split(":")[-1]
+    assert metric["ResourceLabel"] == f"{balancer_part}/{group_part}"
+    assert tracking["TargetValue"] == 300.0  # 5 requests/s = 300 per minute
+
+    # the template: same AMI/type/profile as a single instance, the replicas' group, user data
+    data = aws.ec2.describe_launch_template_versions(
+        LaunchTemplateId=template["LaunchTemplateId"], Versions=["$Latest"]
+    )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    assert (data["ImageId"], data["InstanceType"]) == (MOTO_DLAMI, "m5.large")
+    assert data["KeyName"] == "mine" and data["IamInstanceProfile"] == {"Name": "reader"}
+    (replica_group_id,) = data["SecurityGroupIds"]
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
+    script = template_user_data(aws, template["LaunchTemplateId"])
+    syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True, timeout=10)
+    assert syntax.returncode == 0, syntax.stderr
+    assert "shutdown -h now' EXIT" in script
+    assert f"pip install -q 'studio-plugins[all]=={__version__}'" in script
+    assert f"export STUDIO_TOKEN={token}" in script
+    (line,) = serve_lines(script)
+    argv = shlex.split(line)
+    assert argv[:3] == ["studio-plug", "serve", "exp"]
+    assert argv[argv.index("--store") + 1] == STORE
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert argv[argv.index("--port") + 1] == "8080"
+    assert argv[argv.index("--killafter") + 1] == "0"  # the group owns the replicas' lifetime
+    assert token not in line
+
+    # the firewall: the world (--cidr) reaches the balancer only; the replicas only from it
+    groups = {g["GroupId"]: g for g in aws.ec2.describe_security_groups(
+        GroupIds=[lb_group_id, replica_group_id])["SecurityGroups"]}
+    assert permissions(groups[lb_group_id]) == {(8000, "203.0.113.0/24")}
+    assert permissions(groups[replica_group_id]) == {(8080, lb_group_id), (22, "203.0.113.0/24")}
+
+    # everything is tagged as the fleet's
+    expected = {"studio-plug:managed": "fleet", "studio-plug:fleet": name, "studio-plug:key": "exp",
+                "studio-plug:port": "8080", "studio-plug:lb-port": "8000", "studio-plug:store": STORE}
+    for resource_tags in (elb_tags(aws, balancer["LoadBalancerArn"]),
+                          elb_tags(aws, target_group["TargetGroupArn"]),
+                          elb_tags(aws, listener["ListenerArn"]),
+                          tags(group), tags(template), *(tags(g) for g in groups.values())):
+        assert expected.items() <= resource_tags.items()
+
+    # the replicas: as many as desired, each in the replicas' group, tagged
+    instances = fleet_instances(aws, name)
+    assert len(instances) == 2
+    for instance in instances:
+        assert [g["GroupId"] for g in instance["SecurityGroups"]] == [replica_group_id]
+        assert expected.items() <= tags(instance).items()
+    targets = aws.elb.describe_target_health(TargetGroupArn=target_group["TargetGroupArn"])
+    assert {t["Target"]["Id"] for t in targets["TargetHealthDescriptions"]} == {
+        i["InstanceId"] for i in instances}
+
+
+def test_replicas_n_gives_n_tagged_instances_under_a_generated_name(fleet_cloud) -> None:
+    aws = fleet_cloud
+    code, out, err = launch_fleet("--replicas", "3", "--no-auth")
+    assert code == 0, err
+    url, name, token = launched_fleet(out)
+    assert re.fullmatch(r"exp-[a-z]+-[a-z]+", name), name
+    assert token is None and "warning: --no-auth" in err
+    (balancer,) = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"]
+    assert url == f"http://{balancer['DNSName']}/"  # --lb-port 80 by default
+    assert [listener["Port"] for listener in listeners_of(aws, name)] == [80]
+    (group,) = aws.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+    assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (3, 3, 3)
+    assert aws.asg.describe_policies(AutoScalingGroupName=name)["ScalingPolicies"] == []
+    instances = fleet_instances(aws, name)
+    assert len(instances) == 3
+    assert all(tags(i)["studio-plug:fleet"] == name for i in instances)
+    assert all(tags(i)["studio-plug:managed"] == "fleet" for i in instances)
+    (template,) = aws.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
+    assert "STUDIO_TOKEN" not in template_user_data(aws, template["LaunchTemplateId"])
+    replicas = aws.ec2.describe_security_groups(Filters=[
+        {"Name": "group-name", "Values": [f"{name}-replicas"]}])["SecurityGroups"][0]
+    assert {port for port, _ in permissions(replicas)} == {5000}  # no 22 without --key-name
+
+    # a second fleet of the same experiment gets another name; the name cannot be reused
+    code, out, err = launch_fleet("--replicas", "1")
+    assert code == 0, err
+    assert launched_fleet(out)[1] != name
+    code, _out, err = launch_fleet("--replicas", "1", "--fleet-name", name)
+    assert code == 1
+    assert f"something named {name!r} exists already" in err and f"studio-plug stop {name}" in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--replicas", "2", "--max-replicas", "3"), "--replicas fixes the size"),
+    (("--replicas", "2", "--target-rps", "5"), "--target-rps needs room to scale"),
+    (("--min-replicas", "2"), "--min-replicas needs --max-replicas"),
+    (("--min-replicas", "3", "--max-replicas", "2", "--target-rps", "5"), "is more than --max-replicas"),
+    (("--max-replicas", "3"), "nothing would scale the fleet"),
+    (("--target-rps", "5"), "--target-rps only applies to a fleet"),
+    (("--lb-port", "8000"), "--lb-port only applies to a fleet"),
+    (("--replicas", "2", "--fleet-name", "Bad_Name"), "--fleet-name 'Bad_Name' cannot name"),
+    (("--replicas", "2", "--fleet-name", "i-0123456789abcdef0"), "cannot name a load balancer"),
+    (("--replicas", "2", "--subnet-id", "subnet-1"), "--subnet-id is for a single instance"),
+    (("--replicas", "2", "--port", "0"), "fixed --port"),
+])
+def test_refusals_before_anything_is_created(fleet_cloud, args: tuple[str, ...], message: str) -> None:
+    code, _out, err = launch_fleet(*args)
+    assert code == 1, err
+    assert message in err
+    assert leftovers(fleet_cloud) == {}
+
+
+# --- failures after something was created remove all of it -------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Exception\\(InvalidKeyPairNameError\\):UserWarning")  # moto's own
+def test_a_failure_after_the_balancer_was_created_leaves_nothing(
+    fleet_cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto import settings
+
+    # moto checks key pairs as EC2 does when the group launches its instances: the group is
+    # refused after the groups, template, target group, balancer and listener exist
+    monkeypatch.setattr(settings, "ENABLE_KEYPAIR_VALIDATION", True)
+    code, out, err = launch_fleet("--replicas", "2", "--key-name", "no-such-key", "--fleet-name",
+                                  "exp-broken")
+    assert code == 1 and out == ""
+    assert "InvalidKeyPair.NotFound" in err
+    listener = re.search(r"listener on port (\d+)", err)
+    assert listener, err
+    cleaning = [line.removeprefix("cleaning up: ") for line in err.splitlines()
+                if line.startswith("cleaning up: ")]
+    assert [re.sub(r"(sg|lt)-[0-9a-f]+", r"\1-", line) for line in cleaning] == [
+        "deleting listener on port 80",
+        "deleting load balancer exp-broken",
+        "deleting target group exp-broken",
+        "deleting launch template lt-",
+        "deleting security group sg-",  # the replicas' (it refers to the balancer's)
+        "deleting security group sg-",
+    ]
+    assert leftovers(fleet_cloud) == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_after_the_group_started_removes_the_instances_too(fleet_cloud) -> None:
+    # the balancer's name does not resolve from here: --wait-ready times out with the whole
+    # fleet up, instances and policy included
+    code, _out, err = launch_fleet("--min-replicas", "1", "--max-replicas", "3", "--target-rps", "2",
+                                   "--wait-ready", "--launch-timeout", "3")
+    assert code == 1
+    assert "was not ready after" in err
+    assert "cleaning up: deleting auto scaling group" in err
+    assert leftovers(fleet_cloud) == {}
+
+
+# --- the template's command really serves ------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_template_command_serves_the_experiment_with_the_fleet_token(
+    fleet_cloud, tmp_path: Path
+) -> None:
+    wrapper = tmp_path / "matmul_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    code, out, err = launch_fleet("--replicas", "2", "--wrapper", str(wrapper))
+    assert code == 0, err
+    _url, name, token = launched_fleet(out)
+    (template,) = fleet_cloud.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
+    script = template_user_data(fleet_cloud, template["LaunchTemplateId"])
+    workdir = tmp_path / "replica"
+    workdir.mkdir()
+    argv, env = run_user_data_locally(script, workdir)
+    assert argv[argv.index("--killafter") + 1] == "0"
+    assert env["STUDIO_TOKEN"] == token
+    with ServerProcess(*argv, env=env) as server:
+        x = np.array([[1.0, 2.0, 3.0]], np.float32)
+        np.testing.assert_allclose(predict(server.url, {"x": x}, token=token)["x"], x @ fleet_cloud.weights)
+        with pytest.raises(PredictionError) as caught:
+            predict(server.url, {"x": x})
+        assert caught.value.status == 401
