@@ -57,6 +57,23 @@ def create_launch_template(
     return str(template["LaunchTemplateId"])
 
 
+def replica_subnets(ec2: Any, instance_type: str, subnets: dict[str, str]) -> list[str]:
+    """The subnets (by zone) in whose zone ``instance_type`` is offered: the group launches
+    only there (the balancer spans every zone and reaches targets across zones)."""
+    with aws_errors(BackendError, f"where {instance_type} is offered"):
+        offered = {o["Location"] for o in ec2.describe_instance_type_offerings(
+            LocationType="availability-zone",
+            Filters=[{"Name": "instance-type", "Values": [instance_type]}],
+        )["InstanceTypeOfferings"]}
+    usable = [subnet for zone, subnet in sorted(subnets.items()) if zone in offered]
+    if not usable:
+        raise BackendError(
+            f"{instance_type} is offered in none of the zones {', '.join(sorted(subnets))}",
+            hint="pick another --instance-type (or --gpus), or another --region",
+        )
+    return usable
+
+
 def create_scaling_group(
     asg: Any, name: str, *, template_id: str, subnets: list[str], sizes: Sizes,
     target_group_arn: str, grace: float, tags: dict[str, str],

@@ -32,8 +32,16 @@ def tolerating(codes: Iterable[str], what: str, call: Callable[..., Any], **kwar
             raise
 
 
-def fleet_subnets(ec2: Any, vpc_id: str) -> list[str]:
-    """The VPC's default subnet in each availability zone (a balancer needs two zones)."""
+def elb_tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    """Tags as ELB takes them: its values admit letters, digits, spaces and ``_.:/=+-@`` only
+    (a comma, as in several experiment keys, is refused), so anything else becomes a space."""
+    return [{"Key": t["Key"], "Value": "".join(
+        c if c.isalnum() or c.isspace() or c in "_.:/=+-@" else " " for c in t["Value"])}
+        for t in tag_list(tags)]
+
+
+def fleet_subnets(ec2: Any, vpc_id: str) -> dict[str, str]:
+    """The VPC's default subnet by availability zone (a balancer needs two zones)."""
     with aws_errors(BackendError, "the subnet lookup"):
         subnets = ec2.describe_subnets(Filters=[
             {"Name": "vpc-id", "Values": [vpc_id]},
@@ -49,7 +57,7 @@ def fleet_subnets(ec2: Any, vpc_id: str) -> list[str]:
             hint="use a region whose default VPC is intact (`aws ec2 create-default-subnet "
             "--availability-zone ZONE` restores one)",
         )
-    return list(by_zone.values())
+    return by_zone
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ def create_target_group(elb: Any, name: str, vpc_id: str, port: int, tags: dict[
             HealthCheckEnabled=True, HealthCheckProtocol="HTTP", HealthCheckPort="traffic-port",
             HealthCheckPath=HEALTH_PATH, Matcher={"HttpCode": "200"},
             HealthCheckIntervalSeconds=15, HealthyThresholdCount=2, UnhealthyThresholdCount=3,
-            Tags=tag_list(tags),
+            Tags=elb_tag_list(tags),
         )["TargetGroups"][0]
     return str(group["TargetGroupArn"])
 
@@ -76,7 +84,7 @@ def create_balancer(
     with aws_errors(BackendError, f"load balancer {name}"):
         balancer = elb.create_load_balancer(
             Name=name, Subnets=subnets, SecurityGroups=[group_id], Scheme="internet-facing",
-            Type="application", IpAddressType="ipv4", Tags=tag_list(tags),
+            Type="application", IpAddressType="ipv4", Tags=elb_tag_list(tags),
         )["LoadBalancers"][0]
     return Balancer(str(balancer["LoadBalancerArn"]), str(balancer["DNSName"]))
 
@@ -87,7 +95,7 @@ def create_listener(elb: Any, balancer_arn: str, port: int, target_group_arn: st
         listener = elb.create_listener(
             LoadBalancerArn=balancer_arn, Protocol="HTTP", Port=port,
             DefaultActions=[{"Type": "forward", "TargetGroupArn": target_group_arn}],
-            Tags=tag_list(tags),
+            Tags=elb_tag_list(tags),
         )["Listeners"][0]
     return str(listener["ListenerArn"])
 

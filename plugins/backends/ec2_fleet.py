@@ -38,6 +38,7 @@ from plugins.backends.ec2_autoscaling import (
     find_scaling_group,
     in_service,
     put_request_policy,
+    replica_subnets,
     tagged_launch_templates,
     tagged_scaling_groups,
     wait_in_service,
@@ -116,6 +117,9 @@ class FleetPlan:
     target_rps: float | None
     lb_port: int
     subnets: list[str]
+    """The balancer's: the default subnet of every zone."""
+    replica_subnets: list[str]
+    """The group's: those where the instance type is offered."""
     tags: dict[str, str]
 
 
@@ -150,7 +154,9 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
     base = plan(context)
     base = dataclasses.replace(base, serve_argv=set_flag(base.serve_argv, "--killafter", "0"))
     c = clients(base.region, base.ec2)
-    subnets = fleet_subnets(base.ec2, base.vpc_id)
+    by_zone = fleet_subnets(base.ec2, base.vpc_id)
+    subnets = [by_zone[zone] for zone in sorted(by_zone)]
+    replicas_in = replica_subnets(base.ec2, base.instance_type, by_zone)
     if fleet.fleet_name:
         name = fleet.fleet_name
         if name_taken(c, base.vpc_id, name):
@@ -167,7 +173,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         FLEET_TAG: name,
         LB_PORT_TAG: str(fleet.port),
     }
-    return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, tags)
+    return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags)
 
 
 # --- creating, with undo ------------------------------------------------------------------------
@@ -253,13 +259,14 @@ def execute_fleet(fp: FleetPlan) -> int:
         undo.push(f"deleting listener on port {fp.lb_port}", lambda: delete_listener(c.elb, listener))
 
         create_scaling_group(
-            c.asg, name, template_id=template, subnets=fp.subnets, sizes=fp.sizes,
+            c.asg, name, template_id=template, subnets=fp.replica_subnets, sizes=fp.sizes,
             target_group_arn=target_group, grace=s.launch_timeout, tags=fp.tags)
         undo.push(f"deleting auto scaling group {name} and its instances",
                   lambda: delete_scaling_group(c.asg, c.ec2, name))
         sizes = fp.sizes
-        say(f"auto scaling group {name}: {sizes.desired} x {base.instance_type}"
-            + (f" (scales {sizes.minimum}-{sizes.maximum})" if sizes.scales else ""))
+        say(f"auto scaling group {name}: {sizes.desired} x {base.instance_type} in "
+            f"{len(fp.replica_subnets)} zones" + (f", scaling {sizes.minimum}-{sizes.maximum}"
+                                                  if sizes.scales else ""))
         if fp.target_rps is not None:
             policy = put_request_policy(c.asg, name, resource_label(balancer.arn, target_group),
                                         fp.target_rps)

@@ -137,9 +137,9 @@ def test_a_scaling_fleet_is_wired_template_to_group_to_balancer(fleet_cloud) -> 
     assert url == f"http://{balancer['DNSName']}:8000/"
     assert balancer["Scheme"] == "internet-facing" and balancer["Type"] == "application"
     vpc = aws.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
-    default_subnets = {s["SubnetId"] for s in aws.ec2.describe_subnets(Filters=[
+    zones = {s["AvailabilityZone"]: s["SubnetId"] for s in aws.ec2.describe_subnets(Filters=[
         {"Name": "vpc-id", "Values": [vpc]}, {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]}
-    assert {z["SubnetId"] for z in balancer["AvailabilityZones"]} == default_subnets
+    assert {z["SubnetId"] for z in balancer["AvailabilityZones"]} == set(zones.values())
     (lb_group_id,) = balancer["SecurityGroups"]
 
     # the target group: --port, HTTP, health check /v2/health/ready on the traffic port
@@ -161,7 +161,12 @@ def test_a_scaling_fleet_is_wired_template_to_group_to_balancer(fleet_cloud) -> 
     (template,) = aws.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
     assert group["LaunchTemplate"]["LaunchTemplateId"] == template["LaunchTemplateId"]
     assert (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]) == (2, 2, 4)
-    assert set(group["VPCZoneIdentifier"].split(",")) == default_subnets
+    # ... only where m5.large is offered: moto, like AWS, has none in us-east-1e
+    offered = {o["Location"] for o in aws.ec2.describe_instance_type_offerings(
+        LocationType="availability-zone",
+        Filters=[{"Name": "instance-type", "Values": ["m5.large"]}])["InstanceTypeOfferings"]}
+    assert "us-east-1e" in zones and "us-east-1e" not in offered
+    assert set(group["VPCZoneIdentifier"].split(",")) == {zones[z] for z in offered}
     assert group["TargetGroupARNs"] == [target_group["TargetGroupArn"]]
     assert group["HealthCheckType"] == "ELB" and group["HealthCheckGracePeriod"] == 900
 
@@ -345,3 +350,14 @@ def test_the_template_command_serves_the_experiment_with_the_fleet_token(
         with pytest.raises(PredictionError) as caught:
             predict(server.url, {"x": x})
         assert caught.value.status == 401
+
+
+def test_balancer_tags_keep_to_what_elb_accepts() -> None:
+    from plugins.backends.ec2_balancer import elb_tag_list
+
+    assert elb_tag_list({"studio-plug:key": "exp,other", "studio-plug:store": "s3://b/p-1_x",
+                         "studio-plug:started-by": "me@host"}) == [
+        {"Key": "studio-plug:key", "Value": "exp other"},  # ELB refuses commas in tag values
+        {"Key": "studio-plug:store", "Value": "s3://b/p-1_x"},
+        {"Key": "studio-plug:started-by", "Value": "me@host"},
+    ]
