@@ -77,11 +77,11 @@ class InferEndpoint:
         params = scope["path_params"]
         name: str = params["name"]
         context = self.context
-        context.record(scope, name)
         try:
-            check_version(name, params.get("version"))
             if name not in self.names:  # 404 for an unknown model before reading its body
                 context.state(name)
+            context.record(scope, name)  # only known names: metric labels stay bounded
+            check_version(name, params.get("version"))
             headers = dict(scope["headers"])
             body = await read_body(receive, headers.get(b"content-length"), context.max_body)
             request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
@@ -150,9 +150,10 @@ class V2Routes:
 
     def _state(self, request: Request) -> ModelState:
         name = request.path_params["name"]
+        state = self.context.state(name)
         self.context.record(request.scope, name)
         check_version(name, request.path_params.get("version"))
-        return self.context.state(name)
+        return state
 
     async def _json_body(self, request: Request) -> Mapping[str, Any]:
         headers = dict(request.scope["headers"])

@@ -321,8 +321,10 @@ def test_two_experiments_answer_by_name_through_v2(served: Served) -> None:
 
 def test_requests_are_counted_under_the_model(served: Served) -> None:
     infer_raw(served.url, "ident", tensor("INT8", [1], [1]))
+    infer_raw(served.url, "made-up-name", tensor("INT8", [1], [1]))
     metrics = get(served.url + "metrics")[1].decode()
     assert 'route="/v2/models/{name}/infer"' in metrics and 'model="ident"' in metrics
+    assert "made-up-name" not in metrics  # unknown names do not become labels
 
 
 # --- the repository extension -------------------------------------------------------------------
