@@ -96,9 +96,16 @@ class EdgeMiddleware:
         self.endpoint = endpoint
         self.settings = settings
         self.metrics = metrics
-        self.expected = f"Bearer {settings.token}".encode() if settings.token else None
+        self.expected = settings.token.encode() if settings.token else None
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
+
+    def authorized(self, header: bytes) -> bool:
+        """``Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token compared in
+        constant time."""
+        scheme, _, token = header.partition(b" ")
+        assert self.expected is not None
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
     def next_id(self) -> str:
         """Unique per server run: a random prefix and a counter (cheaper than uuid4 each time)."""
@@ -124,9 +131,7 @@ class EdgeMiddleware:
         if path.startswith(HEALTH_PREFIX):
             await self.app(scope, receive, send_with_id)
             return
-        if self.expected is not None and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self.expected
-        ):
+        if self.expected is not None and not self.authorized(headers.get(b"authorization", b"")):
             response = error_response(Unauthorized("missing or wrong bearer token"))
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send_with_id)
@@ -215,7 +220,11 @@ def build_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return JSONResponse({"error": exc.detail, "type": "HTTPError"}, status_code=exc.status_code)
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message += " (routes: POST /, POST /models/NAME, /v2/..., GET /metrics)"
+        return JSONResponse({"error": message, "type": kind}, status_code=exc.status_code)
 
     async def studio_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StudioError)

@@ -103,15 +103,20 @@ def load_model(
     validate_key(key)
     checkpoint = spec.checkpoint if spec else options.checkpoint
     wrapper = spec.wrapper if spec else options.wrapper
+    # logs name the model, and its experiment when that differs
+    name = key if spec is None or spec.name == key else f"{spec.name} (experiment {key})"
     store = open_store(host, options.store_url)
     modeldir = store.modeldir(key)
     started = time.perf_counter()
     if wrapper:
         model = load_wrapper(host, wrapper, modeldir)
-        log.info("serving %s with wrapper %s (modeldir %s)", key, wrapper, modeldir)
+        log.info("%s: wrapper %s (modeldir %s)", name, wrapper, modeldir)
     else:
         loader, path = choose(modeldir, host.loaders(), checkpoint, options.loader)
-        log.info("serving %s: %s with loader %s", key, path.name if path else "no file", loader.name)
+        if path is None:
+            log.info("%s: no checkpoint file, with loader %s", name, loader.name)
+        else:
+            log.info("%s: %s with loader %s", name, path.name, loader.name)
         load_options = LoadOptions(trust_checkpoint=options.trust_checkpoint, gpus=options.gpus)
         try:
             model = loader.load(path, load_options)
@@ -121,5 +126,5 @@ def load_model(
             raise LoadError(
                 f"loader {loader.name} could not load {path}: {type(exc).__name__}: {exc}"
             ) from exc
-    log.info("%s ready in %.2fs", key, time.perf_counter() - started)
+    log.info("%s ready in %.2fs", name, time.perf_counter() - started)
     return model

@@ -5,7 +5,10 @@ from __future__ import annotations
 from core.errors import BadRequest, UnsupportedMediaType
 from core.types import Codec
 
-GENERIC_TYPES = frozenset({"", "application/octet-stream", "*/*"})
+# "we did not say": curl -d and urllib send form-urlencoded unless told otherwise
+GENERIC_TYPES = frozenset(
+    {"", "application/octet-stream", "*/*", "application/x-www-form-urlencoded"}
+)
 
 
 def _media_type(header: str) -> str:

@@ -22,7 +22,7 @@ from core.errors import ConfigurationError
 from core.host import PluginHost
 from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
 from core.repository import ModelRepository
-from core.serving import bind_socket, run_server, socket_url, tune_malloc
+from core.serving import bind_socket, check_port_free, run_server, socket_url, tune_malloc
 from core.types import ServeOptions
 from core.workers import Supervisor, WorkerPlan
 
@@ -61,6 +61,7 @@ class Launch:
     def serve_here(self) -> int:
         options = self.options
         tune_malloc()  # before loading: workers inherit it across the fork
+        check_port_free(options.host, options.port)
         if options.workers > 1:
             return self._serve_with_workers()
         repository = self.assemble()

@@ -81,6 +81,13 @@ def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
     return sock
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast, before a long model load, when ``host:port`` is taken (port 0 always works).
+    The real bind comes after assembly, so assembly errors never hold the port."""
+    if port:
+        bind_socket(host, port).close()
+
+
 def socket_url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6:

@@ -91,11 +91,7 @@ def _serve_command(host: PluginHost) -> click.Command:
         backend_params.extend(backend.cli_options())
     backend_names = {param.name for param in backend_params}
 
-    @click.command(
-        "serve",
-        params=backend_params,
-        context_settings={"show_default": True},
-    )
+    @click.command("serve", context_settings={"show_default": True})
     @click.argument("keys", nargs=-1, required=False, metavar="EXPERIMENT_KEY...")
     @click.option("--port", type=click.IntRange(0, 65535), default=5000,
                   help="TCP port to serve on; 0 picks a free one (the URL is printed).")
@@ -194,6 +190,7 @@ def _serve_command(host: PluginHost) -> click.Command:
         )
         sys.exit(launch(host, options, cloud))
 
+    serve.params.extend(backend_params)  # after the core options in --help
     return serve
 
 

@@ -60,6 +60,11 @@ class LocalStore(ExperimentStore):
             experiment = path.parent
             if experiment.is_dir():
                 return path  # an experiment without a modeldir yet: identity, as the seed says
+            if not self.root.is_dir():
+                raise ExperimentError(
+                    f"the store directory {self.root} does not exist",
+                    hint="check --store / STUDIO_STORE / STUDIOML_HOME",
+                )
             raise ExperimentError(
                 f"no experiment {key!r} in {self.root}",
                 hint=f"create it with `studio-plug experiments push {key} DIR` "

@@ -273,3 +273,32 @@ def test_experiments_push_and_ls(studio_home: Path, tmp_path: Path) -> None:
     assert any(line.startswith("exp-1") for line in listing.stdout.splitlines())
     bad = run_cli("experiments", "push", "../x", str(source))
     assert bad.returncode == 1 and "invalid experiment key" in bad.stderr
+
+
+def test_a_busy_port_fails_before_the_model_is_loaded(modeldir: Path, tmp_path: Path) -> None:
+    # a large model should not load for a minute only to find the port taken
+    marker = tmp_path / "loaded"
+    wrapper = tmp_path / "marking_wrapper.py"
+    wrapper.write_text(f"def create_model(modeldir):\n    open({str(marker)!r}, 'w').close()\n"
+                       "    return lambda data: data\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = run_cli("serve", "exp", "--wrapper", str(wrapper), "--port", str(port),
+                         "--host", "127.0.0.1")
+    assert result.returncode == 1 and "already in use" in result.stderr
+    assert not marker.exists()
+
+
+def test_bearer_scheme_is_case_insensitive_and_form_posts_are_sniffed(modeldir: Path) -> None:
+    with ServerProcess("exp", "--token", "s3cret") as running:
+        status, _, body = post(running.url, b'{"a": "b"}', "application/x-www-form-urlencoded",
+                               {"Authorization": "bearer s3cret"})
+        assert status == 200 and json.loads(body) == {"a": "b"}
+
+
+def test_unknown_routes_name_the_path(server: ServerProcess) -> None:
+    status, body = get(server.url + "v3/nothing")
+    error = json.loads(body)
+    assert status == 404 and error["type"] == "NotFound" and "/v3/nothing" in error["error"]

@@ -89,3 +89,9 @@ def test_unrecognised_files_are_named_in_the_log(
     model = load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
     assert model.platform == "identity"
     assert "notes.txt" in caplog.text and "no checkpoint recognised" in caplog.text
+
+
+def test_a_missing_store_directory_is_named(tmp_path: Path, studio_home: Path) -> None:
+    store = open_store(make_host(), (tmp_path / "nowhere").as_uri())
+    with pytest.raises(ExperimentError, match=r"store directory .* does not exist"):
+        store.modeldir("exp")

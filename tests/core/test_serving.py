@@ -28,7 +28,7 @@ def test_a_port_in_use_is_a_configuration_error() -> None:
 
 
 def test_an_unknown_host_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigurationError, match="cannot resolve|not an address"):
+    with pytest.raises(ConfigurationError, match=r"cannot resolve|not an address"):
         bind_socket("no-such-host.invalid", 0)
 
 

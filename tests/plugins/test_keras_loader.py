@@ -167,7 +167,7 @@ def test_unrecognised_files_serve_identity_and_say_what_was_seen(
         model = load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
     assert model.platform == "identity"
     assert "files seen: epoch3.weights.h5, notes.txt" in caplog.text
-    assert "no file with loader identity" in caplog.text
+    assert "no checkpoint file, with loader identity" in caplog.text
 
 
 def test_an_empty_modeldir_serves_identity(modeldir: Path, caplog: pytest.LogCaptureFixture) -> None:
