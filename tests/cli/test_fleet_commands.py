@@ -12,9 +12,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from tests.plugins.test_ec2_backend import cli
-from tests.plugins.test_ec2_fleet import STORE, fleet_instances, launch_fleet, launched_fleet, leftovers
+from tests.plugins.test_ec2_fleet import (
+    STORE,
+    fleet_instances,
+    launch_fleet,
+    launched_fleet,
+    leftovers,
+    listeners_of,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,6 +75,7 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     listed = {row.split()[0]: row.split()[1:6] for row in rows}
     assert listed == {alpha: ["exp", "2", "2", alpha_url, "0m"], beta: ["exp", "1", "1", beta_url, "0m"]}
 
+    (listener,) = listeners_of(aws, alpha)
     code, out, err = cli("stop", alpha)
     assert code == 0, err
     assert out == f"stopped fleet {alpha}\n"
@@ -77,6 +86,8 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     assert "(replicas)" in err.splitlines()[-2] and "(balancer)" in err.splitlines()[-1]
     assert parts(aws, alpha) == {"group": [], "policies": [], "instances": [], "balancer": False,
                                  "target group": False, "template": False, "security groups": []}
+    with pytest.raises(ClientError, match="ListenerNotFound"):
+        aws.elb.describe_listeners(ListenerArns=[listener["ListenerArn"]])
     left = parts(aws, beta)  # the other fleet and the single server are untouched
     assert len(left["instances"]) == 1 and len(left["policies"]) == 1 and left["balancer"]
     assert len(left["security groups"]) == 2
@@ -87,9 +98,14 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     assert code == 0, err
     assert out == "" and f"fleet {alpha}: nothing left to delete" in err
 
+    code, out, err = cli("stop", single)  # a lone server's stop leaves the fleet's groups be
+    assert code == 0, err
+    assert f"stopped {single} (exp)" in out and "deleted security group" in out
+    assert len(parts(aws, beta)["security groups"]) == 2
+
     code, out, err = cli("stop", "--all")
     assert code == 0, err
-    assert f"stopped fleet {beta}" in out and f"stopped {single} (exp)" in out
+    assert out == f"stopped fleet {beta}\n"
     assert leftovers(aws) == {}
     code, out, err = cli("ls")
     assert code == 0 and out == "" and "no studio-plug servers running" in err
