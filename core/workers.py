@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -92,6 +93,13 @@ class Supervisor:
     def _fork(self, slot: int) -> int:
         self.table[2 * slot] = 0
         self.table[2 * slot + 1] = time.monotonic()
+        # The garbage collector writes into every object it scans, so a worker's first full
+        # collection would copy the parent's whole Python heap (Keras leaves ~100 MiB of it):
+        # frozen objects are never scanned, and their pages stay shared. Measured: 4 workers of
+        # the Keras MLP 2.44x the PSS of one without this, 1.27x with (bench/bench_workers.py).
+        gc.collect()
+        gc.freeze()
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.pids[slot] = pid
@@ -100,6 +108,7 @@ class Supervisor:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent(parent)
             self.worker_init(self.plan.threads_per_worker)
             code = self.serve(self.sock, SharedActivity(self.table, slot))
         except BaseException:
@@ -135,6 +144,7 @@ class Supervisor:
                              self.plan.killafter)
                     break
                 if self.reload is not None and self.plan.watch and time.monotonic() >= next_watch:
+                    gc.unfreeze()  # let the old model be collected once it is swapped out
                     if self.reload():
                         self._roll()
                     next_watch = time.monotonic() + self.plan.watch
@@ -212,6 +222,21 @@ class Supervisor:
             self._wait_for(pid, self.plan.graceful_timeout + 5)
         self.pids.clear()
         log.info("all workers stopped")
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM (a graceful drain) when the parent dies, even by SIGKILL, instead
+    of serving on as an orphan nobody supervises (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _describe_status(status: int) -> str:

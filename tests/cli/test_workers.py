@@ -177,3 +177,26 @@ def test_repository_load_is_refused_in_workers(modeldir: Path) -> None:
         status, _, body = post(server.url + "v2/repository/models/exp/load", b"{}",
                                "application/json")
         assert status == 409 and b"--watch" in body
+
+
+@pytest.mark.timeout(60)
+def test_workers_do_not_outlive_a_killed_parent(modeldir: Path) -> None:
+    server = ServerProcess("exp", "--wrapper", PID_WRAPPER, "--workers", "2").start()
+    workers = worker_pids(server)
+    assert len(workers) == 2
+    server.kill()  # SIGKILL: the parent cannot drain anyone
+    deadline = time.monotonic() + 15
+    alive = set(workers)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()
+                 and "(Z)" not in _state(pid)}
+        time.sleep(0.1)
+    assert not alive, f"orphaned workers still running: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "(Z)"
+    return "(Z)" if stat.rsplit(")", 1)[1].split()[0] == "Z" else "(R)"
