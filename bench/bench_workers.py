@@ -23,11 +23,9 @@ the core count is printed beside the figures. ``--workers 1`` is the plain singl
     python -m bench.bench_workers                        # everything (~3-4 min on 2 cores)
     python -m bench.bench_workers --only memory          # or: --only throughput
     python -m bench.bench_workers -d 3 -w 1 --json out.json
-    python -m bench.bench_workers --only memory --gc-freeze   # what gc.freeze() before fork saves
 
-``--gc-freeze`` tries a fix before it is in the server: a ``sitecustomize`` on the servers'
-``PYTHONPATH`` runs ``gc.collect(); gc.freeze()`` before every ``os.fork``, so the workers' cyclic
-garbage collector leaves the objects inherited from the parent (and their pages) alone.
+The server freezes its heap (``gc.freeze()``) before each fork, so the workers' garbage
+collector leaves the objects inherited from the parent, and their pages, alone.
 
 Every server started is stopped again, also on Ctrl-C, SIGTERM or an error.
 """
@@ -54,7 +52,6 @@ import numpy as np
 
 from bench.bench_keras import write_mlp
 from bench.harness import (
-    bench_env,
     check_echo,
     describe_machine,
     load,
@@ -69,11 +66,6 @@ PICKLE = "application/python-pickle"
 MLP, TORCH = "mlp", "big"
 TARGET = 1.5  # 4 workers at most this many times the PSS of one
 WARM_REQUESTS = 40  # per worker, before memory is read
-FREEZE_HOOK = """\
-import gc, os
-
-os.register_at_fork(before=lambda: (gc.collect(), gc.freeze()))
-"""
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -314,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--connections", type=int, default=64)
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="servers run gc.collect(); gc.freeze() before each fork (a fix to try)")
     args = parser.parse_args(argv)
     counts = sorted({int(n) for n in args.workers.split(",")})
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -323,20 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     x = np.random.default_rng(0).random((1, 784), dtype=np.float32)
     body = pickle.dumps({"x": x}, protocol=5)
-    print(f"# bench_workers: {describe_machine()}; {cores} usable cores; workers {counts}"
-          + ("; servers gc.freeze() before fork (--gc-freeze)" if args.gc_freeze else ""))
+    print(f"# bench_workers: {describe_machine()}; {cores} usable cores; workers {counts}")
     began = time.monotonic()
-    out: dict[str, Any] = {"cores": cores, "gc_freeze": args.gc_freeze}
+    out: dict[str, Any] = {"cores": cores}
     with tempfile.TemporaryDirectory(prefix="studio-bench-workers-") as directory:
         home = Path(directory)
         for key in (MLP, TORCH):
             (home / "experiments" / key / "modeldir").mkdir(parents=True)
         write_mlp(home / "experiments" / MLP / "modeldir")
         env = None
-        if args.gc_freeze:
-            (home / "hook").mkdir()
-            (home / "hook" / "sitecustomize.py").write_text(FREEZE_HOOK)
-            env = {"PYTHONPATH": os.pathsep.join([str(home / "hook"), bench_env()["PYTHONPATH"]])}
         if args.only != "throughput":
             width = 4096
             weights = write_torch(home / "experiments" / TORCH / "modeldir", args.torch_layers, width)
