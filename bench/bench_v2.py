@@ -13,22 +13,26 @@ Three parts, in one run:
    torch pulls GBs of CUDA), keras, h5py), with ``debug`` off. If it cannot be installed or
    started, it is skipped with a warning.
 
-   Each server runs in a few configurations (``OURS_CONFIGS``, ``MLSERVER_CONFIGS``): ours with
-   its defaults and with batching across requests (``--threads 2 --max-batch-size 16
-   --max-batch-delay 2``); MLServer with its defaults (``parallel_workers=1``: inference in a
-   worker process), in process (``parallel_workers=0``), and in process with its adaptive
-   batching (``max_batch_size=16, max_batch_time=0.002``). The table shows each, with the ratio
-   to MLServer in the same configuration; the targets compare the best of each at 16
-   connections;
+   Each server runs in a few configurations (``OURS_CONFIGS``, ``MLSERVER_CONFIGS``). Ours: its
+   defaults; batching across requests (``--threads 2 --max-batch-size 16 --max-batch-delay 2``);
+   two worker processes (``--workers 2``). MLServer: its defaults (``parallel_workers=1``:
+   inference in a worker process); in process (``parallel_workers=0``); in process with its
+   adaptive batching (``max_batch_size=16, max_batch_time=0.002``). The table shows each, with
+   ours against MLServer's configuration of the same name; the targets compare the best of each
+   at 16 connections;
 3. V2 binary tensor extension against V2 JSON for a 1x224x224x3 FP32 input on our identity model.
 
-The servers run one after the other (never competing for the cores); wrk runs one thread.
+All servers are started first and then loaded one at a time (an idle server costs nothing), with
+the order rotated per round (``--rounds``), so outside load on the machine falls on all of them
+alike; the median round is shown, with each server's CPU time per request (which outside load
+moves far less than req/s). wrk runs one thread.
 Targets: ours >= 1.5x MLServer's req/s on both models at 16 connections; binary >= 5x JSON's
 req/s on the large input. The last lines say whether each was met.
 
-    python -m bench.bench_v2                          # 10 s per point after a 3 s warm-up
+    python -m bench.bench_v2                          # 10 s per point after a 3 s warm-up, 1 round
+    python -m bench.bench_v2 -r 3                     # 3 interleaved rounds, median shown
     python -m bench.bench_v2 -d 3 -w 1                # quicker
-    python -m bench.bench_v2 --ours default --mlserver default,in-process   # no batching
+    python -m bench.bench_v2 --ours default --mlserver default,in-process   # one process each
     python -m bench.bench_v2 --json out.json          # also write every figure as JSON
 """
 
@@ -45,6 +49,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +303,7 @@ def measure(url: str, body: bytes, *, connections: int, duration: float, warmup:
 OURS_CONFIGS: dict[str, list[str]] = {
     "default": [],
     "batching": ["--threads", "2", "--max-batch-size", "16", "--max-batch-delay", "2"],
+    "2 workers": ["--workers", "2"],
 }
 # name -> (parallel_workers, adaptive batching: (max_batch_size, max_batch_time s) or None)
 MLSERVER_CONFIGS: dict[str, tuple[int, tuple[int, float] | None]] = {
@@ -310,11 +316,25 @@ Points = dict[tuple[str, str, int], Result]
 """(configuration, model, connections) -> result."""
 
 
+@dataclass
+class Target:
+    """A running server: where to send V2 requests, and its pid (for CPU time)."""
+
+    base: str
+    pid: int | None
+
+
+def median(results: list[Result]) -> Result:
+    return sorted(results, key=lambda result: result.rps)[len(results) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_v2", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per point")
     parser.add_argument("-w", "--warmup", type=float, default=3.0, help="warm-up seconds per point")
+    parser.add_argument("-r", "--rounds", type=int, default=1,
+                        help="measure each point this many times, servers interleaved; the median is shown")
     parser.add_argument("-c", "--connections", default="1,16", help="comma-separated")
     parser.add_argument("--mlserver-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--ours", default=",".join(OURS_CONFIGS), help="our configurations to run")
@@ -333,73 +353,85 @@ def main(argv: list[str] | None = None) -> int:
     small = rng.random((1, 10), dtype=np.float32)
     row = rng.random((1, 784), dtype=np.float32)
     image = rng.random((1, 224, 224, 3), dtype=np.float32)
-    print(f"# bench_v2: {describe_machine()}; {args.duration:g}s per point after {args.warmup:g}s warm-up")
+    print(f"# bench_v2: {describe_machine()}; {args.duration:g}s per point after {args.warmup:g}s warm-up, "
+          f"{args.rounds} round(s) with the servers interleaved (median shown)")
     for name in args.ours.split(","):
         print(f"#   ours {name}: studio-plug serve ident --model mlp=mlp {' '.join(OURS_CONFIGS[name])}")
-    for name in args.mlserver.split(","):
+    mlserver_configs = [] if args.skip_mlserver else args.mlserver.split(",")
+    for name in mlserver_configs:
         workers, batching = MLSERVER_CONFIGS[name]
         described = (f"max_batch_size={batching[0]}, max_batch_time={batching[1]}s" if batching
                      else "no batching")
         print(f"#   mlserver {name}: parallel_workers={workers}, {described}")
 
-    ours: Points = {}
-    theirs: Points = {}
-    large: Points = {}
-    point = dict(duration=args.duration, warmup=args.warmup)
-    with tempfile.TemporaryDirectory(prefix="studio-bench-v2-") as directory:
+    samples: dict[tuple[str, str, str, int], list[Result]] = {}
+    with tempfile.TemporaryDirectory(prefix="studio-bench-v2-") as directory, \
+            contextlib.ExitStack() as stack:
         home = Path(directory) / "studioml"
         (home / "experiments" / "ident" / "modeldir").mkdir(parents=True)
         modeldir = home / "experiments" / "mlp" / "modeldir"
         modeldir.mkdir(parents=True)
         checkpoint = write_mlp(modeldir)
-        mlp_input = "x"
-        for config in args.ours.split(","):
-            with studio_server("ident", "--model", "mlp=mlp", *OURS_CONFIGS[config], home=home) as server:
-                pid = server.process.pid if server.process else None
-                with urllib.request.urlopen(server.url + "v2/models/mlp", timeout=10) as response:
-                    mlp_input = json.loads(response.read())["inputs"][0]["name"]
-                for model, body in (("ident", v2_json("x", small)), ("mlp", v2_json(mlp_input, row))):
-                    url = f"{server.url}v2/models/{model}/infer"
-                    check_echo(url, body, JSON, answers([1, 10]))
-                    for connections in connection_counts:
-                        ours[config, model, connections] = measure(
-                            url, body, connections=connections, pid=pid,
-                            label=f"ours {config} {model} c{connections}", **point)
-                if config != "default":
-                    continue
-                url = f"{server.url}v2/models/ident/infer"
-                json_body = v2_json("x", image)
-                binary_body, header_length = v2_binary("x", image)
-                check_echo(url, json_body, JSON, answers([1, 224, 224, 3]))
-                check_binary(url, binary_body, header_length, image.nbytes)
-                for connections in connection_counts:
-                    for mode, body, headers in (
-                        ("json", json_body, None),
-                        ("binary", binary_body, {"Inference-Header-Content-Length": str(header_length)}),
-                    ):
-                        large[mode, "ident", connections] = measure(
-                            url, body, connections=connections, pid=pid, headers=headers,
-                            label=f"ours large {mode} c{connections}", **point)
 
-        executable = None if args.skip_mlserver else ensure_mlserver(args.mlserver_venv, not args.no_install)
-        for config in args.mlserver.split(","):
+        # every server up at once (idle ones cost nothing), so rounds can interleave them
+        targets: dict[tuple[str, str], Target] = {}
+        for config in args.ours.split(","):
+            ours = stack.enter_context(studio_server("ident", "--model", "mlp=mlp", *OURS_CONFIGS[config],
+                                                     home=home))
+            targets["ours", config] = Target(ours.url, ours.process.pid if ours.process else None)
+        with urllib.request.urlopen(targets["ours", args.ours.split(",")[0]].base + "v2/models/mlp",
+                                    timeout=10) as response:
+            mlp_input = json.loads(response.read())["inputs"][0]["name"]
+        executable = ensure_mlserver(args.mlserver_venv, not args.no_install) if mlserver_configs else None
+        for config in mlserver_configs:
             if executable is None:
                 break
             root = Path(directory) / f"mlserver-{config}"
             port = write_mlserver_repository(root, checkpoint, *MLSERVER_CONFIGS[config])
             try:
-                with mlserver(executable, root, port) as process:
-                    for model, body in (("ident", v2_json("x", small)), ("mlp", v2_json(mlp_input, row))):
-                        url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
-                        check_echo(url, body, JSON, answers([1, 10]))
-                        for connections in connection_counts:
-                            theirs[config, model, connections] = measure(
-                                url, body, connections=connections, pid=process.pid,
-                                label=f"mlserver {config} {model} c{connections}", **point)
+                process = stack.enter_context(mlserver(executable, root, port))
             except RuntimeError as exc:
                 warn(f"MLServer ({config}) skipped: {exc}")
+                continue
+            targets["mlserver", config] = Target(f"http://127.0.0.1:{port}/", process.pid)
 
-    return report(ours, theirs, large, connection_counts, args.json)
+        bodies = {"ident": v2_json("x", small), "mlp": v2_json(mlp_input, row)}
+        for target in targets.values():
+            for model, body in bodies.items():
+                check_echo(f"{target.base}v2/models/{model}/infer", body, JSON, answers([1, 10]))
+        order = list(targets)
+        for model, body in bodies.items():
+            for connections in connection_counts:
+                for round_ in range(args.rounds):
+                    for name, config in order[round_ % len(order):] + order[:round_ % len(order)]:
+                        target = targets[name, config]
+                        samples.setdefault((name, config, model, connections), []).append(measure(
+                            f"{target.base}v2/models/{model}/infer", body, connections=connections,
+                            pid=target.pid, duration=args.duration, warmup=args.warmup,
+                            label=f"{name} {config} {model} c{connections}"))
+
+        target = targets["ours", args.ours.split(",")[0]]
+        url = f"{target.base}v2/models/ident/infer"
+        json_body = v2_json("x", image)
+        binary_body, header_length = v2_binary("x", image)
+        check_echo(url, json_body, JSON, answers([1, 224, 224, 3]))
+        check_binary(url, binary_body, header_length, image.nbytes)
+        modes: list[tuple[str, bytes, dict[str, str] | None]] = [
+            ("json", json_body, None),
+            ("binary", binary_body, {"Inference-Header-Content-Length": str(header_length)}),
+        ]
+        for connections in connection_counts:
+            for round_ in range(args.rounds):
+                for mode, body, headers in modes[round_ % 2:] + modes[:round_ % 2]:
+                    samples.setdefault(("large", mode, "ident", connections), []).append(measure(
+                        url, body, connections=connections, pid=target.pid, headers=headers,
+                        duration=args.duration, warmup=args.warmup,
+                        label=f"ours large {mode} c{connections}"))
+
+    points: dict[str, Points] = {"ours": {}, "mlserver": {}, "large": {}}
+    for (group, config, model, connections), results in samples.items():
+        points[group][config, model, connections] = median(results)
+    return report(points["ours"], points["mlserver"], points["large"], connection_counts, args.json)
 
 
 def _best(points: Points, model: str, connections: int) -> tuple[str, Result] | None:
