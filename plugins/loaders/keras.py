@@ -29,7 +29,7 @@ from plugins.loaders.signature import (
     numpy_dtype,
     unique_names,
 )
-from plugins.loaders.torch_runtime import choose_device, import_torch, single_threaded, to_numpy
+from plugins.loaders.torch_runtime import IMPORT_LOCK, choose_device, import_torch, single_threaded, to_numpy
 from studio_plugins import (
     Loader,
     LoadError,
@@ -47,11 +47,12 @@ UNSAFE_HINT = "if you trust this checkpoint, serve it with --trust-checkpoint"
 
 def import_keras() -> ModuleType:
     os.environ.setdefault("KERAS_BACKEND", "torch")  # must precede the first `import keras`
-    try:
-        import keras
-    except ImportError as exc:
-        # keras present but its backend missing (torch, by default) is the same fix
-        raise MissingDependencyError(exc.name or "keras", "keras") from None
+    with IMPORT_LOCK:  # parallel model loads: see torch_runtime.IMPORT_LOCK
+        try:
+            import keras
+        except ImportError as exc:
+            # keras present but its backend missing (torch, by default) is the same fix
+            raise MissingDependencyError(exc.name or "keras", "keras") from None
     return keras
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -23,11 +24,18 @@ _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
+# Several models load in parallel threads; torch (and Keras, which imports it) does not
+# survive being imported by two threads at once ("torch.utils is not installed"), so the
+# frameworks are imported under one lock.
+IMPORT_LOCK = threading.RLock()
+
+
 def import_torch(extra: str = "torch") -> ModuleType:
-    try:
-        import torch
-    except ImportError:
-        raise MissingDependencyError("torch", extra) from None
+    with IMPORT_LOCK:
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError("torch", extra) from None
     return torch
 
 

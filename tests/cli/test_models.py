@@ -193,3 +193,21 @@ def test_json_error_for_unknown_model_route(two_experiments: tuple[Path, Path]) 
     with ServerProcess("double") as server:
         status, _, body = post(server.url + "models/nope", b"{}", "application/json")
         assert status == 404 and "nope" in json.loads(body)["error"]
+
+
+@pytest.mark.timeout(120)
+def test_a_keras_and_a_torch_model_load_in_parallel(studio_home: Path) -> None:
+    # the models load in parallel threads; torch does not survive two threads importing it
+    torch = pytest.importorskip("torch")
+    keras_dir = studio_home / "experiments" / "k" / "modeldir"
+    torch_dir = studio_home / "experiments" / "t" / "modeldir"
+    keras_dir.mkdir(parents=True)
+    torch_dir.mkdir(parents=True)
+    save_scaler(keras_dir / "m.keras", 2.0)
+    linear = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(3 * torch.eye(3))
+    torch.jit.save(torch.jit.script(linear), str(torch_dir / "m.pt"))
+    with ServerProcess("k", "t") as server:
+        np.testing.assert_allclose(predict(server.url + "models/k", {"a": X})["a"], 2 * X)
+        np.testing.assert_allclose(predict(server.url + "models/t", {"a": X})["a"], 3 * X)
