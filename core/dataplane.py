@@ -54,6 +54,7 @@ class DataPlane:
         self._executor: ThreadPoolExecutor | None = None
         self._batchers: dict[int, Batcher] = {}
         self._async: dict[int, bool] = {}  # by model identity: inspect is slow per request
+        self._limits: dict[int, asyncio.Semaphore] = {}
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -124,11 +125,11 @@ class DataPlane:
                 is_async = self._async[id(model)] = _is_async(model.predict)
             if is_async:
                 result: Any = await model.predict(payload)  # type: ignore[misc]
+            elif model.concurrency:
+                async with self._limit(model):
+                    result = await self._in_thread(model, payload)
             else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, model.predict, payload)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await self._in_thread(model, payload)
         except StudioError:
             raise
         except Exception as exc:
@@ -138,10 +139,23 @@ class DataPlane:
             raise ModelError(f"model returned {type(result).__name__}, expected a dict")
         return dict(result)
 
+    async def _in_thread(self, model: ServedModel, payload: Payload) -> Any:
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, model.predict, payload)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _limit(self, model: ServedModel) -> asyncio.Semaphore:
+        semaphore = self._limits.get(id(model))
+        if semaphore is None:
+            semaphore = self._limits[id(model)] = asyncio.Semaphore(model.concurrency or 1)
+        return semaphore
+
     def forget(self, model: ServedModel) -> None:
         """Drop the batcher of a model that was swapped out (batches in flight finish)."""
         self._batchers.pop(id(model), None)
         self._async.pop(id(model), None)
+        self._limits.pop(id(model), None)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -51,6 +51,9 @@ class ServedModel:
     outputs: tuple[TensorSpec, ...] = ()
     batchable: bool = True
     """False when the model must see each request on its own (a wrapper may opt out)."""
+    concurrency: int | None = None
+    """Calls at once at most (None: ``--threads``). Frameworks that parallelise each call over
+    the cores themselves (torch, Keras on torch) say 1: several calls at once only compete."""
 
 
 @dataclass(frozen=True)
