@@ -155,8 +155,9 @@ class EdgeMiddleware:
             elif scope["method"] != "POST":
                 error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
                 await error_response(error)(scope, receive, send_with_id)
-            else:
-                await self.endpoint(scope, receive, send_with_id, model_name, headers, info)
+            else:  # the hot path adds the request id itself: one wrapper less per send
+                info["request_id"] = request_id.encode()
+                await self.endpoint(scope, receive, send, model_name, headers, info)
         finally:
             activity.finished()
             elapsed = time.perf_counter() - started

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -43,45 +44,80 @@ def error_headers(exc: StudioError) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def send_reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def send_reply(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], info: dict[str, Any]
+) -> None:
+    """Send a whole reply with the request's id, and note its status for the access log."""
     headers.append((b"content-length", str(len(body)).encode()))
+    request_id = info.get("request_id")
+    if request_id:
+        headers.append((b"x-request-id", request_id))
+    info["status"] = status
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-class DisconnectGuard:
-    """Cancels the request's task if its client disconnects, so a request whose client left
-    stops counting against the queue and the model.
+class Pending:
+    """A request being answered, as the disconnect watch sees it."""
 
-    Listening for the disconnect costs a task, so it starts only once the request has taken
-    ``after`` seconds: fast requests (most of them) pay for a timer only."""
+    __slots__ = ("gone", "receive", "since", "task", "watcher")
 
-    def __init__(self, receive: Receive, after: float = 0.05) -> None:
+    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+        self.task = task
         self.receive = receive
-        self.task = asyncio.current_task()
-        self.gone = False
+        self.since = time.monotonic()
         self.watcher: asyncio.Task[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(after, self._listen)
+        self.gone = False
 
-    def _listen(self) -> None:
-        self.watcher = asyncio.ensure_future(self._watch())
 
-    async def _watch(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
+class DisconnectWatch:
+    """Cancels a request's task if its client disconnects, so a request whose client left stops
+    counting against the queue and the model.
+
+    Listening for a disconnect costs a task per request, and a timer per request is not free
+    either; so requests are only noted in a dict, and one sweep every ``after`` seconds starts
+    a listener for those still running: fast requests (most of them) pay for a dict entry."""
+
+    def __init__(self, after: float = 0.05) -> None:
+        self.after = after
+        self.pending: dict[asyncio.Task[Any], Pending] = {}
+        self.sweeper: asyncio.Task[None] | None = None
+
+    def enter(self, receive: Receive) -> Pending | None:
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        entry = self.pending[task] = Pending(task, receive)
+        if self.sweeper is None or self.sweeper.done():
+            self.sweeper = asyncio.ensure_future(self._sweep())
+        return entry
+
+    def leave(self, entry: Pending | None) -> None:
+        if entry is not None:
+            self.pending.pop(entry.task, None)
+            if entry.watcher is not None:
+                entry.watcher.cancel()
+
+    async def _sweep(self) -> None:
+        while self.pending:
+            await asyncio.sleep(self.after)
+            now = time.monotonic()
+            for entry in list(self.pending.values()):
+                if entry.watcher is None and now - entry.since >= self.after:
+                    entry.watcher = asyncio.ensure_future(self._listen(entry))
+
+    @staticmethod
+    async def _listen(entry: Pending) -> None:
+        while (await entry.receive())["type"] != "http.disconnect":
             pass
-        self.gone = True
-        if self.task is not None:
-            self.task.cancel()
+        entry.gone = True
+        entry.task.cancel()
 
-    def close(self) -> None:
-        self.timer.cancel()
-        if self.watcher is not None:
-            self.watcher.cancel()
-
-    def absorb(self) -> bool:
+    @staticmethod
+    def absorb(entry: Pending | None) -> bool:
         """After a CancelledError: True (and the cancellation undone) if we caused it."""
-        if self.gone and self.task is not None:
-            self.task.uncancel()
+        if entry is not None and entry.gone:
+            entry.task.uncancel()
             return True
         return False
 
@@ -91,6 +127,7 @@ class InferenceEndpoint:
 
     def __init__(self, context: ServerContext, codecs: CodecSet, max_body: int, debug: bool = False) -> None:
         self.context = context
+        self.disconnects = DisconnectWatch()
         self.default = context.default_model
         self.dataplane = context.dataplane
         self.codecs = codecs
@@ -119,21 +156,21 @@ class InferenceEndpoint:
             payload = codec.decode(body)
             if not isinstance(payload, dict) or not all(isinstance(k, str) for k in payload):
                 raise BadRequest("the body must be a dict with string keys (names -> arrays)")
-            guard = DisconnectGuard(receive)
+            entry = self.disconnects.enter(receive)
             try:
                 result, info["batch"] = await self.dataplane.infer(model, payload, name)
             except asyncio.CancelledError:
-                if not guard.absorb():
+                if not self.disconnects.absorb(entry):
                     raise
                 raise ClientGone() from None
             finally:
-                guard.close()
+                self.disconnects.leave(entry)
             reply_codec = self.codecs.for_reply(headers.get(b"accept", b"").decode("latin-1"), codec)
             reply = self.encode(reply_codec, result)
         except StudioError as exc:
             if exc.status >= 500:
                 log.warning("POST %s -> %d: %s", scope["path"], exc.status, exc)
-            await send_reply(send, exc.status, error_body(exc, self.debug), error_headers(exc))
+            await send_reply(send, exc.status, error_body(exc, self.debug), error_headers(exc), info)
             return
         except ClientGone:
             log.info("POST %s: client disconnected; request dropped", scope["path"])
@@ -143,9 +180,9 @@ class InferenceEndpoint:
             log.exception("internal error")
             wrapped = StudioError(f"internal error: {type(exc).__name__}")
             wrapped.__cause__ = exc
-            await send_reply(send, 500, error_body(wrapped, self.debug), error_headers(wrapped))
+            await send_reply(send, 500, error_body(wrapped, self.debug), error_headers(wrapped), info)
             return
-        await send_reply(send, 200, reply, [(b"content-type", reply_codec.media_type.encode())])
+        await send_reply(send, 200, reply, [(b"content-type", reply_codec.media_type.encode())], info)
 
     @staticmethod
     def encode(codec: Codec, result: Payload) -> bytes:
