@@ -52,8 +52,9 @@ class ServedModel:
     batchable: bool = True
     """False when the model must see each request on its own (a wrapper may opt out)."""
     concurrency: int | None = None
-    """Calls at once at most (None: ``--threads``). Frameworks that parallelise each call over
-    the cores themselves (torch, Keras on torch) say 1: several calls at once only compete."""
+    """Calls at once at most (None: ``--threads``), for a model that must not run concurrently.
+    (The Keras and torch loaders leave it unset: measured on the Keras MLP at 16 connections,
+    one call at a time gave 1,079 req/s against 1,498 with four.)"""
 
 
 @dataclass(frozen=True)

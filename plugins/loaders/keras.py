@@ -170,7 +170,6 @@ class KerasLoader(Loader):
             predict=served,
             platform="keras",
             checkpoint=checkpoint,
-            concurrency=1,  # torch's intra-op threads already use the cores
             inputs=tuple(expected.spec for expected in inputs),
             outputs=_output_specs(model, names),
         )

@@ -216,7 +216,6 @@ class TorchLoader(Loader):
             predict=served,
             platform="torch",
             checkpoint=checkpoint,
-            concurrency=1,  # torch's intra-op threads already use the cores
             inputs=tuple(expected.spec for expected in inputs),
             outputs=tuple(outputs),
         )
