@@ -74,9 +74,9 @@ def choose(
         )
     if loader_name:
         loader = _pick_loader(loaders, loader_name)
-        candidates = find_checkpoints(modeldir, {loader_name: loader})
         if not loader.patterns:
             return loader, None
+        candidates = find_checkpoints(modeldir, {loader_name: loader})
         if not candidates:
             raise ExperimentError(f"no checkpoint for loader {loader_name!r} in {modeldir}")
         return loader, candidates[0].path

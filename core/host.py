@@ -160,7 +160,7 @@ class PluginHost:
                 ),
             )
 
-    def _collect(self, hook_name: str, kind: str, **kwargs: Any) -> list[tuple[str, tuple[Any, ...]]]:
+    def _collect(self, hook_name: str) -> list[tuple[str, tuple[Any, ...]]]:
         """Call ``hook_name`` on every plugin in registration order, attributing what each
         registers. Registration order (not pluggy's LIFO call order) lets later plugins win."""
         registered: list[tuple[str, tuple[Any, ...]]] = []
@@ -170,8 +170,8 @@ class PluginHost:
             def register(*args: Any, _plugin: str = impl.plugin_name) -> None:
                 registered.append((_plugin, args))
 
-            call_kwargs = {**kwargs, "register": register}
-            impl.function(*[call_kwargs[arg] for arg in impl.argnames])
+            available = {"register": register}  # pluggy lets an impl take a subset of arguments
+            impl.function(*[available[arg] for arg in impl.argnames])
         return registered
 
     def _registry(
@@ -180,7 +180,7 @@ class PluginHost:
         if hook_name in self._cache:
             return self._cache[hook_name]
         result: dict[str, tuple[Any, ...]] = {}
-        for plugin_name, args in self._collect(hook_name, kind):
+        for plugin_name, args in self._collect(hook_name):
             name = key(args)
             if name in result:
                 log.debug("%s %r from %s replaces an earlier one", kind, name, plugin_name)

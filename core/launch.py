@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import shutil
 import socket
 import tempfile
@@ -182,8 +181,6 @@ class Launch:
             argv.append("--debug")
         return argv
 
-    def serve_command(self) -> str:
-        return shlex.join(self.serve_argv())
 
 
 def launch(host: PluginHost, options: ServeOptions, cloud: str = "local") -> int:

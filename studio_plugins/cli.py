@@ -329,4 +329,4 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-__all__ = ["ConfigurationError", "build_cli", "main"]
+__all__ = ["build_cli", "main"]
