@@ -1,0 +1,251 @@
+"""The common request and reply, a dict of plain numpy arrays, pickled without the pickle machinery.
+
+``pickle.dumps({"x": array})`` writes one layout, byte for byte, for a given protocol and dtype:
+numpy's own reduce (``_frombuffer`` at protocol 5, ``_reconstruct`` at 4) around the raw data.
+``read_arrays`` recognises exactly that layout with a few regular expressions and builds the arrays
+straight from the body's bytes; ``write_arrays`` writes it. Per small request that is a third of
+the restricted unpickler's cost and less than half of ``pickle.dumps`` (bench/bench_http.py).
+
+Nothing here runs what a client chose: the layout is matched, never interpreted, and the dtypes
+come from a fixed table. Anything else (other opcodes, memo references, frames split around
+large data, another dtype, an inconsistent length) makes ``read_arrays`` return None and the
+caller falls back to the restricted unpickler, which gives the same result for every body this
+accepts (``tests/core/test_fast_pickle.py`` checks that, body by body and under mutation).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+# dtypes whose pickled form is a fixed fragment: booleans, integers, floats, complex numbers
+_CODES = ("b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16")
+_DTYPE_GLOBAL = b"\x8c\x05numpy\x94\x8c\x05dtype\x94\x93\x94"
+
+# pickle opcodes, with MEMOIZE (\x94) where pickle.dumps writes it
+_ARGS = (rb"\x8c[\x02\x03][a-z0-9]{2,3}\x94\x89\x88\x87\x94R\x94"
+         rb"\(K\x03\x8c\x01[<>|]\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b")
+_INT = rb"(?:K.|M..|J....)"
+_SHAPE = (rb"(\)|" + _INT + rb"\x85\x94|" + _INT + rb"{2}\x86\x94|" + _INT + rb"{3}\x87\x94|\("
+          + _INT + rb"{4,64}t\x94)")
+# protocol 5: _frombuffer(bytearray(data), dtype, shape, order)
+_FROMBUFFER = re.compile(
+    rb"\x8c(?:\x13numpy\._core|\x12numpy\.core)\.numeric\x94\x8c\x0b_frombuffer\x94\x93\x94\(\x96(.{8})",
+    re.S)
+_FROMBUFFER_REST = re.compile(
+    rb"\x94" + re.escape(_DTYPE_GLOBAL) + b"(" + _ARGS + b")" + _SHAPE + rb"\x8c\x01([CF])\x94t\x94R\x94",
+    re.S)
+# protocol 4: _reconstruct(ndarray, (0,), b"b"), then BUILD (1, shape, dtype, is_fortran, data);
+# the dtype's module name is a memo reference (h\x05) to the "numpy" written just before
+_RECONSTRUCT = re.compile(
+    rb"\x8c(?:\x16numpy\._core|\x15numpy\.core)\.multiarray\x94\x8c\x0c_reconstruct\x94\x93\x94"
+    rb"\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94\x87\x94R\x94\(K\x01"
+    + _SHAPE + rb"h\x05\x8c\x05dtype\x94\x93\x94(" + _ARGS + rb")([\x88\x89])(?:C(.)|B(.{4})|\x8e(.{8}))",
+    re.S)
+_RECONSTRUCT_REST = b"\x94t\x94b"
+
+_FRAGMENTS: dict[bytes, np.dtype[Any]] = {}
+_BY_DTYPE: dict[np.dtype[Any], bytes] = {}
+_FROMBUFFER_NAME = b""
+
+
+def _tables() -> dict[bytes, np.dtype[Any]]:
+    """dtype fragment <-> dtype, from numpy's own pickles of each dtype (built on first use)."""
+    global _FROMBUFFER_NAME
+    if not _FRAGMENTS:
+        import pickle
+
+        for code in _CODES:
+            for order in "<>|":
+                dtype = np.dtype(order + code)
+                if (order == "|") != (dtype.byteorder == "|"):
+                    continue
+                pickled = pickle.dumps(dtype, protocol=5)
+                start = pickled.find(_DTYPE_GLOBAL)
+                if start < 0 or not pickled.endswith(b"."):
+                    continue  # a numpy that pickles dtypes otherwise: those go the slow way
+                fragment = pickled[start + len(_DTYPE_GLOBAL):-1]
+                _BY_DTYPE[dtype] = fragment
+                _FRAGMENTS[fragment] = dtype
+        reconstruct = np.ndarray.__reduce_ex__(np.zeros(1), 5)[0]
+        module = reconstruct.__module__.encode()
+        _FROMBUFFER_NAME = (b"\x8c" + bytes((len(module),)) + module + b"\x94\x8c\x0b_frombuffer"
+                            b"\x94\x93\x94(\x96")
+    return _FRAGMENTS
+
+
+def _int(raw: bytes, at: int) -> tuple[int, int]:
+    """The integer opcode at ``raw[at]`` (K, M or J) and where the next one starts."""
+    op = raw[at]
+    if op == 0x4B:
+        return raw[at + 1], at + 2
+    if op == 0x4D:
+        return raw[at + 1] | raw[at + 2] << 8, at + 3
+    return int.from_bytes(raw[at + 1:at + 5], "little", signed=True), at + 5
+
+
+def _shape(raw: bytes) -> tuple[int, ...] | None:
+    """A shape as matched by ``_SHAPE``; None for a negative dimension."""
+    if len(raw) == 4 and raw[0] == 0x4B:  # one dimension below 256, the commonest
+        return (raw[1],)
+    if raw == b")":
+        return ()
+    at, end = (1, len(raw) - 2) if raw[0] == 0x28 else (0, len(raw) - 2)
+    dims = []
+    while at < end:
+        dim, at = _int(raw, at)
+        if dim < 0:
+            return None
+        dims.append(dim)
+    return tuple(dims)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
+    """The dict of arrays a canonical pickle of one holds, or None when ``body`` is anything else."""
+    fragments = _FRAGMENTS or _tables()
+    protocol = body[:2]
+    if protocol != b"\x80\x05" and protocol != b"\x80\x04":
+        return None
+    at = 2
+    if body[2:3] == b"\x95":  # FRAME: one, holding everything after it
+        if int.from_bytes(body[3:11], "little") != len(body) - 11:
+            return None
+        at = 11
+    if body[at:at + 2] != b"}\x94":
+        return None
+    at += 2
+    several = body[at:at + 1] == b"("  # MARK ... SETITEMS, else one SETITEM
+    at += several
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    while True:
+        op = body[at:at + 1]
+        if op == b"\x8c" and at + 1 < len(body):  # SHORT_BINUNICODE
+            key_start = at + 2
+            at = key_start + body[at + 1]
+        elif op == b"X":  # BINUNICODE
+            key_start = at + 5
+            at = key_start + int.from_bytes(body[at + 1:at + 5], "little")
+        else:
+            break
+        if body[at:at + 1] != b"\x94":
+            return None
+        try:
+            key = body[key_start:at].decode("utf-8", "surrogatepass")  # as pickle decodes it
+        except UnicodeDecodeError:
+            return None
+        if key in arrays:
+            return None
+        if protocol == b"\x80\x05":
+            array, at = _read_frombuffer(body, at + 1, fragments)
+        elif not arrays and not several:
+            array, at = _read_reconstruct(body, at + 1, fragments)
+        else:
+            return None
+        if array is None:
+            return None
+        arrays[key] = array
+    if body[at:] != (b"u." if several else b"s.") or not arrays or (not several and len(arrays) != 1):
+        return None
+    return arrays
+
+
+def _read_frombuffer(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
+                     ) -> tuple[np.ndarray[Any, Any] | None, int]:
+    head = _FROMBUFFER.match(body, at)
+    if head is None:
+        return None, at
+    data_start = head.end()
+    data_end = data_start + int.from_bytes(head.group(1), "little")
+    rest = _FROMBUFFER_REST.match(body, data_end) if data_end < len(body) else None
+    if rest is None:
+        return None, at
+    dtype = fragments.get(rest.group(1))
+    shape = _shape(rest.group(2))
+    if dtype is None or shape is None or _size(shape) * dtype.itemsize != data_end - data_start:
+        return None, at
+    # pickle copies the data into a bytearray and numpy views it: writable, like this
+    array = np.frombuffer(bytearray(memoryview(body)[data_start:data_end]), dtype)
+    if len(shape) != 1:
+        array = array.reshape(shape, order="F" if rest.group(3) == b"F" else "C")
+    return array, rest.end()
+
+
+def _read_reconstruct(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
+                      ) -> tuple[np.ndarray[Any, Any] | None, int]:
+    head = _RECONSTRUCT.match(body, at)
+    if head is None:
+        return None, at
+    short, medium, long = head.group(4, 5, 6)
+    length = short[0] if short is not None else int.from_bytes(medium or long, "little")
+    data_start = head.end()
+    data_end = data_start + length
+    if body[data_end:data_end + len(_RECONSTRUCT_REST)] != _RECONSTRUCT_REST:
+        return None, at
+    dtype = fragments.get(head.group(2))
+    shape = _shape(head.group(1))
+    if dtype is None or shape is None or _size(shape) * dtype.itemsize != length:
+        return None, at
+    if not dtype.isnative:  # numpy's setstate makes the array native: leave that to it
+        return None, at
+    # numpy's __setstate__ copies bytes into an array of its own: so does this
+    array = np.frombuffer(body, dtype, _size(shape), data_start).reshape(
+        shape, order="F" if head.group(3) == b"\x88" else "C").copy(order="K")
+    return array, data_end + len(_RECONSTRUCT_REST)
+
+
+def _write_int(value: int) -> bytes:
+    if value < 0x100:
+        return b"K" + bytes((value,))
+    if value < 0x10000:
+        return b"M" + value.to_bytes(2, "little")
+    return b"J" + value.to_bytes(4, "little")
+
+
+_TUPLES = {1: b"\x85\x94", 2: b"\x86\x94", 3: b"\x87\x94"}
+_ORDER = {True: b"\x8c\x01C\x94t\x94R\x94", False: b"\x8c\x01F\x94t\x94R\x94"}
+
+
+def write_arrays(payload: Any) -> bytes | None:
+    """``payload`` pickled (protocol 5, as ``pickle.dumps`` lays out each array), or None unless it
+    is a dict of str -> contiguous numpy arrays of a plain dtype. No frame: pickle reads it all
+    the same, and large data is copied once, into the result."""
+    if type(payload) is not dict or not payload:
+        return None
+    if not _BY_DTYPE:
+        _tables()
+    several = len(payload) > 1
+    parts: list[bytes | memoryview] = [b"\x80\x05}\x94(" if several else b"\x80\x05}\x94"]
+    for key, array in payload.items():
+        if type(key) is not str or type(array) is not np.ndarray:
+            return None
+        fragment = _BY_DTYPE.get(array.dtype)
+        c_order = array.flags.c_contiguous
+        if fragment is None or not (c_order or array.flags.f_contiguous):
+            return None
+        shape = array.shape
+        if shape and max(shape) >= 1 << 31:
+            return None
+        if not shape:
+            shape_code = b")"
+        elif len(shape) <= 3:
+            shape_code = b"".join([_write_int(dim) for dim in shape]) + _TUPLES[len(shape)]
+        else:
+            shape_code = b"(" + b"".join([_write_int(dim) for dim in shape]) + b"t\x94"
+        name = key.encode("utf-8", "surrogatepass")
+        data = memoryview((array if c_order else array.T).reshape(-1)).cast("B")  # type: ignore[arg-type]
+        parts += [
+            b"\x8c" + bytes((len(name),)) if len(name) < 0x100 else b"X" + len(name).to_bytes(4, "little"),
+            name, b"\x94", _FROMBUFFER_NAME, array.nbytes.to_bytes(8, "little"), data, b"\x94",
+            _DTYPE_GLOBAL, fragment, shape_code, _ORDER[c_order],
+        ]
+    parts.append(b"u." if several else b"s.")
+    return b"".join(parts)
