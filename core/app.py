@@ -43,7 +43,7 @@ access_log = logging.getLogger("studio_plugins.access")
 
 HEALTH_PREFIX = "/v2/health/"
 UNCOUNTED = ("/v2/health/", "/metrics")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass
@@ -95,9 +95,12 @@ class EdgeMiddleware:
         self.app = app
         self.endpoint = endpoint
         self.settings = settings
+        self.activity = settings.activity
         self.metrics = metrics
+        # across worker processes the in-flight gauge is counted; in one it is read at scrape time
+        self.count_in_flight = metrics is not None and metrics.multiprocess
         self.expected = settings.token.encode() if settings.token else None
-        self._id_prefix = uuid.uuid4().hex[:16]
+        self._id_prefix = uuid.uuid4().hex[:16].encode()
         self._ids = itertools.count(1)
 
     def authorized(self, header: bytes) -> bool:
@@ -107,9 +110,9 @@ class EdgeMiddleware:
         assert self.expected is not None
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
-    def next_id(self) -> str:
+    def next_id(self) -> bytes:
         """Unique per server run: a random prefix and a counter (cheaper than uuid4 each time)."""
-        return f"{self._id_prefix}{next(self._ids):016x}"
+        return b"%s%016x" % (self._id_prefix, next(self._ids))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,62 +120,75 @@ class EdgeMiddleware:
             return
         path: str = scope["path"]
         headers = dict(scope["headers"])
-        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given_id if given_id and _REQUEST_ID.fullmatch(given_id) else self.next_id()
-        status_seen = [500]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_seen[0] = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        request_id = headers.get(b"x-request-id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = self.next_id()
         if path.startswith(HEALTH_PREFIX):
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, self._with_id(send, request_id, [0]))
             return
         if self.expected is not None and not self.authorized(headers.get(b"authorization", b"")):
             response = error_response(Unauthorized("missing or wrong bearer token"))
             response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send_with_id)
+            await response(scope, receive, self._with_id(send, request_id, [0]))
             return
         if path == "/metrics":
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, self._with_id(send, request_id, [0]))
             return
-        activity = self.settings.activity
-        activity.started()
-        metrics = self.metrics
-        counted = metrics is not None and metrics.multiprocess
-        if counted:
-            metrics.in_flight.inc()  # type: ignore[union-attr]
+        self.activity.started()
+        if self.count_in_flight:
+            self.metrics.in_flight.inc()  # type: ignore[union-attr]
         started = time.perf_counter()
-        info: dict[str, Any] = {}
-        scope["studio"] = info  # route plugins record the model and batch size here
+        info: dict[str, Any] = {"request_id": request_id}
         model_name = self.endpoint.model_for(path)
         try:
-            if model_name is None:
-                await self.app(scope, receive, send_with_id)
-            elif scope["method"] != "POST":
-                error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
-                await error_response(error)(scope, receive, send_with_id)
-            else:  # the hot path adds the request id itself: one wrapper less per send
-                info["request_id"] = request_id.encode()
+            if model_name is not None and scope["method"] == "POST":
+                # the hot path sends the request id itself: no wrapper around send
                 await self.endpoint(scope, receive, send, model_name, headers, info)
+            else:
+                await self._other(scope, receive, send, path, model_name, info)
         finally:
-            activity.finished()
-            elapsed = time.perf_counter() - started
-            model = str(info.get("model", ""))
-            status_seen[0] = info.get("status", status_seen[0])
-            if counted:
-                metrics.in_flight.dec()  # type: ignore[union-attr]
-            if metrics is not None:
-                metrics.observe_request(_route_of(path), model, status_seen[0], elapsed)
-            if self.settings.access_log:
-                access_log.info(
-                    "method=%s path=%s status=%d duration_ms=%.2f batch=%s model=%s request_id=%s",
-                    scope["method"], path, status_seen[0], elapsed * 1000,
-                    info.get("batch", "-"), model or "-", request_id,
-                )
+            self._count(scope, path, info, time.perf_counter() - started)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send, path: str,
+                     model_name: str | None, info: dict[str, Any]) -> None:
+        """A counted request off the hot path: route plugins (V2), or a wrong method."""
+        scope["studio"] = info  # route plugins record the model and batch size here
+        status_seen = [500]
+        send = self._with_id(send, info["request_id"], status_seen)
+        try:
+            if model_name is None:
+                await self.app(scope, receive, send)
+            else:
+                error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
+                await error_response(error)(scope, receive, send)
+        finally:
+            info.setdefault("status", status_seen[0])  # a route plugin may have set one (499)
+
+    @staticmethod
+    def _with_id(send: Send, request_id: bytes, status_seen: list[int]) -> Send:
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_seen[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        return send_with_id
+
+    def _count(self, scope: Scope, path: str, info: dict[str, Any], elapsed: float) -> None:
+        self.activity.finished()
+        metrics = self.metrics
+        status: int = info.get("status", 500)
+        model = str(info.get("model", ""))
+        if self.count_in_flight:
+            metrics.in_flight.dec()  # type: ignore[union-attr]
+        if metrics is not None:
+            metrics.observe_request(_route_of(path), model, status, elapsed)
+        if self.settings.access_log:
+            access_log.info(
+                "method=%s path=%s status=%d duration_ms=%.2f batch=%s model=%s request_id=%s",
+                scope["method"], path, status, elapsed * 1000, info.get("batch", "-"), model or "-",
+                info["request_id"].decode("latin-1"),
+            )
 
 
 def build_app(

@@ -20,15 +20,21 @@ class CodecSet:
 
     def __init__(self, codecs: dict[str, Codec]) -> None:
         self.codecs = list(codecs.values())
+        self._by_header: dict[str, Codec] = {}  # Content-Type values seen, as sent
         self.by_type: dict[str, Codec] = {}
         for codec in self.codecs:
             for media_type in codec.media_types:
                 self.by_type.setdefault(media_type.lower(), codec)
 
     def for_request(self, content_type: str, body: bytes) -> Codec:
+        codec = self._by_header.get(content_type)
+        if codec is not None:
+            return codec
         media_type = _media_type(content_type)
         codec = self.by_type.get(media_type)
         if codec is not None:
+            if len(self._by_header) < 64:  # clients send a handful of spellings; bounded anyway
+                self._by_header[content_type] = codec
             return codec
         if media_type not in GENERIC_TYPES:
             raise UnsupportedMediaType(

@@ -48,10 +48,8 @@ async def send_reply(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], info: dict[str, Any]
 ) -> None:
     """Send a whole reply with the request's id, and note its status for the access log."""
-    headers.append((b"content-length", str(len(body)).encode()))
-    request_id = info.get("request_id")
-    if request_id:
-        headers.append((b"x-request-id", request_id))
+    headers.append((b"content-length", b"%d" % len(body)))
+    headers.append((b"x-request-id", info["request_id"]))
     info["status"] = status
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
