@@ -21,6 +21,7 @@ class CodecSet:
     def __init__(self, codecs: dict[str, Codec]) -> None:
         self.codecs = list(codecs.values())
         self._by_header: dict[str, Codec] = {}  # Content-Type values seen, as sent
+        self._content_types = {codec.name: codec.media_type.encode() for codec in self.codecs}
         self.by_type: dict[str, Codec] = {}
         for codec in self.codecs:
             for media_type in codec.media_types:
@@ -51,6 +52,11 @@ class CodecSet:
             "cannot tell the body's format; set Content-Type to one of "
             + ", ".join(sorted(self.by_type))
         )
+
+    def content_type(self, codec: Codec) -> bytes:
+        """The Content-Type header value for a reply in ``codec``."""
+        value = self._content_types.get(codec.name)
+        return value if value is not None else codec.media_type.encode()
 
     def for_reply(self, accept: str, request_codec: Codec) -> Codec:
         """The first acceptable media type we speak; otherwise the request's own format."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from core.batching import Batcher
@@ -53,8 +54,7 @@ class DataPlane:
         self.admitted = 0
         self._executor: ThreadPoolExecutor | None = None
         self._batchers: dict[int, Batcher] = {}
-        self._async: dict[int, bool] = {}  # by model identity: inspect is slow per request
-        self._limits: dict[int, asyncio.Semaphore] = {}
+        self._invokers: dict[int, Callable[[Payload], Awaitable[Any]]] = {}  # by model identity
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -88,9 +88,8 @@ class DataPlane:
                 self.metrics.queue_depth.dec()  # type: ignore[union-attr]
 
     async def _dispatch(self, model: ServedModel, payload: Payload, name: str) -> tuple[Payload, int]:
-        batcher = self._batcher(model, name)
-        if batcher is not None:
-            batched = await batcher.submit(payload)
+        if self.options.max_batch_size > 1 and model.batchable:
+            batched = await self._batcher(model, name).submit(payload)
             if batched is not None:
                 return batched
         result = await self.call(model, payload)
@@ -99,9 +98,7 @@ class DataPlane:
             self.metrics.observe_batch(name, rows)
         return result, rows
 
-    def _batcher(self, model: ServedModel, name: str) -> Batcher | None:
-        if self.options.max_batch_size <= 1 or not model.batchable:
-            return None
+    def _batcher(self, model: ServedModel, name: str) -> Batcher:
         batcher = self._batchers.get(id(model))
         if batcher is None:
 
@@ -119,25 +116,35 @@ class DataPlane:
 
     async def call(self, model: ServedModel, payload: Payload) -> Payload:
         """One model call, sync models in the thread pool; errors become ``ModelError``."""
+        invoke = self._invokers.get(id(model))
+        if invoke is None:
+            invoke = self._invokers[id(model)] = self._invoker(model)
         try:
-            is_async = self._async.get(id(model))
-            if is_async is None:
-                is_async = self._async[id(model)] = _is_async(model.predict)
-            if is_async:
-                result: Any = await model.predict(payload)  # type: ignore[misc]
-            elif model.concurrency:
-                async with self._limit(model):
-                    result = await self._in_thread(model, payload)
-            else:
-                result = await self._in_thread(model, payload)
+            result: Any = await invoke(payload)
         except StudioError:
             raise
         except Exception as exc:
             log.exception("model raised")
             raise ModelError(f"model failed: {type(exc).__name__}: {exc}") from exc
+        if type(result) is dict:
+            return result
         if not isinstance(result, Mapping):
             raise ModelError(f"model returned {type(result).__name__}, expected a dict")
         return dict(result)
+
+    def _invoker(self, model: ServedModel) -> Callable[[Payload], Awaitable[Any]]:
+        """How to call ``model``, decided once per model: inspecting it per request is slow."""
+        if _is_async(model.predict):
+            return model.predict  # type: ignore[return-value]
+        if not model.concurrency:
+            return partial(self._in_thread, model)
+        limit = asyncio.Semaphore(model.concurrency)
+
+        async def limited(payload: Payload) -> Any:
+            async with limit:
+                return await self._in_thread(model, payload)
+
+        return limited
 
     async def _in_thread(self, model: ServedModel, payload: Payload) -> Any:
         result = await asyncio.get_running_loop().run_in_executor(self.executor, model.predict, payload)
@@ -145,17 +152,10 @@ class DataPlane:
             result = await result
         return result
 
-    def _limit(self, model: ServedModel) -> asyncio.Semaphore:
-        semaphore = self._limits.get(id(model))
-        if semaphore is None:
-            semaphore = self._limits[id(model)] = asyncio.Semaphore(model.concurrency or 1)
-        return semaphore
-
     def forget(self, model: ServedModel) -> None:
         """Drop the batcher of a model that was swapped out (batches in flight finish)."""
         self._batchers.pop(id(model), None)
-        self._async.pop(id(model), None)
-        self._limits.pop(id(model), None)
+        self._invokers.pop(id(model), None)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import traceback
 from typing import Any
 
@@ -55,67 +54,62 @@ async def send_reply(
     await send({"type": "http.response.body", "body": body})
 
 
-class Pending:
-    """A request being answered, as the disconnect watch sees it."""
-
-    __slots__ = ("gone", "receive", "since", "task", "watcher")
-
-    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
-        self.task = task
-        self.receive = receive
-        self.since = time.monotonic()
-        self.watcher: asyncio.Task[None] | None = None
-        self.gone = False
-
-
 class DisconnectWatch:
     """Cancels a request's task if its client disconnects, so a request whose client left stops
     counting against the queue and the model.
 
     Listening for a disconnect costs a task per request, and a timer per request is not free
-    either; so requests are only noted in a dict, and one sweep every ``after`` seconds starts
-    a listener for those still running: fast requests (most of them) pay for a dict entry."""
+    either; so a request is only noted in a dict, and a sweep every ``after`` seconds starts a
+    listener for each request it already saw on its previous sweep (so after ``after`` to
+    ``2 * after`` seconds): fast requests (most of them) pay for a dict entry."""
 
     def __init__(self, after: float = 0.05) -> None:
         self.after = after
-        self.pending: dict[asyncio.Task[Any], Pending] = {}
+        self.pending: dict[asyncio.Task[Any], Receive] = {}
+        self.listeners: dict[asyncio.Task[Any], asyncio.Task[None]] = {}
+        self.gone: set[asyncio.Task[Any]] = set()
         self.sweeper: asyncio.Task[None] | None = None
 
-    def enter(self, receive: Receive) -> Pending | None:
+    def enter(self, receive: Receive) -> asyncio.Task[Any] | None:
         task = asyncio.current_task()
-        if task is None:
-            return None
-        entry = self.pending[task] = Pending(task, receive)
-        if self.sweeper is None or self.sweeper.done():
-            self.sweeper = asyncio.ensure_future(self._sweep())
-        return entry
+        if task is not None:
+            self.pending[task] = receive
+            if self.sweeper is None:
+                self.sweeper = asyncio.ensure_future(self._sweep())
+        return task
 
-    def leave(self, entry: Pending | None) -> None:
-        if entry is not None:
-            self.pending.pop(entry.task, None)
-            if entry.watcher is not None:
-                entry.watcher.cancel()
+    def leave(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            del self.pending[task]
+            if self.listeners:
+                listener = self.listeners.pop(task, None)
+                if listener is not None:
+                    listener.cancel()
+                    self.gone.discard(task)
 
     async def _sweep(self) -> None:
-        while self.pending:
-            await asyncio.sleep(self.after)
-            now = time.monotonic()
-            for entry in list(self.pending.values()):
-                if entry.watcher is None and now - entry.since >= self.after:
-                    entry.watcher = asyncio.ensure_future(self._listen(entry))
+        seen: set[asyncio.Task[Any]] = set()
+        try:
+            while self.pending:
+                await asyncio.sleep(self.after)
+                for task, receive in list(self.pending.items()):
+                    if task in seen and task not in self.listeners:
+                        self.listeners[task] = asyncio.ensure_future(self._listen(task, receive))
+                seen = set(self.pending)
+        finally:
+            self.sweeper = None
 
-    @staticmethod
-    async def _listen(entry: Pending) -> None:
-        while (await entry.receive())["type"] != "http.disconnect":
+    async def _listen(self, task: asyncio.Task[Any], receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
             pass
-        entry.gone = True
-        entry.task.cancel()
+        self.gone.add(task)
+        task.cancel()
 
-    @staticmethod
-    def absorb(entry: Pending | None) -> bool:
+    def absorb(self, task: asyncio.Task[Any] | None) -> bool:
         """After a CancelledError: True (and the cancellation undone) if we caused it."""
-        if entry is not None and entry.gone:
-            entry.task.uncancel()
+        if task is not None and task in self.gone:
+            self.gone.discard(task)
+            task.uncancel()
             return True
         return False
 
@@ -152,18 +146,19 @@ class InferenceEndpoint:
             body = await read_body(receive, headers.get(b"content-length"), self.max_body)
             codec = self.codecs.for_request(headers.get(b"content-type", b"").decode("latin-1"), body)
             payload = codec.decode(body)
-            if not isinstance(payload, dict) or not all(isinstance(k, str) for k in payload):
+            if not isinstance(payload, dict) or not all(isinstance(key, str) for key in payload):
                 raise BadRequest("the body must be a dict with string keys (names -> arrays)")
-            entry = self.disconnects.enter(receive)
+            task = self.disconnects.enter(receive)
             try:
                 result, info["batch"] = await self.dataplane.infer(model, payload, name)
             except asyncio.CancelledError:
-                if not self.disconnects.absorb(entry):
+                if not self.disconnects.absorb(task):
                     raise
                 raise ClientGone() from None
             finally:
-                self.disconnects.leave(entry)
-            reply_codec = self.codecs.for_reply(headers.get(b"accept", b"").decode("latin-1"), codec)
+                self.disconnects.leave(task)
+            accept = headers.get(b"accept")
+            reply_codec = codec if accept is None else self.codecs.for_reply(accept.decode("latin-1"), codec)
             reply = self.encode(reply_codec, result)
         except StudioError as exc:
             if exc.status >= 500:
@@ -180,7 +175,7 @@ class InferenceEndpoint:
             wrapped.__cause__ = exc
             await send_reply(send, 500, error_body(wrapped, self.debug), error_headers(wrapped), info)
             return
-        await send_reply(send, 200, reply, [(b"content-type", reply_codec.media_type.encode())], info)
+        await send_reply(send, 200, reply, [(b"content-type", self.codecs.content_type(reply_codec))], info)
 
     @staticmethod
     def encode(codec: Codec, result: Payload) -> bytes:
