@@ -13,8 +13,7 @@ class Activity:
         """Set once shutdown began: readiness turns false while in-flight requests finish."""
 
     def started(self) -> None:
-        self.in_flight += 1
-        self.last_seen = time.monotonic()
+        self.in_flight += 1  # idle_for() is 0 from here on: last_seen is set when it finishes
 
     def finished(self) -> None:
         self.in_flight -= 1
