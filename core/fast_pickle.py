@@ -111,6 +111,13 @@ def _size(shape: tuple[int, ...]) -> int:
 
 def read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
     """The dict of arrays a canonical pickle of one holds, or None when ``body`` is anything else."""
+    try:
+        return _read_arrays(body)
+    except ValueError:  # numpy refusing a shape (an empty array too big to index): the unpickler says so
+        return None
+
+
+def _read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
     fragments = _FRAGMENTS or _tables()
     protocol = body[:2]
     if protocol != b"\x80\x05" and protocol != b"\x80\x04":
