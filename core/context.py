@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.types import Receive
+
+from core.body import ClientGone
 from core.dataplane import DataPlane
+from core.disconnects import DisconnectWatch
 from core.errors import Conflict, NotReady
 from core.repository import ModelRepository
 from core.types import ModelState, Payload, ServedModel
@@ -22,6 +26,7 @@ class ServerContext:
         self.in_worker = in_worker
         self.default_model = repository.names()[0]
         self.max_body = repository.options.max_body
+        self.disconnects = DisconnectWatch()
 
     def model_names(self) -> list[str]:
         return self.repository.names()
@@ -38,8 +43,25 @@ class ServerContext:
             raise NotReady(f"model {name!r} is not ready ({slot.state}){reason}")
         return model
 
-    async def infer(self, name: str, payload: Payload) -> tuple[Payload, int]:
-        return await self.dataplane.infer(self.ready_model(name), payload, name)
+    async def infer(self, name: str, payload: Payload, receive: Receive | None = None
+                    ) -> tuple[Payload, int]:
+        return await self.run(self.ready_model(name), name, payload, receive)
+
+    async def run(self, model: ServedModel, name: str, payload: Payload, receive: Receive | None = None
+                  ) -> tuple[Payload, int]:
+        """``model``'s reply through the data plane and the rows of its call. Given the request's
+        ``receive``, a client that disconnects meanwhile cancels it: ``ClientGone`` is raised."""
+        if receive is None:
+            return await self.dataplane.infer(model, payload, name)
+        task = self.disconnects.enter(receive)
+        try:
+            return await self.dataplane.infer(model, payload, name)
+        except asyncio.CancelledError:
+            if not self.disconnects.absorb(task):
+                raise
+            raise ClientGone() from None
+        finally:
+            self.disconnects.leave(task)
 
     def _refuse_in_worker(self) -> None:
         # one worker swapping its own copy would leave the others serving the old model

@@ -8,7 +8,6 @@ app (health, metrics, errors for unknown routes) stays on Starlette.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import traceback
@@ -54,72 +53,11 @@ async def send_reply(
     await send({"type": "http.response.body", "body": body})
 
 
-class DisconnectWatch:
-    """Cancels a request's task if its client disconnects, so a request whose client left stops
-    counting against the queue and the model.
-
-    Listening for a disconnect costs a task per request, and a timer per request is not free
-    either; so a request is only noted in a dict, and a sweep every ``after`` seconds starts a
-    listener for each request it already saw on its previous sweep (so after ``after`` to
-    ``2 * after`` seconds): fast requests (most of them) pay for a dict entry."""
-
-    def __init__(self, after: float = 0.05) -> None:
-        self.after = after
-        self.pending: dict[asyncio.Task[Any], Receive] = {}
-        self.listeners: dict[asyncio.Task[Any], asyncio.Task[None]] = {}
-        self.gone: set[asyncio.Task[Any]] = set()
-        self.sweeper: asyncio.Task[None] | None = None
-
-    def enter(self, receive: Receive) -> asyncio.Task[Any] | None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.pending[task] = receive
-            if self.sweeper is None:
-                self.sweeper = asyncio.ensure_future(self._sweep())
-        return task
-
-    def leave(self, task: asyncio.Task[Any] | None) -> None:
-        if task is not None:
-            del self.pending[task]
-            if self.listeners:
-                listener = self.listeners.pop(task, None)
-                if listener is not None:
-                    listener.cancel()
-                    self.gone.discard(task)
-
-    async def _sweep(self) -> None:
-        seen: set[asyncio.Task[Any]] = set()
-        try:
-            while self.pending:
-                await asyncio.sleep(self.after)
-                for task, receive in list(self.pending.items()):
-                    if task in seen and task not in self.listeners:
-                        self.listeners[task] = asyncio.ensure_future(self._listen(task, receive))
-                seen = set(self.pending)
-        finally:
-            self.sweeper = None
-
-    async def _listen(self, task: asyncio.Task[Any], receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.gone.add(task)
-        task.cancel()
-
-    def absorb(self, task: asyncio.Task[Any] | None) -> bool:
-        """After a CancelledError: True (and the cancellation undone) if we caused it."""
-        if task is not None and task in self.gone:
-            self.gone.discard(task)
-            task.uncancel()
-            return True
-        return False
-
-
 class InferenceEndpoint:
     """Answers ``POST /`` (the default model) and ``POST /models/{name}``."""
 
     def __init__(self, context: ServerContext, codecs: CodecSet, max_body: int, debug: bool = False) -> None:
         self.context = context
-        self.disconnects = DisconnectWatch()
         self.default = context.default_model
         self.dataplane = context.dataplane
         self.codecs = codecs
@@ -148,15 +86,7 @@ class InferenceEndpoint:
             payload = codec.decode(body)
             if not isinstance(payload, dict) or not all(isinstance(key, str) for key in payload):
                 raise BadRequest("the body must be a dict with string keys (names -> arrays)")
-            task = self.disconnects.enter(receive)
-            try:
-                result, info["batch"] = await self.dataplane.infer(model, payload, name)
-            except asyncio.CancelledError:
-                if not self.disconnects.absorb(task):
-                    raise
-                raise ClientGone() from None
-            finally:
-                self.disconnects.leave(task)
+            result, info["batch"] = await self.context.run(model, name, payload, receive)
             accept = headers.get(b"accept")
             reply_codec = codec if accept is None else self.codecs.for_reply(accept.decode("latin-1"), codec)
             reply = self.encode(reply_codec, result)

@@ -205,9 +205,11 @@ class ServingContext(Protocol):
         """The model's state; raises ``NotFound`` for a name the server does not have."""
         ...
 
-    async def infer(self, name: str, payload: Payload) -> tuple[Payload, int]:
+    async def infer(self, name: str, payload: Payload, receive: Any = None) -> tuple[Payload, int]:
         """Run model ``name`` on the data plane (queue, deadline, batching, metrics apply):
-        its reply and the rows of the call that produced it. Raises ``StudioError``s."""
+        its reply and the rows of the call that produced it. Raises ``StudioError``s. Given the
+        request's ASGI ``receive``, a client that disconnects meanwhile cancels the request and
+        ``ClientGone`` is raised (answer nothing: no one is listening)."""
         ...
 
     async def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:

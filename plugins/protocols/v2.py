@@ -85,7 +85,7 @@ class InferEndpoint:
             headers = dict(scope["headers"])
             body = await read_body(receive, headers.get(b"content-length"), context.max_body)
             request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
-            result, rows = await context.infer(name, request.inputs)
+            result, rows = await context.infer(name, request.inputs, receive)
             context.record(scope, name, rows)
             reply, json_length = encode_response(name, VERSION, request, result)
         except StudioError as exc:

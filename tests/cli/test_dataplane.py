@@ -91,17 +91,28 @@ def test_a_full_queue_gives_503_with_retry_after(modeldir: Path) -> None:
         assert metric(text, "studio_requests_total", status="200") == 2
 
 
+def post_and_leave(url: str, path: str, body: bytes) -> None:
+    """Send a request on a raw socket and disconnect without reading the reply."""
+    host, port = url.removeprefix("http://").strip("/").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        time.sleep(0.5)
+
+
 @pytest.mark.timeout(60)
-def test_a_client_that_disconnects_stops_counting(modeldir: Path) -> None:
+@pytest.mark.parametrize(("path", "body"), [
+    ("/", b'{"sleep": [3]}'),
+    ("/v2/models/exp/infer",
+     b'{"inputs": [{"name": "sleep", "shape": [1], "datatype": "FP64", "data": [3]}]}'),
+], ids=["pickle-route", "v2"])
+def test_a_client_that_disconnects_stops_counting(modeldir: Path, path: str, body: bytes) -> None:
     with ServerProcess("exp", "--wrapper", BEHAVIOUR_WRAPPER, "--max-queue", "1") as server:
-        host, port = server.url.removeprefix("http://").strip("/").split(":")
-        body = b'{"sleep": [3]}'
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            time.sleep(0.5)
+        post_and_leave(server.url, path, body)
         time.sleep(0.3)  # the client is gone: its slot is free although the model still sleeps
         assert predict(server.url, {"x": np.ones(1)})["done"] is True
+        text = get(server.url + "metrics")[1].decode()
+        assert metric(text, "studio_requests_total", status="499") == 1
 
 
 @pytest.mark.timeout(60)
