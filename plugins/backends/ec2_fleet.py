@@ -381,32 +381,29 @@ def stop_fleet(c: Clients, name: str, timeout: float = 300.0,
             return
         (done.removed if finished else done.left).append(what if finished else f"{what}: not gone yet")
 
-    group = find_scaling_group(c.asg, name)
-    if group is not None and not ours(group, name):
-        done.foreign.append(f"auto scaling group {name}")
-    elif group is not None:
-        count = len(group.get("Instances", []))
-        step(f"auto scaling group {name} ({count} instance(s))",
-             lambda: delete_scaling_group(c.asg, c.ec2, name, timeout))
-    balancer = find_balancer(c.elb, name)
-    if balancer is not None and not ours(balancer, name):
-        done.foreign.append(f"load balancer {name}")
-    elif balancer is not None:
-        step(f"load balancer {name} and its listener",
-             lambda: delete_balancer(c.elb, balancer["LoadBalancerArn"], timeout))
-    target_group = find_target_group(c.elb, name)
-    if target_group is not None and not ours(target_group, name):
-        done.foreign.append(f"target group {name}")
-    elif target_group is not None:
-        step(f"target group {name}",
-             lambda: delete_target_group(c.elb, target_group["TargetGroupArn"], timeout))
-    template = find_launch_template(c.ec2, name)
-    if template is not None and not ours(template, name):
-        done.foreign.append(f"launch template {name}")
-    elif template is not None:
-        template_id = template["LaunchTemplateId"]
-        step(f"launch template {template_id}",
-             lambda: delete_launch_template(c.ec2, template_id))
+    def remove(kind: str, find: Callable[[], Any], label: Callable[[Any], str],
+               delete: Callable[[Any], bool]) -> None:
+        """One part, if it exists: deleted when it carries our tags, else reported as foreign."""
+        found = find()
+        if found is None:
+            return
+        if not ours(found, name):
+            done.foreign.append(f"{kind} {name}")
+            return
+        step(label(found), lambda: delete(found))
+
+    remove("auto scaling group", lambda: find_scaling_group(c.asg, name),
+           lambda g: f"auto scaling group {name} ({len(g.get('Instances', []))} instance(s))",
+           lambda g: delete_scaling_group(c.asg, c.ec2, name, timeout))
+    remove("load balancer", lambda: find_balancer(c.elb, name),
+           lambda b: f"load balancer {name} and its listener",
+           lambda b: delete_balancer(c.elb, b["LoadBalancerArn"], timeout))
+    remove("target group", lambda: find_target_group(c.elb, name),
+           lambda t: f"target group {name}",
+           lambda t: delete_target_group(c.elb, t["TargetGroupArn"], timeout))
+    remove("launch template", lambda: find_launch_template(c.ec2, name),
+           lambda t: f"launch template {t['LaunchTemplateId']}",
+           lambda t: delete_launch_template(c.ec2, t["LaunchTemplateId"]))
     groups = _tagged_security_groups(c.ec2, name)
     for sg in sorted(groups, key=lambda g: tags_of(g).get(ROLE_TAG) != "replicas"):
         step(f"security group {sg['GroupId']} ({tags_of(sg).get(ROLE_TAG, '?')})",
