@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import pickle
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from core import fast_pickle
 from core.errors import BadRequest
 from core.fast_pickle import read_arrays, write_arrays
 from core.safe_pickle import dumps, restricted_loads, unpickle_restricted
@@ -211,3 +213,27 @@ def test_one_array_is_written_as_pickle_writes_it() -> None:
 ])
 def test_anything_else_is_left_to_the_pickler(payload: Any) -> None:
     assert write_arrays(payload) is None
+
+
+def test_threads_that_start_at_once_all_see_whole_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_pickle, "_FRAGMENTS", {})
+    monkeypatch.setattr(fast_pickle, "_BY_DTYPE", {})
+    monkeypatch.setattr(fast_pickle, "_FROMBUFFER_NAME", b"")
+    payload = {"x": values("<f8", (2, 3)), "y": values("u1", (4,))}
+    body = pickle.dumps({"x": payload["x"]}, protocol=5)
+    start = threading.Barrier(8)
+    results: list[Any] = []
+
+    def work() -> None:
+        start.wait()
+        results.append((write_arrays(payload), read_arrays(body)))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8
+    for written, read in results:
+        assert written is not None and same(pickle.loads(written), payload)
+        assert read is not None and same(read, unpickle_restricted(body))
