@@ -93,27 +93,27 @@ def _int(raw: bytes, at: int) -> tuple[int, int]:
     return int.from_bytes(raw[at + 1:at + 5], "little", signed=True), at + 5
 
 
-def _shape(raw: bytes) -> tuple[int, ...] | None:
-    """A shape as matched by ``_SHAPE``; None for a negative dimension."""
-    if len(raw) == 4 and raw[0] == 0x4B:  # one dimension below 256, the commonest
-        return (raw[1],)
-    if raw == b")":
-        return ()
+_SHAPES: dict[bytes, tuple[tuple[int, ...], int]] = {}  # a client sends the same shapes again
+
+
+def _shape(raw: bytes) -> tuple[tuple[int, ...], int] | None:
+    """A shape as matched by ``_SHAPE`` and its number of items; None for a negative dimension."""
+    known = _SHAPES.get(raw)
+    if known is not None:
+        return known
     at, end = (1, len(raw) - 2) if raw[0] == 0x28 else (0, len(raw) - 2)
     dims = []
+    size = 1
     while at < end:
         dim, at = _int(raw, at)
         if dim < 0:
             return None
         dims.append(dim)
-    return tuple(dims)
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+        size *= dim
+    if len(_SHAPES) >= 1024:  # bounded, whatever clients send
+        _SHAPES.clear()
+    known = _SHAPES[raw] = (tuple(dims), size)
+    return known
 
 
 def read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
@@ -184,13 +184,11 @@ def _read_frombuffer(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
         return None, at
     dtype = fragments.get(rest.group(1))
     shape = _shape(rest.group(2))
-    if dtype is None or shape is None or _size(shape) * dtype.itemsize != data_end - data_start:
+    if dtype is None or shape is None or shape[1] * dtype.itemsize != data_end - data_start:
         return None, at
     # pickle copies the data into a bytearray and numpy views it: writable, like this
-    array = np.frombuffer(bytearray(memoryview(body)[data_start:data_end]), dtype)
-    if len(shape) != 1:
-        array = array.reshape(shape, order="F" if rest.group(3) == b"F" else "C")
-    return array, rest.end()
+    data = bytearray(memoryview(body)[data_start:data_end])
+    return np.ndarray(shape[0], dtype, data, 0, None, "F" if rest.group(3) == b"F" else "C"), rest.end()
 
 
 def _read_reconstruct(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
@@ -206,13 +204,13 @@ def _read_reconstruct(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]
         return None, at
     dtype = fragments.get(head.group(2))
     shape = _shape(head.group(1))
-    if dtype is None or shape is None or _size(shape) * dtype.itemsize != length:
+    if dtype is None or shape is None or shape[1] * dtype.itemsize != length:
         return None, at
     if not dtype.isnative:  # numpy's setstate makes the array native: leave that to it
         return None, at
     # numpy's __setstate__ copies bytes into an array of its own: so does this
-    array = np.frombuffer(body, dtype, _size(shape), data_start).reshape(
-        shape, order="F" if head.group(3) == b"\x88" else "C").copy(order="K")
+    array = np.ndarray(shape[0], dtype, body, data_start, None,
+                       "F" if head.group(3) == b"\x88" else "C").copy(order="K")
     return array, data_end + len(_RECONSTRUCT_REST)
 
 
