@@ -241,7 +241,9 @@ def build_app(
         message = f"{exc.detail}: {request.method} {request.url.path}"
         if exc.status_code == 404:
             message += " (routes: POST /, POST /models/NAME, /v2/..., GET /metrics)"
-        return JSONResponse({"error": message, "type": kind}, status_code=exc.status_code)
+        # keeps Starlette's own headers: a 405 carries the route's Allow
+        return JSONResponse({"error": message, "type": kind}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     async def studio_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StudioError)

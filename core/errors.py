@@ -86,6 +86,11 @@ class NotFound(StudioError):
 class MethodNotAllowed(StudioError):
     status = 405
 
+    def __init__(self, message: str, *, allow: str = "POST", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.allow = allow
+        """The methods the route takes: a 405 reply must say them (``Allow``, RFC 9110)."""
+
 
 class Conflict(StudioError):
     """The request cannot be carried out in the server's current configuration."""

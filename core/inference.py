@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from core.body import ClientGone, read_body
 from core.codecs import CodecSet
 from core.context import ServerContext
-from core.errors import BadRequest, ModelError, Overloaded, StudioError
+from core.errors import BadRequest, MethodNotAllowed, ModelError, Overloaded, StudioError
 from core.types import Codec, Payload
 
 log = logging.getLogger("studio_plugins.app")
@@ -39,6 +39,8 @@ def error_headers(exc: StudioError) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", JSON)]
     if isinstance(exc, Overloaded):
         headers.append((b"retry-after", b"1"))
+    elif isinstance(exc, MethodNotAllowed):
+        headers.append((b"allow", exc.allow.encode("latin-1")))
     return headers
 
 

@@ -100,6 +100,27 @@ def test_health_and_unknown_routes(server: ServerProcess) -> None:
     assert status == 404 and "unknown" in json.loads(body)["error"]
 
 
+def request(url: str, method: str) -> tuple[int, Any, bytes]:
+    """Status, headers (case-insensitive) and body of a body-less request."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "", {"POST"}),  # the hot path
+    ("PUT", "models/exp", {"POST"}),
+    ("POST", "v2/health/live", {"GET", "HEAD"}),  # a Starlette route
+])
+def test_a_wrong_method_is_405_with_allow(server: ServerProcess, method: str, path: str,
+                                          allowed: set[str]) -> None:
+    status, headers, body = request(server.url + path, method)
+    assert status == 405 and json.loads(body)["type"] == "MethodNotAllowed"
+    assert {value.strip() for value in (headers.get("Allow") or "").split(",")} == allowed
+
+
 def test_model_errors_are_500_with_message_and_the_server_survives(wrapped: ServerProcess) -> None:
     status, _, body = post(wrapped.url, b'{"fail": 1}', "application/json")
     error = json.loads(body)
