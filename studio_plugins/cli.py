@@ -101,12 +101,12 @@ def _serve_command(host: PluginHost) -> click.Command:
     @click.option("--killafter", type=click.FloatRange(min=0), default=3600,
                   help="Exit (status 0) after this many seconds with no request; never during a "
                   "request. 0 disables.")
-    @click.option("--store", "store_url", envvar="STUDIO_STORE", default=None,
+    @click.option("--store", "store_url", envvar="STUDIO_STORE", show_envvar=True, default=None,
                   help="Experiment store URL (file:///path, ...); default: $STUDIOML_HOME "
                   "(~/.studioml).")
     @click.option("--cloud", type=click.Choice(sorted(backends)), default="local",
                   help="Where to run the server.")
-    @click.option("--token", envvar="STUDIO_TOKEN", default=None,
+    @click.option("--token", envvar="STUDIO_TOKEN", show_envvar=True, default=None,
                   help="Require 'Authorization: Bearer TOKEN' on every request but health checks.")
     @click.option("--wrapper", "wrapper_args", multiple=True,
                   help="A .py file, module or registered name with create_model(modeldir) "
@@ -222,7 +222,8 @@ def parse_wrappers(args: tuple[str, ...], names: list[str]) -> tuple[str | None,
 
 
 def _experiments_group(host: PluginHost) -> click.Group:
-    store_option = click.option("--store", "store_url", envvar="STUDIO_STORE", default=None,
+    store_option = click.option("--store", "store_url", envvar="STUDIO_STORE", show_envvar=True,
+                                default=None,
                                 help="Experiment store URL; default: $STUDIOML_HOME.")
 
     @click.group("experiments")
