@@ -33,6 +33,7 @@ from core.codecs import CodecSet
 from core.context import ServerContext
 from core.dataplane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
+from core.heap import HeapKeeper
 from core.inference import InferenceEndpoint, error_body, error_headers
 from core.metrics import Metrics
 from core.repository import ModelRepository
@@ -59,6 +60,8 @@ class AppSettings:
     watch: float = 0.0
     in_worker: bool = False
     """One of several worker processes (--workers): models are swapped by the parent only."""
+    heap: HeapKeeper | None = None
+    """Refreezes the heap after a model swap (core/heap.py); None: the heap is left alone."""
     on_ready: Callable[[], None] | None = None
 
 
@@ -209,6 +212,8 @@ def build_app(
             metrics.describe_model(name, repository.slot(name).spec.key, model, seconds)
         if old is not None:
             dataplane.forget(old)
+            if settings.heap is not None:
+                settings.heap.retire(old)
 
     repository.on_swap.append(on_swap)
     if metrics is not None:
@@ -251,9 +256,11 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        watcher = None
+        background = []
         if settings.watch > 0:
-            watcher = asyncio.create_task(repository.watch(settings.watch))
+            background.append(asyncio.create_task(repository.watch(settings.watch)))
+        if settings.heap is not None:
+            background.append(asyncio.create_task(settings.heap.keep()))
         started["value"] = True
         if settings.on_ready is not None:
             settings.on_ready()
@@ -261,10 +268,10 @@ def build_app(
             yield
         finally:
             started["value"] = False
-            if watcher is not None:
-                watcher.cancel()
+            for task in background:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await task
             dataplane.close()
 
     routes: list[BaseRoute] = [

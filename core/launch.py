@@ -18,6 +18,7 @@ from core.app import AppSettings, build_app
 from core.codecs import CodecSet
 from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
+from core.heap import HeapKeeper
 from core.host import PluginHost
 from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
 from core.repository import ModelRepository
@@ -68,7 +69,9 @@ class Launch:
         activity = Activity()
         settings = self._settings(activity, watch=options.watch,
                                   on_ready=lambda: announce(repository, sock))
+        settings.heap = HeapKeeper()
         app = build_app(repository, settings, self.host.route_factories())
+        settings.heap.freeze()  # everything loaded so far lives as long as the server
         with sock:
             return run_server(app, sock, activity, killafter=options.killafter)
 
