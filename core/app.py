@@ -207,8 +207,8 @@ def build_app(
     dataplane = DataPlane(settings.dataplane, metrics)
     context = ServerContext(repository, dataplane, in_worker=settings.in_worker)
 
-    def on_swap(name: str, model: ServedModel, seconds: float, old: ServedModel | None) -> None:
-        if metrics is not None:
+    def on_swap(name: str, model: ServedModel | None, seconds: float, old: ServedModel | None) -> None:
+        if metrics is not None and model is not None:
             metrics.describe_model(name, repository.slot(name).spec.key, model, seconds)
         if old is not None:
             dataplane.forget(old)

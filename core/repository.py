@@ -24,8 +24,9 @@ from core.types import ExperimentStore, ModelSpec, ModelState, ServedModel, Serv
 
 log = logging.getLogger("studio_plugins.repository")
 
-OnSwap = Callable[[str, ServedModel, float, ServedModel | None], None]
-"""Called with (name, new model, load seconds, old model) after every swap."""
+OnSwap = Callable[[str, ServedModel | None, float, ServedModel | None], None]
+"""Called with (name, new model, load seconds, old model) after every swap; the new model is
+None (and the seconds 0) when a model was unloaded."""
 
 
 class ModelSlot:
@@ -163,9 +164,13 @@ class ModelRepository:
     def unload(self, name: str) -> ModelState:
         slot = self.slot(name)
         with slot.lock:
+            previous = slot.model
             slot.model = None
             slot.state, slot.error = "unloaded", None
         log.info("model %s unloaded", name)
+        if previous is not None:  # listeners let go of it too (batchers, the frozen heap)
+            for callback in self.on_swap:
+                callback(name, None, 0.0, previous)
         return slot.snapshot()
 
     # --- watching ---------------------------------------------------------------------------
