@@ -149,8 +149,12 @@ class Codec(ABC):
         return False
 
     @abstractmethod
-    def decode(self, body: bytes) -> Payload:
-        """Decode a request body; raise ``BadRequest`` with a clear message when it is not valid."""
+    def decode(self, body: bytes, limit: int) -> Payload:
+        """Decode a request body; raise ``BadRequest`` with a clear message when it is not valid.
+
+        ``limit`` bounds the bytes the decoded values may hold (the server's ``--max-body``): a
+        body that would decode to more (a compressed or self-referencing one) is
+        ``PayloadTooLarge``, refused before the memory is allocated."""
 
     @abstractmethod
     def encode(self, payload: Payload) -> bytes:

@@ -46,7 +46,7 @@ class JsonCodec(Codec):
     def sniff(self, head: bytes) -> bool:
         return head.lstrip()[:1] == b"{"
 
-    def decode(self, body: bytes) -> Payload:
+    def decode(self, body: bytes, limit: int) -> Payload:
         try:
             value = json.loads(body)
         except (ValueError, RecursionError) as exc:

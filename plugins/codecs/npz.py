@@ -19,7 +19,7 @@ class NpzCodec(Codec):
     def sniff(self, head: bytes) -> bool:
         return head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06")
 
-    def decode(self, body: bytes) -> Payload:
+    def decode(self, body: bytes, limit: int) -> Payload:
         try:
             with np.load(io.BytesIO(body), allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}

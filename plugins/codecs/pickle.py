@@ -15,7 +15,7 @@ class PickleCodec(Codec):
         # protocol 2+ starts with PROTO (0x80) and the protocol number
         return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
-    def decode(self, body: bytes) -> Payload:
+    def decode(self, body: bytes, limit: int) -> Payload:
         return restricted_loads(body)
 
     def encode(self, payload: Payload) -> bytes:

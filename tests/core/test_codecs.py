@@ -70,10 +70,10 @@ def test_reply_follows_accept_else_the_request(codecs: CodecSet) -> None:
 
 def test_json_numeric_lists_become_arrays_and_strings_stay(codecs: CodecSet) -> None:
     codec = codecs.codecs[[c.name for c in codecs.codecs].index("json")]
-    decoded = codec.decode(b'{"x": [[1, 2], [3, 4]], "s": "b", "ragged": [[1], [2, 3]]}')
+    decoded = codec.decode(b'{"x": [[1, 2], [3, 4]], "s": "b", "ragged": [[1], [2, 3]]}', 1 << 20)
     assert isinstance(decoded["x"], np.ndarray) and decoded["x"].shape == (2, 2)
     assert decoded["s"] == "b" and decoded["ragged"] == [[1], [2, 3]]
     encoded = json.loads(codec.encode({"y": np.float32(1.5), "z": np.arange(2), "b": b"hi"}))
     assert encoded == {"y": 1.5, "z": [0, 1], "b": "hi"}
     with pytest.raises(BadRequest):
-        codec.decode(b"[1, 2]")
+        codec.decode(b"[1, 2]", 1 << 20)

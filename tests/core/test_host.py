@@ -19,7 +19,7 @@ class UpperCodec(Codec):
     name = "upper"
     media_types = ("text/x-upper",)
 
-    def decode(self, body: bytes) -> Payload:
+    def decode(self, body: bytes, limit: int) -> Payload:
         return {"text": body.decode().upper()}
 
     def encode(self, payload: Payload) -> bytes:
@@ -48,7 +48,7 @@ def test_a_throwaway_plugin_adds_a_codec() -> None:
     host = make_host(CodecPlugin())
     codecs = CodecSet(host.codecs())
     codec = codecs.for_request("text/x-upper", b"abc")
-    assert codec.decode(b"abc") == {"text": "ABC"}
+    assert codec.decode(b"abc", 1024) == {"text": "ABC"}
     info = {i.name: i for i in host.plugins()}["upper-codec"]
     assert info.registered == ["codec:upper"] and not info.builtin
 
