@@ -1,10 +1,12 @@
-"""Decoding and encoding a request's pickle in one process: the fast path against the alternatives.
+"""Decoding and encoding a request's pickle in one process: what the server does against the alternatives.
 
-For each body (a dict of one array, as ``pickle.dumps`` writes it at protocols 4 and 5), side by
-side in one run: ``restricted_loads`` (what the server does: core/fast_pickle.py, else the
-restricted unpickler), the restricted unpickler alone, and plain ``pickle.loads`` (unsafe: the
-floor); for replies, ``dumps`` (what the server does) against ``pickle.dumps``. Microseconds per
-call, the best of ``--repeat`` timings of ``--number`` calls each.
+For each body (a dict of one array, and a mixed dict of 10 keys, as ``pickle.dumps`` writes them
+at protocols 2, 4 and 5), side by side in one run: ``restricted_loads`` (what the server does:
+core/fast_pickle.py, else the data-only decoder), the data-only decoder alone
+(core/pickle_decoder.py), the restricted unpickler it replaced (bench/legacy_unpickler.py, the
+baseline of issue 13's "at most 2x") and plain ``pickle.loads`` (unsafe: the floor); for replies,
+``dumps`` (what the server does) against ``pickle.dumps``. Microseconds per call, the best of
+``--repeat`` timings of ``--number`` calls each.
 
     python -m bench.bench_codec
 """
@@ -22,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from bench.harness import describe_machine, print_table
-from core.safe_pickle import dumps, restricted_loads, unpickle_restricted
+from bench.legacy_unpickler import unpickle_restricted
+from core.safe_pickle import decode_general, dumps, restricted_loads
 
 
 def micros(call: Callable[[], Any], number: int, repeat: int) -> float:
@@ -36,29 +39,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timings per figure (the best is shown)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    payloads = {
+    payloads: dict[str, dict[str, Any]] = {
         "10 float64": {"x": rng.random(10)},
         "1x784 float32": {"x": rng.random((1, 784), dtype=np.float32)},
         "1x64x64x3 uint8": {"x": rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)},
+        "mixed, 10 keys": mixed_payload(rng),
     }
     print(f"# bench_codec: {describe_machine()}; best of {args.repeat} x {args.number} calls, us per call")
     rows = []
     for name, payload in payloads.items():
-        for protocol in (4, 5):
+        for protocol in (2, 4, 5) if name.startswith("mixed") else (4, 5):
             body = pickle.dumps(payload, protocol=protocol)
             served = micros(partial(restricted_loads, body), args.number, args.repeat)
-            unpickler = micros(partial(unpickle_restricted, body), args.number, args.repeat)
+            decoder = micros(partial(decode_general, body), args.number, args.repeat)
+            legacy = micros(partial(unpickle_restricted, body), args.number, args.repeat)
             plain = micros(partial(pickle.loads, body), args.number, args.repeat)
-            rows.append([f"decode {name}, protocol {protocol}", served, unpickler, plain,
-                         f"{unpickler / served:.2f}x"])
+            rows.append([f"decode {name}, protocol {protocol}", served, decoder, legacy, plain,
+                         f"{decoder / legacy:.2f}x"])
         ours = micros(partial(dumps, payload), args.number, args.repeat)
         theirs = micros(partial(pickle.dumps, payload, protocol=5), args.number, args.repeat)
-        rows.append([f"encode {name}", ours, "-", theirs, f"{theirs / ours:.2f}x"])
-    print_table(rows, ["body", "served us", "restricted unpickler us", "plain pickle us",
-                       "speed-up"])
-    print("\nserved: restricted_loads / dumps as the server runs them; speed-up: against the "
-          "restricted unpickler (decode) or pickle.dumps (encode)")
+        rows.append([f"encode {name}", ours, "-", "-", theirs, f"{ours / theirs:.2f}x"])
+    print_table(rows, ["body", "served us", "decoder us", "legacy unpickler us", "plain pickle us",
+                       "ratio"])
+    print("\nserved: restricted_loads / dumps as the server runs them; ratio: the data-only decoder "
+          "against the legacy restricted unpickler (decode), our dumps against pickle.dumps (encode)")
     return 0
+
+
+def mixed_payload(rng: np.random.Generator) -> dict[str, Any]:
+    """What a client may send besides one array: arrays of several dtypes and layouts, a numpy
+    scalar and dtype, text, bytes and plain containers."""
+    return {
+        "a": rng.random(10), "b": np.arange(6, dtype="i4").reshape(2, 3), "c": "text",
+        "d": [1, 2.5, None], "e": np.float32(1.5), "f": np.array(["ab", "cd"]), "g": (1, b"xy"),
+        "h": np.zeros((2, 2), "f4", order="F"), "i": {"n": 1}, "j": np.dtype("f8"),
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The seed's wire format: a pickled dict of numpy arrays, decoded only by the restricted unpickler."""
+"""The seed's wire format: a pickled dict of numpy arrays, read as data (never unpickled)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class PickleCodec(Codec):
         return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
     def decode(self, body: bytes, limit: int) -> Payload:
-        return restricted_loads(body)
+        return restricted_loads(body, limit)
 
     def encode(self, payload: Payload) -> bytes:
         return pickle_dumps(payload)

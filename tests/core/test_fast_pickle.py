@@ -21,7 +21,7 @@ import pytest
 from core import fast_pickle
 from core.errors import BadRequest
 from core.fast_pickle import read_arrays, write_arrays
-from core.safe_pickle import dumps, restricted_loads, unpickle_restricted
+from core.safe_pickle import decode_general, dumps, restricted_loads
 from tests.hostile_pickles import corpus, numpy1
 
 PLAIN_CODES = ("?", "i1", "u1", "<i2", ">u2", "<i4", ">i4", "<u4", "<i8", ">u8",
@@ -52,7 +52,7 @@ def same(fast: dict[str, Any], slow: Any) -> bool:
 
 def slow_or_error(body: bytes) -> Any:
     try:
-        return unpickle_restricted(body)
+        return decode_general(body)
     except BadRequest as exc:
         return exc
 
@@ -73,7 +73,7 @@ def test_every_plain_dtype_is_read_fast_and_alike(code: str, protocol: int) -> N
             assert fast is None  # numpy's setstate turns these native: left to it
             continue
         assert fast is not None, (code, shape)  # the fast path really runs
-        assert same(fast, unpickle_restricted(body)), (code, shape)
+        assert same(fast, decode_general(body)), (code, shape)
 
 
 @pytest.mark.parametrize("protocol", [4, 5])
@@ -99,7 +99,7 @@ def test_numpy1_names_agree() -> None:
         body = numpy1(pickle.dumps({"x": values("<f8", (3, 2))}, protocol=protocol))
         assert b"numpy.core" in body
         fast = read_arrays(body)
-        assert fast is not None and same(fast, unpickle_restricted(body))
+        assert fast is not None and same(fast, decode_general(body))
 
 
 @pytest.mark.parametrize("payload", [
@@ -114,7 +114,7 @@ def test_other_payloads_fall_back_and_still_decode(payload: dict[Any, Any]) -> N
         body = pickle.dumps(payload, protocol=protocol)
         assert read_arrays(body) is None
         decoded = restricted_loads(body)
-        assert pickle.dumps(decoded, protocol=5) == pickle.dumps(unpickle_restricted(body), protocol=5)
+        assert pickle.dumps(decoded, protocol=5) == pickle.dumps(decode_general(body), protocol=5)
 
 
 def test_strided_arrays_agree() -> None:
@@ -193,7 +193,7 @@ def test_hostile_corpus_never_takes_the_fast_path(tmp_path: Path) -> None:
 def test_written_arrays_read_back_everywhere(payload: dict[str, np.ndarray[Any, Any]]) -> None:
     body = write_arrays(payload)
     assert body is not None and dumps(payload) == body
-    for decoded in (pickle.loads(body), unpickle_restricted(body), read_arrays(body)):
+    for decoded in (pickle.loads(body), decode_general(body), read_arrays(body)):
         assert isinstance(decoded, dict) and list(decoded) == list(payload)
         for key, array in payload.items():
             assert decoded[key].dtype == array.dtype and decoded[key].tobytes() == array.tobytes()
@@ -236,4 +236,4 @@ def test_threads_that_start_at_once_all_see_whole_tables(monkeypatch: pytest.Mon
     assert len(results) == 8
     for written, read in results:
         assert written is not None and same(pickle.loads(written), payload)
-        assert read is not None and same(read, unpickle_restricted(body))
+        assert read is not None and same(read, decode_general(body))

@@ -1,0 +1,199 @@
+"""The data-only pickle decoder against each class of attack that broke the restricted unpickler
+(issue 13), in process: each is refused quickly, with the status it deserves, without touching
+numpy's shared state. The same bodies are sent to a real server in tests/cli/."""
+
+from __future__ import annotations
+
+import pickle
+import resource
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core.errors import BadRequest, PayloadTooLarge
+from core.pickle_decoder import Limits, PickleRefused, PickleTooLarge, decode
+from core.safe_pickle import restricted_loads
+from tests.hostile_pickles import PROTO2, Reduce, as_dict, text
+
+MiB = 1 << 20
+
+
+def quickly(body: bytes, expected: type[Exception] = BadRequest, limit: int = 64 * MiB,
+            match: str | None = None) -> None:
+    started = time.perf_counter()
+    with pytest.raises(expected, match=match):
+        restricted_loads(body, limit)
+    assert time.perf_counter() - started < 1.0
+
+
+def memo_dag(levels: int) -> bytes:
+    """``L[i+1] = [L[i], L[i]]`` through memo references: ``levels`` doublings, 10 bytes each."""
+    body = bytearray(PROTO2 + b"]q\x000")
+    for level in range(levels):
+        body += b"](h%ch%ceq%c0" % (level, level, level + 1)
+    return bytes(body + b"h%c." % levels)
+
+
+def test_a_deep_tuple_as_a_dict_key_is_refused_before_it_is_hashed() -> None:
+    # 10**6 nested tuples: CPython's hash recursed in C and overflowed the stack (SIGSEGV)
+    body = PROTO2 + b"}" + b"N" + b"\x85" * 1_000_000 + text("v") + b"s."
+    quickly(body, match="opcodes")  # 10**6 opcodes are past the budget before the key is used
+    body = PROTO2 + b"}" + b"N" + b"\x85" * 100_000 + text("v") + b"s."
+    quickly(body, match="dict keys must be strings")
+
+
+def test_a_tuple_dag_as_a_dict_key_is_refused() -> None:
+    # a 1.2 KB DAG of tuples: hashing it walked 2**n paths
+    dag = PROTO2 + b"}N\x85q\x000" + b"".join(b"h%ch%c\x86q%c0" % (i, i, i + 1) for i in range(200))
+    quickly(dag + b"h\xc8" + text("v") + b"s.", match="dict keys")
+
+
+@pytest.mark.parametrize("levels", [30, 55, 63])
+def test_lists_shared_through_the_memo_cannot_grow_exponentially(levels: int) -> None:
+    body = memo_dag(levels)
+    assert len(body) < 1300
+    quickly(body, PayloadTooLarge, match="shared references")
+
+
+def test_a_few_shared_references_are_data_and_stay_shared() -> None:
+    shared = restricted_loads(memo_dag(3))
+    assert shared[0] is shared[1] and len(shared[0][0][0]) == 0
+    array = np.arange(4.0)
+    restored = restricted_loads(pickle.dumps({"a": array, "b": [array, array]}, protocol=4))
+    assert restored["b"][0] is restored["a"] is restored["b"][1]
+
+
+def test_one_buffer_behind_many_arrays_counts_each_time() -> None:
+    # a 100 KB buffer memoised once and referenced by 200 arrays: 20 MB of reply from 100 KB
+    body = many_views(100_000, 200)
+    assert len(body) < 110_000
+    quickly(body, PayloadTooLarge, limit=16 * MiB)
+    views = restricted_loads(body, limit=32 * MiB)["x"]  # within the limit it is data
+    assert len(views) == 200 and views[0].shape == (12_500,)
+
+
+def many_views(size: int, count: int) -> bytes:
+    """``{"x": [_frombuffer(B, float64, (n,), "C")] * count}`` with one BYTEARRAY8 ``B``,
+    written once and referenced ``count`` times through the memo."""
+    dtype = (text("numpy") + text("dtype") + b"\x93" + text("f8") + b"\x89\x88\x87R"
+             + b"(K\x03" + text("<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    shape = b"J" + struct.pack("<i", size // 8) + b"\x85"
+    first = (text("numpy._core.numeric") + text("_frombuffer") + b"\x93\x94"  # memo 0
+             + b"(\x96" + struct.pack("<Q", size) + bytes(size) + b"\x94"  # memo 1
+             + dtype + b"\x94" + shape + text("C") + b"tR")  # memo 2: the dtype
+    again = b"h\x00(h\x01h\x02" + shape + text("C") + b"tR"
+    return b"\x80\x05}" + text("x") + b"](" + first + again * (count - 1) + b"es."
+
+
+def test_a_huge_memo_index_costs_no_memory() -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for index in (2**24, 2**31, 2**32 - 1):
+        quickly(PROTO2 + b"N" + b"r" + struct.pack("<I", index) + b".", match="memo index")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 1024  # KiB
+
+
+@pytest.mark.parametrize("kind", ["S", "U", "V"])
+def test_an_unsized_flexible_scalar_is_refused_and_numpy_stays_whole(kind: str) -> None:
+    # numpy's own __setstate__ set its shared unsized S/U/V descriptors' item size to 1: every
+    # later astype(str) in the process gave empty strings
+    from numpy._core.multiarray import scalar
+
+    unsized = Reduce(np.dtype, (f"{kind}0", False, True),
+                     (3, "<" if kind == "U" else "|", None, None, None, 1, 1, 0))
+    for protocol in (2, 5):
+        quickly(pickle.dumps({"x": Reduce(scalar, (unsized, b"a"))}, protocol=protocol), match="unsized")
+    assert np.arange(5).astype(str).tolist() == ["0", "1", "2", "3", "4"]
+    assert np.array([1.5]).astype("U").tolist() == ["1.5"] and np.dtype(kind).itemsize == 0
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        (3, "|", None, ("a", "b"), {"a": (np.dtype("<f8"), 0)}, 8, 1, 16),  # a name without a field
+        (3, "|", None, ("a",), {"a": (np.dtype("<f8"), 0)}, 8, 0, 16),  # alignment 0 (SIGFPE)
+        (3, "|", None, ("a",), {"a": (np.dtype("<f8"), 0, "title")}, 8, 1, 16),  # titles
+        (3, "|", None, ("a",), {"a": (np.dtype("<f8"), 0)}, 8, 1, 0),  # flags numpy would not write
+    ],
+    ids=["names without fields", "alignment 0", "a title", "forged flags"],
+)
+def test_inconsistent_structured_dtype_states_are_refused(state: tuple[Any, ...]) -> None:
+    from numpy._core.multiarray import _reconstruct
+
+    dtype = Reduce(np.dtype, ("V8", False, True), state)
+    array = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2,), dtype, False, b"A" * 16))
+    for protocol in (2, 4):
+        quickly(pickle.dumps({"x": array}, protocol=protocol))
+
+
+def test_a_structured_dtype_reusing_its_fields_at_every_level_is_refused() -> None:
+    # 8 fields at each of 6 levels, one dtype object each: 8**6 fields for numpy to walk
+    level = np.dtype("<f8")
+    for _ in range(6):
+        level = np.dtype({"names": [f"f{i}" for i in range(8)], "formats": [level] * 8,
+                          "offsets": [0] * 8, "itemsize": level.itemsize})
+    quickly(pickle.dumps({"x": np.zeros(1, level)}, protocol=4), match="fields")
+
+
+def test_unicode_that_is_not_code_points_is_refused() -> None:
+    array = np.frombuffer(b"\xff\xff\xff\xff", "<U1")
+    quickly(pickle.dumps({"x": array}, protocol=5), match="code points")
+    quickly(pickle.dumps({"x": array}, protocol=2), match="code points")
+
+
+def test_a_value_that_contains_itself_is_refused() -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+    quickly(pickle.dumps({"x": looped}, protocol=4), match="contains itself")
+
+
+def test_depth_built_through_the_memo_is_bounded() -> None:
+    # each list is made at the top of the stack and takes the previous one by reference: the
+    # stack never gets deep, the value does (L[i+1] = [L[i]])
+    body = PROTO2 + b"]q\x00" + b"".join(b"]q%ch%ca0" % (i + 1, i) for i in range(100)) + b"0h\x64."
+    quickly(body, match="deeper than 64")
+    shallow = PROTO2 + b"]q\x00" + b"".join(b"]q%ch%ca0" % (i + 1, i) for i in range(10)) + b"0h\x0a."
+    assert restricted_loads(shallow) == [[[[[[[[[[[]]]]]]]]]]]
+
+
+@pytest.mark.parametrize(
+    ("body", "limits"),
+    [
+        (PROTO2 + b"N0" * 100_000 + b"N.", Limits(max_bytes=MiB, max_ops=50_000)),
+        (PROTO2 + b"N0" * 100_000 + b"N.", Limits(max_bytes=MiB, max_seconds=0.0)),
+    ],
+    ids=["opcodes", "time"],
+)
+def test_work_is_bounded(body: bytes, limits: Limits) -> None:
+    with pytest.raises(PickleRefused, match=r"opcodes|longer"):
+        decode(body, limits)
+
+
+def test_claims_beyond_the_body_are_refused_without_allocating() -> None:
+    for op, width in ((b"X", 4), (b"\x8d", 8), (b"B", 4), (b"\x8e", 8), (b"\x96", 8), (b"\x8b", 4)):
+        quickly(PROTO2 + op + (2**31).to_bytes(width, "little") + b"ab.")
+
+
+def test_an_array_s_bytes_must_match_its_shape_and_dtype() -> None:
+    from numpy._core.multiarray import _reconstruct
+
+    short = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1000,), np.dtype("f8"), False, b"A" * 8))
+    quickly(pickle.dumps({"x": short}, protocol=2), match="holds 8 bytes")
+    huge_empty = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (0, 2**61, 2**61), np.dtype("f8"),
+                                                                 False, b""))
+    quickly(pickle.dumps({"x": huge_empty}, protocol=2), match="too big")
+
+
+def test_zero_size_arrays_with_large_other_dimensions_are_data() -> None:
+    array = np.zeros((0, 2**20, 3), "f4")
+    assert restricted_loads(pickle.dumps({"x": array}, protocol=2))["x"].shape == (0, 2**20, 3)
+
+
+def test_limit_errors_are_413_and_refusals_400() -> None:
+    with pytest.raises(PickleTooLarge):
+        decode(memo_dag(40), Limits(max_bytes=MiB))
+    assert PayloadTooLarge.status == 413 and BadRequest.status == 400
+    with pytest.raises(BadRequest, match="not allowed"):
+        restricted_loads(as_dict(b"cos\nsystem\n" + b"(" + text("true") + b"tR"))
