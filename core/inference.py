@@ -19,6 +19,7 @@ from core.body import ClientGone, read_body
 from core.codecs import CodecSet
 from core.context import ServerContext
 from core.errors import BadRequest, MethodNotAllowed, ModelError, Overloaded, StudioError
+from core.offload import decode_off_loop
 from core.types import Codec, Payload
 
 log = logging.getLogger("studio_plugins.app")
@@ -85,7 +86,7 @@ class InferenceEndpoint:
             model = self.context.ready_model(name)
             body = await read_body(receive, headers.get(b"content-length"), self.max_body)
             codec = self.codecs.for_request(headers.get(b"content-type", b"").decode("latin-1"), body)
-            payload = codec.decode(body, self.max_body)
+            payload = await decode_off_loop(codec.decode, body, self.max_body)
             if not isinstance(payload, dict) or not all(isinstance(key, str) for key in payload):
                 raise BadRequest("the body must be a dict with string keys (names -> arrays)")
             result, info["batch"] = await self.context.run(model, name, payload, receive)

@@ -25,6 +25,7 @@ from core.errors import (
 )
 from core.experiments import studio_home, validate_key
 from core.hookspecs import hookimpl
+from core.offload import decode_off_loop
 from core.safe_pickle import dumps as pickle_dumps
 from core.safe_pickle import restricted_loads
 from core.types import (
@@ -98,6 +99,7 @@ __all__ = [
     "StudioError",
     "TensorSpec",
     "__version__",
+    "decode_off_loop",
     "get_model_directory",
     "hookimpl",
     "pickle_dumps",
