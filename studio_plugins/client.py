@@ -1,7 +1,7 @@
 """A small Python client for ``POST /``: pickled dict in, pickled dict out.
 
-Replies are decoded with the same restricted unpickler the server uses, so a hostile server
-cannot run code in the client either.
+Replies are read by the same data-only decoder the server uses on requests, within a size limit,
+so a hostile server cannot run code in the client, nor hang or bloat it.
 """
 
 from __future__ import annotations
@@ -42,20 +42,30 @@ def predict(
     data: dict[str, Any],
     token: str | None = None,
     timeout: float | None = None,
+    max_reply: int = 1 << 30,
 ) -> dict[str, Any]:
-    """POST ``data`` (a dict of named arrays) to ``url`` and return the model's dict."""
+    """POST ``data`` (a dict of named arrays) to ``url`` and return the model's dict.
+
+    The reply is read as data by the same decoder the server uses on requests, never unpickled:
+    a server that answers anything but plain data, or more than ``max_reply`` bytes of it
+    (shared references counted each time), raises ``PredictionError``."""
     headers = {"Content-Type": PICKLE, "Accept": PICKLE}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=dumps(data), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
+            body = response.read(max_reply + 1)
+            if len(body) > max_reply:
+                raise PredictionError(200, f"the reply is larger than max_reply ({max_reply} bytes)")
     except urllib.error.HTTPError as exc:
         raise _error_from(exc.code, exc.read()) from None
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as exc:
         raise PredictionError(0, f"cannot reach {url}: {exc}") from None
-    result = restricted_loads(body)
+    try:
+        result = restricted_loads(body, max_reply)
+    except StudioError as exc:
+        raise PredictionError(200, f"the server's reply is not plain data: {exc.message}") from None
     if not isinstance(result, dict):
         raise PredictionError(200, f"the server answered a {type(result).__name__}, not a dict")
     return result
