@@ -563,6 +563,10 @@ def _check_text(array: np.ndarray[Any, Any]) -> None:
             raise PickleRefused("a unicode array holds values that are not code points")
 
 
+def _describe(value: Any) -> str:
+    return f"global {value.name}" if type(value) is _Global else type(value).__name__
+
+
 def decode(data: bytes, limits: Limits) -> Any:
     """The value ``data`` pickles, read as data within ``limits``; ``PickleRefused`` (or its
     ``PickleTooLarge``) otherwise."""
@@ -609,6 +613,9 @@ class _Finisher:
             if value.array is None:
                 raise PickleRefused("an array without its state")
             return value.array, value.array.nbytes, 0
+        if kind is not dict and kind is not list and kind is not tuple and kind is not set \
+                and kind is not frozenset:
+            raise PickleRefused(f"a {_describe(value)} is not data")  # a bare global, say
         if depth >= self.limits.max_depth:
             raise PickleRefused(f"nested deeper than {self.limits.max_depth} levels")
         key = id(value)
@@ -646,7 +653,7 @@ class _Finisher:
                     value[item_key] = done
                 weight += item_weight
                 height = max(height, item_height)
-        elif kind is list or kind is tuple:
+        else:  # list or tuple
             final = []
             changed = False
             for item in value:
@@ -664,6 +671,4 @@ class _Finisher:
                     value[:] = final
                 else:
                     value = tuple(final)
-        else:  # pragma: no cover - the decoder builds no other kind
-            raise PickleRefused(f"{kind.__name__} values are not accepted")
         return value, weight, height + 1

@@ -197,3 +197,9 @@ def test_limit_errors_are_413_and_refusals_400() -> None:
     assert PayloadTooLarge.status == 413 and BadRequest.status == 400
     with pytest.raises(BadRequest, match="not allowed"):
         restricted_loads(as_dict(b"cos\nsystem\n" + b"(" + text("true") + b"tR"))
+
+
+def test_a_global_left_uncalled_is_not_data() -> None:
+    # found by the fuzzer (tests/corpus/pickle_decoder/bare-global-in-a-list)
+    quickly(as_dict(b"]cnumpy\ndtype\na"), match="global numpy.dtype is not data")
+    quickly(PROTO2 + b"cnumpy\ndtype\n.", match="is not data")
