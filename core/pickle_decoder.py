@@ -92,6 +92,7 @@ for _numpy in ("numpy._core", "numpy.core"):  # numpy 2, numpy 1.x
     GLOBALS[(f"{_numpy}.numeric", "_frombuffer")] = FROMBUFFER
 
 _KEY_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+_SMALL = frozenset({int, float, bool, type(None)})  # counted as 8 bytes each (ints are bounded)
 
 
 class _ArrayNode:
@@ -644,29 +645,37 @@ class _Finisher:
         height = 0
         if kind is dict:
             for item_key, item in value.items():
-                weight += len(item_key) if type(item_key) is str else 8
-                if type(item) is np.ndarray:  # the common item, inline
+                weight += len(item_key) if type(item_key) is str or type(item_key) is bytes else 8
+                item_kind = type(item)
+                if item_kind is np.ndarray:  # the common items, inline
                     weight += item.nbytes
-                    continue
-                done, item_weight, item_height = self.visit(item, depth + 1)
-                if done is not item:
-                    value[item_key] = done
-                weight += item_weight
-                height = max(height, item_height)
+                elif item_kind in _SMALL:
+                    weight += 8
+                else:
+                    done, item_weight, item_height = self.visit(item, depth + 1)
+                    if done is not item:
+                        value[item_key] = done
+                    weight += item_weight
+                    height = max(height, item_height)
         else:  # list or tuple
-            final = []
-            changed = False
-            for item in value:
-                if type(item) is np.ndarray:  # the common item, inline
+            final: list[Any] | None = None  # made when the first item changes
+            for index, item in enumerate(value):
+                item_kind = type(item)
+                if item_kind is np.ndarray:
                     weight += item.nbytes
-                    final.append(item)
-                    continue
-                done, item_weight, item_height = self.visit(item, depth + 1)
-                changed = changed or done is not item
-                final.append(done)
-                weight += item_weight
-                height = max(height, item_height)
-            if changed:
+                    done = item
+                elif item_kind in _SMALL:
+                    weight += 8
+                    done = item
+                else:
+                    done, item_weight, item_height = self.visit(item, depth + 1)
+                    weight += item_weight
+                    height = max(height, item_height)
+                if final is not None:
+                    final.append(done)
+                elif done is not item:
+                    final = [*value[:index], done]
+            if final is not None:
                 if kind is list:
                     value[:] = final
                 else:

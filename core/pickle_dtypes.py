@@ -39,7 +39,7 @@ class DtypeRefused(ValueError):
     """The described dtype is not one we build; the message says why."""
 
 
-_plain_cache: dict[tuple[str, str, int, int, int], np.dtype[Any]] = {}
+_plain_cache: dict[tuple[str, int, str, int, int, int], np.dtype[Any]] = {}
 
 
 def build_dtype(typestr: str, state: Any) -> tuple[np.dtype[Any], int, int]:
@@ -51,6 +51,13 @@ def build_dtype(typestr: str, state: Any) -> tuple[np.dtype[Any], int, int]:
     if type(typestr) is not str or type(state) is not tuple or len(state) not in (8, 9):
         raise DtypeRefused("a dtype's state is not numpy's")
     version, order, subarray, names, fields, elsize, alignment, flags = state[:8]
+    if (len(state) == 8 and subarray is None and names is None and fields is None and type(order) is str
+            and type(elsize) is int and type(alignment) is int and type(flags) is int):
+        # a plain dtype seen before (nearly every one): its state holds only strings and ints,
+        # safe to hash; it was checked when it was first built
+        cached = _plain_cache.get((typestr, version, order, elsize, alignment, flags))
+        if cached is not None:
+            return cached, 0, 1
     if (type(version) is not int or version not in (3, 4) or len(state) != version + 5
             or type(order) is not str or order not in _ORDERS
             or not all(type(n) is int for n in (elsize, alignment, flags))):
@@ -66,14 +73,11 @@ def build_dtype(typestr: str, state: Any) -> tuple[np.dtype[Any], int, int]:
             dtype = _plain(match, order, state[8])
             _agree(dtype, elsize, alignment, flags)
             return dtype, 0, 1
-        key = (typestr, order, elsize, alignment, flags)
-        cached = _plain_cache.get(key)
-        if cached is None:
-            cached = _plain(match, order, None)
-            _agree(cached, elsize, alignment, flags)
-            if len(_plain_cache) < 1024:
-                _plain_cache[key] = cached
-        return cached, 0, 1
+        dtype = _plain(match, order, None)
+        _agree(dtype, elsize, alignment, flags)
+        if len(_plain_cache) < 1024:  # bounded, whatever clients send
+            _plain_cache[(typestr, version, order, elsize, alignment, flags)] = dtype
+        return dtype, 0, 1
     if version != 3 or match.group(1) != "V" or order != "|":
         raise DtypeRefused("a structured or subarray dtype's state is not numpy's")
     size = int(match.group(2))

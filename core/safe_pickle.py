@@ -37,10 +37,18 @@ def restricted_loads(data: bytes, limit: int = DEFAULT_LIMIT) -> Any:
     return decode_general(data, limit)
 
 
+_limits: dict[int, Limits] = {}
+
+
 def decode_general(data: bytes, limit: int = DEFAULT_LIMIT) -> Any:
     """``restricted_loads`` by the data-only decoder alone, whatever the body."""
+    limits = _limits.get(limit)
+    if limits is None:
+        if len(_limits) > 16:  # a server has one limit; callers of this function a few
+            _limits.clear()
+        limits = _limits[limit] = Limits(max_bytes=limit, max_depth=MAX_DEPTH)
     try:
-        return decode(bytes(data), Limits(max_bytes=limit, max_depth=MAX_DEPTH))
+        return decode(bytes(data), limits)
     except PickleTooLarge as exc:
         raise PayloadTooLarge(f"refused pickle: {exc}") from None
     except PickleRefused as exc:
