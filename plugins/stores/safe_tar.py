@@ -241,6 +241,8 @@ def _check_data(info: tarfile.TarInfo) -> None:
         raise _Refused(info.name, f"has a sparse map over {MAX_SPARSE} entries")
     end = 0
     for offset, numbytes in sparse:  # ascending, within the file: the data is read forward only
+        if numbytes == 0 and offset >= 0:  # GNU tar ends its maps with empty entries
+            continue
         if offset < end or numbytes < 0 or offset + numbytes > info.size:
             raise _Refused(info.name, "has an inconsistent sparse map")
         end = offset + numbytes
