@@ -141,7 +141,8 @@ def test_sparse_members_written_by_gnu_tar(box: Box, fmt: str) -> None:
 
 def cve_2025_4517_chain(outside: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
     """The published proof of concept's shape: symlinks through directories with names long
-    enough that ``realpath`` (the data filter's check) gives up before the chain ends."""
+    enough that ``realpath`` (the data filter's check) gives up before the chain ends. Checked
+    once by hand: ``extractall(filter="data")`` on 3.11.7 writes ``outside/evil.txt`` from it."""
     members = []
     component, path = "d" * 247, ""
     for step in "abcdefghijklmnop":
