@@ -23,7 +23,9 @@ mode stripped of setuid/setgid/sticky and group/world write. Directories are cre
 ``tarfile`` still parses the headers, through :class:`_Header`, which refuses negative sizes
 (CVE-2025-8194's endless loop), pax and GNU long-name headers over 64 KiB, pax records that are
 malformed or hold long digit runs (the header regexes backtrack quadratically on those:
-CVE-2024-6232), and sparse maps over 10,000 entries (each one is held in memory).
+CVE-2024-6232), sparse maps over 10,000 entries (each one is held in memory), and any header
+that does not parse (``tarfile`` takes one past the first member for the end of the archive, and
+a damaged archive would be served in part).
 
 Studio.ML wrote its archives with ``tar -C modeldir -cf modeldir.tar .`` (members ``./file``);
 an archive holding one ``modeldir/`` folder is unwrapped. Only plain and gzip-compressed tar are
@@ -56,6 +58,8 @@ MAX_NAME = 4096
 _CHUNK = 1 << 20
 _LONG_DIGITS = re.compile(rb"\d{33}")
 _nti = tarfile.nti  # type: ignore[attr-defined]
+_BAD_HEADER: tuple[type[Exception], ...] = (
+    tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_MEMBERS", "extract_archive"]
 
@@ -70,6 +74,11 @@ class _Refused(Exception):
         self.why = why
 
 
+class _Damaged(Exception):
+    """A header that does not parse. ``TarFile.next`` would take it for the end of the archive
+    (past the first member) and a truncated modeldir would be served as if whole."""
+
+
 # --- header parsing: tarfile's parser, with its unbounded paths bounded ------------------------
 
 
@@ -81,6 +90,15 @@ class _Header(_TarInfo):
     """``tarfile.TarInfo`` that refuses the headers ``tarfile`` itself mishandles on 3.11."""
 
     size: int
+
+    @classmethod
+    def fromtarfile(cls, tar: Any) -> Any:
+        offset = tar.fileobj.tell()
+        try:
+            return super().fromtarfile(tar)
+        except _BAD_HEADER as exc:
+            # EOFHeaderError (zero blocks) and EmptyHeaderError (no more data) are real ends
+            raise _Damaged(f"the header at byte {offset} is damaged ({exc})") from None
 
     def _block(self, count: int) -> int:
         if count < 0:  # CVE-2025-8194: a negative size moves the offset back: an endless loop
@@ -432,7 +450,7 @@ def extract_archive(
         _empty(target)
         if isinstance(exc, _Refused):
             raise _unsafe(label, exc) from None
-        if isinstance(exc, tarfile.TarError | EOFError | OSError | ValueError | RecursionError
+        if isinstance(exc, _Damaged | tarfile.TarError | EOFError | OSError | ValueError | RecursionError
                       | zlib.error | UnicodeError):
             raise StoreError(
                 f"cannot extract archive {label}: {exc}",

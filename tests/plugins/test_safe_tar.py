@@ -291,3 +291,49 @@ def test_a_target_that_is_not_empty_is_refused(box: Box) -> None:
     (box.target / "old").write_text("o")
     with pytest.raises(StoreError, match="not empty"):
         box.extract()
+
+
+@pytest.mark.parametrize(
+    ("keep", "tail"),
+    [(3072, b"\x01" * 512), (1536 + 100, b""), (2048 + 100, b"")],
+    ids=["garbage header", "cut in a header", "cut in the data"],
+)
+def test_a_damaged_archive_is_refused_not_served_in_part(box: Box, keep: int, tail: bytes) -> None:
+    # past the first member, tarfile itself takes a bad header for the end of the archive
+    write_tar(box.archive, [regular("a.h5", b"A" * 600), regular("b.h5", b"B" * 600),
+                            regular("c.h5", b"C" * 600)], fmt=tarfile.USTAR_FORMAT)
+    box.archive.write_bytes(box.archive.read_bytes()[:keep] + tail)
+    box.refused("cannot extract archive")
+
+
+def test_mutated_archives_are_extracted_or_refused_in_one_line(box: Box) -> None:
+    """A short seeded mutation run over valid pax, GNU and ustar archives (plain and gzip)."""
+    import random
+
+    rng = random.Random(13)
+    seeds = []
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        write_tar(box.archive, [regular("./a.h5", b"A" * 700), regular("d/" + "é" * 60 + "/b", b"B"),
+                                special("./e", tarfile.DIRTYPE)], fmt=fmt)
+        seeds.append(box.archive.read_bytes())
+    outcomes = set()
+    for _ in range(300):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randrange(len(data))
+            if rng.random() < 0.6:
+                data[pos] = rng.randrange(256)
+            else:
+                data[pos:pos + 8] = bytes(rng.choice(b"0123456789 \xff=\n") for _ in range(8))
+        box.archive.write_bytes(gzip.compress(bytes(data)) if rng.random() < 0.3 else bytes(data))
+        shutil.rmtree(box.target)
+        started = time.monotonic()
+        try:
+            box.extract(max_bytes=1 << 20)
+            outcomes.add("extracted")
+        except StoreError as exc:
+            assert "\n" not in exc.message
+            outcomes.add("refused")
+        assert time.monotonic() - started < 1
+        assert box.snapshot() == {"cache", "outside", "outside/keep.txt"}
+    assert outcomes == {"extracted", "refused"}
