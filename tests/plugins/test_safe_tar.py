@@ -119,8 +119,9 @@ def test_long_and_non_ascii_names(box: Box, fmt: int) -> None:
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
-@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "pax:0.1", "pax:1.0"])
 def test_sparse_members_written_by_gnu_tar(box: Box, fmt: str) -> None:
+    fmt, _, version = fmt.partition(":")  # old GNU 'S' members, or pax sparse 0.0, 0.1, 1.0
     source = box.root / "src"
     source.mkdir()
     with open(source / "sparse.bin", "wb") as handle:
@@ -128,7 +129,8 @@ def test_sparse_members_written_by_gnu_tar(box: Box, fmt: str) -> None:
         handle.seek(5_000_000)
         handle.write(b"tail")
     (source / "plain.txt").write_text("p")
-    subprocess.run(["tar", f"--format={fmt}", "--sparse", "-C", str(source), "-cf",
+    versions = [f"--sparse-version={version}"] if version else []
+    subprocess.run(["tar", f"--format={fmt}", "--sparse", *versions, "-C", str(source), "-cf",
                     str(box.archive), "."], check=True)
     assert box.extract() == 2
     data = (box.target / "sparse.bin").read_bytes()
@@ -337,3 +339,43 @@ def test_mutated_archives_are_extracted_or_refused_in_one_line(box: Box) -> None
         assert time.monotonic() - started < 1
         assert box.snapshot() == {"cache", "outside", "outside/keep.txt"}
     assert outcomes == {"extracted", "refused"}
+
+
+def gnu_tar_sparse(box: Box, *args: str) -> bytes:
+    if shutil.which("tar") is None:
+        pytest.skip("needs GNU tar to write sparse members")
+    source = box.root / "src"
+    source.mkdir()
+    with open(source / "sparse.bin", "wb") as handle:
+        handle.write(b"head")
+        handle.seek(5_000_000)
+        handle.write(b"tail")
+    subprocess.run(["tar", "--sparse", *args, "-C", str(source), "-cf", str(box.archive),
+                    "sparse.bin"], check=True)
+    shutil.rmtree(source)
+    return box.archive.read_bytes()
+
+
+def checksum(header: bytearray) -> None:
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+
+
+def test_an_endless_old_gnu_sparse_map_is_refused(box: Box) -> None:
+    # tarfile would keep every entry of every extension block in memory
+    data = bytearray(gnu_tar_sparse(box, "--format=gnu"))
+    header = data[:512]
+    assert header[156:157] == tarfile.GNUTYPE_SPARSE
+    header[482] = 1  # "an extension block follows"
+    checksum(header)
+    extension = bytearray((b"%011o\0" % 1 + b"%011o\0" % 1) * 21 + bytes(8))
+    extension[504] = 1
+    box.archive.write_bytes(bytes(header) + bytes(extension) * 600 + bytes(data[512:]))
+    box.refused("sparse map over 10000 entries")
+
+
+def test_an_oversized_pax_sparse_map_is_refused(box: Box) -> None:
+    data = gnu_tar_sparse(box, "--format=pax", "--sparse-version=1.0")
+    start = data.index(b"3\n0\n4096\n")
+    box.archive.write_bytes(data[:start] + b"99999\n" + data[start + 6:])
+    box.refused("sparse map over 10000 entries")
