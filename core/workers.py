@@ -233,7 +233,8 @@ class Supervisor:
         if self.unserved[slot] >= plan.max_early_deaths:
             raise WorkersDiedError(
                 f"the workers die at start: {self.unserved[slot]} in a row died before taking "
-                f"a request, the last (pid {pid}) {how} {lived:.1f}s after its fork",
+                f"a request, the last (pid {pid}) {lived:.1f}s after its fork "
+                f"({_describe_status(status)})",
                 hint="check the model or wrapper; run with --workers 1 or --debug to see why",
             )
         delay = min(plan.backoff_cap, plan.backoff_first * 2 ** (self.early[slot] - 1))
