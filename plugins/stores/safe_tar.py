@@ -82,8 +82,8 @@ class _Damaged(Exception):
 # --- header parsing: tarfile's parser, with its unbounded paths bounded ------------------------
 
 
-_TarInfo: Any = tarfile.TarInfo  # its _proc_* methods are the documented way to extend it,
-# but typeshed does not declare them
+# Overriding _proc_* is tarfile's documented way to extend its parser; typeshed omits them.
+_TarInfo: Any = tarfile.TarInfo
 
 
 class _Header(_TarInfo):
