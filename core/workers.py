@@ -6,6 +6,14 @@ itself: it replaces a worker that dies, counts idleness across all of them for `
 drains them on SIGTERM/SIGINT, and for ``--watch`` loads a new checkpoint once and re-forks the
 workers one at a time from it (reloading in each worker would cost N copies of the weights).
 
+Restarts: a worker that ran ``early_death`` seconds (5) or more is replaced at once. One that
+dies sooner never got going (a broken model or wrapper, a framework that cannot run after a
+fork): its slot is re-forked after a delay that doubles from 0.5 s up to 16 s, so a crash loop
+costs little, and after 5 such deaths in a row before the worker took a single request the
+server exits 1 with one line saying so. A worker that dies *while serving* is backed off the
+same way but never counts toward that exit: a request must not be able to stop the server.
+A rolling reload's replaced workers are drained by the supervisor itself, never counted.
+
 Fork rule (measured): after a framework has run a multi-threaded op in a process, a forked child
 that runs it with more than one thread hangs (OpenMP's pool is not fork-safe). So the parent
 runs with one intra-op thread, and each worker sets its own count after the fork.
@@ -27,8 +35,17 @@ from dataclasses import dataclass
 from types import FrameType
 
 from core.activity import Activity
+from core.errors import StudioError
 
 log = logging.getLogger("studio_plugins.workers")
+
+FIELDS = 3
+"""Per slot in the shared table: requests in flight, when one was last seen (monotonic, which is
+system-wide), and requests started since the fork (0: it died before taking any)."""
+
+
+class WorkersDiedError(StudioError):
+    """Workers keep dying right after their fork: nothing would ever serve."""
 
 
 class SharedActivity(Activity):
@@ -41,11 +58,12 @@ class SharedActivity(Activity):
         self._publish()
 
     def _publish(self) -> None:
-        self.table[2 * self.slot] = self.in_flight
-        self.table[2 * self.slot + 1] = self.last_seen
+        self.table[FIELDS * self.slot] = self.in_flight
+        self.table[FIELDS * self.slot + 1] = self.last_seen
 
     def started(self) -> None:
         super().started()
+        self.table[FIELDS * self.slot + 2] += 1
         self._publish()
 
     def finished(self) -> None:
@@ -60,6 +78,12 @@ class WorkerPlan:
     killafter: float = 0.0
     watch: float = 0.0
     graceful_timeout: float = 30.0
+    early_death: float = 5.0
+    """A worker dead sooner than this after its fork never got going: restart it with backoff."""
+    backoff_first: float = 0.5
+    backoff_cap: float = 16.0
+    max_early_deaths: int = 5
+    """Early deaths in a row, before any request, after which the server gives up."""
 
 
 ServeInWorker = Callable[[socket.socket, Activity], int]
@@ -82,17 +106,21 @@ class Supervisor:
         self.worker_init = worker_init
         self.reload = reload
         self.on_worker_exit = on_worker_exit
-        # per slot: requests in flight, monotonic time last seen (CLOCK_MONOTONIC is system-wide)
-        self.table = multiprocessing.RawArray(ctypes.c_double, 2 * plan.workers)
+        self.table = multiprocessing.RawArray(ctypes.c_double, FIELDS * plan.workers)
         self.pids: dict[int, int] = {}  # slot -> pid
+        self.forked_at: dict[int, float] = {}  # slot -> monotonic time of its worker's fork
+        self.early: dict[int, int] = {}  # slot -> early deaths in a row (the backoff)
+        self.unserved: dict[int, int] = {}  # slot -> of those, in a row before any request
+        self.due: dict[int, float] = {}  # slot -> when its next worker is forked (backing off)
         self.stopping = False
         self.started = time.monotonic()
 
     # --- child ----------------------------------------------------------------------------
 
     def _fork(self, slot: int) -> int:
-        self.table[2 * slot] = 0
-        self.table[2 * slot + 1] = time.monotonic()
+        self.table[FIELDS * slot] = 0
+        self.table[FIELDS * slot + 1] = self.forked_at[slot] = time.monotonic()
+        self.table[FIELDS * slot + 2] = 0
         # The garbage collector writes into every object it scans, so a worker's first full
         # collection would copy the parent's whole Python heap (Keras leaves ~100 MiB of it):
         # frozen objects are never scanned, and their pages stay shared. Measured: 4 workers of
@@ -155,14 +183,14 @@ class Supervisor:
         return 0
 
     def _idle_for(self) -> float:
-        in_flight = sum(self.table[2 * slot] for slot in self.pids)
+        in_flight = sum(self.table[FIELDS * slot] for slot in self.pids)
         if in_flight:
             return 0.0
-        last = max([self.started, *(self.table[2 * slot + 1] for slot in self.pids)])
+        last = max([self.started, *(self.table[FIELDS * slot + 1] for slot in self.pids)])
         return time.monotonic() - last
 
-    def _reap(self) -> list[int]:
-        """Slots whose worker has exited (collected, so no zombies)."""
+    def _reap(self) -> list[tuple[int, int, int]]:
+        """(slot, pid, status) of each worker that has exited (collected, so no zombies)."""
         dead = []
         while True:
             try:
@@ -174,18 +202,45 @@ class Supervisor:
             for slot, worker in list(self.pids.items()):
                 if worker == pid:
                     del self.pids[slot]
-                    dead.append(slot)
+                    dead.append((slot, pid, status))
                     if self.on_worker_exit is not None:
                         self.on_worker_exit(pid)
-                    if not self.stopping:
-                        log.warning("worker %d exited (%s); starting a new one", pid,
-                                    _describe_status(status))
         return dead
 
     def _reap_and_replace(self) -> None:
-        for slot in self._reap():
-            if not self.stopping:
+        now = time.monotonic()
+        for slot, pid, status in self._reap():
+            if self.stopping:
+                break
+            self.due[slot] = now + self._backoff(slot, pid, status, now)
+        for slot, when in sorted(self.due.items()):
+            if when <= now and not self.stopping:
+                del self.due[slot]
                 self._fork(slot)
+
+    def _backoff(self, slot: int, pid: int, status: int, now: float) -> float:
+        """Seconds to wait before re-forking ``slot`` (raises once its workers keep dying)."""
+        plan = self.plan
+        lived = now - self.forked_at.get(slot, self.started)
+        how = _describe_status(status)
+        if lived >= plan.early_death:
+            self.early[slot] = self.unserved[slot] = 0
+            log.warning("worker %d exited (%s); starting a new one", pid, how)
+            return 0.0
+        served = self.table[FIELDS * slot + 2] > 0
+        self.early[slot] = self.early.get(slot, 0) + 1
+        self.unserved[slot] = 0 if served else self.unserved.get(slot, 0) + 1
+        if self.unserved[slot] >= plan.max_early_deaths:
+            raise WorkersDiedError(
+                f"the workers die at start: {self.unserved[slot]} in a row died before taking "
+                f"a request, the last (pid {pid}) {lived:.1f}s after its fork "
+                f"({_describe_status(status)})",
+                hint="check the model or wrapper; run with --workers 1 or --debug to see why",
+            )
+        delay = min(plan.backoff_cap, plan.backoff_first * 2 ** (self.early[slot] - 1))
+        log.warning("worker %d exited (%s) %.1fs after its fork%s; starting a new one in %.1fs",
+                    pid, how, lived, "" if served else " before taking a request", delay)
+        return delay
 
     def _roll(self) -> None:
         """Re-fork every worker from the parent's new model, one at a time, each old one
@@ -215,6 +270,7 @@ class Supervisor:
 
     def _drain(self) -> None:
         self.stopping = True
+        self.due.clear()
         for pid in self.pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
