@@ -29,6 +29,7 @@ out-of-band buffers, Python 2 ``str``) is refused with a line that says what.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -459,9 +460,11 @@ class _Decoder:
                 elif op == 0x46:  # FLOAT 'F'
                     line, pos = _line(data, pos, end)
                     try:
+                        if len(line) > 100:  # repr(float) is at most 24: no digit strings to parse
+                            raise ValueError
                         stack.append(float(line))
                     except ValueError:
-                        raise PickleRefused("a FLOAT that is not a number") from None
+                        raise PickleRefused("a FLOAT that is not a short number") from None
                 elif op == 0x56:  # UNICODE 'V' (protocol 0)
                     newline = data.find(b"\n", pos)
                     if newline < 0:
@@ -508,9 +511,13 @@ def _line(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
 
 
 def _line_int(line: bytes, signed: bool = False) -> int:
-    if not line or len(line) > 40 or not line.lstrip(b"-" if signed else b"").isdigit():
+    if len(line) > 40 or not (_SIGNED if signed else _UNSIGNED).fullmatch(line):
         raise PickleRefused("a text integer that is not a short number")
     return int(line)
+
+
+_SIGNED = re.compile(rb"-?[0-9]+")
+_UNSIGNED = re.compile(rb"[0-9]+")
 
 
 def _global(module: Any, name: Any) -> _Global:

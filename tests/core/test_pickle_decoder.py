@@ -203,3 +203,10 @@ def test_a_global_left_uncalled_is_not_data() -> None:
     # found by the fuzzer (tests/corpus/pickle_decoder/bare-global-in-a-list)
     quickly(as_dict(b"]cnumpy\ndtype\na"), match="global numpy.dtype is not data")
     quickly(PROTO2 + b"cnumpy\ndtype\n.", match="is not data")
+
+
+@pytest.mark.parametrize("line", [b"--1", b"1-", b"", b"+1", b"1" * 41, b"\xd9\xa1"])
+def test_protocol_0_integers_are_short_decimal_numbers(line: bytes) -> None:
+    # b"--1" found by the fuzzer (tests/corpus/pickle_decoder/text-int-with-two-minus-signs)
+    quickly(b"I" + line + b"\n.", match="short number")
+    assert restricted_loads(b"I-12\n.") == -12 and restricted_loads(b"I01\n.") is True
