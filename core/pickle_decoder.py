@@ -92,6 +92,7 @@ for _numpy in ("numpy._core", "numpy.core"):  # numpy 2, numpy 1.x
     GLOBALS[(f"{_numpy}.multiarray", "scalar")] = SCALAR
     GLOBALS[(f"{_numpy}.numeric", "_frombuffer")] = FROMBUFFER
 
+_EMPTY_SCALARS = {"S": np.bytes_(b""), "U": np.str_(""), "V": np.void(b"")}
 _KEY_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 _SMALL = frozenset({int, float, bool, type(None)})  # counted as 8 bytes each (ints are bounded)
 
@@ -138,6 +139,8 @@ class _Decoder:
         """An array over ``data`` (bytes or bytearray of exactly the right length)."""
         if type(data) is not bytes and type(data) is not bytearray:
             raise PickleRefused("an array's data must be bytes")
+        if not dtype.itemsize:
+            raise PickleRefused(f"an unsized {dtype.kind} dtype cannot hold an array")
         if len(data) != count * dtype.itemsize:
             raise PickleRefused(
                 f"an array's data holds {len(data)} bytes, its shape and dtype say {count * dtype.itemsize}")
@@ -182,6 +185,8 @@ class _Decoder:
             dtype = check_built(args[0])
             if len(args[1]) != dtype.itemsize:
                 raise PickleRefused("a numpy scalar's bytes do not fit its dtype")
+            if not dtype.itemsize:  # an empty string or void, as numpy pickles them
+                return _EMPTY_SCALARS[dtype.kind]
             return self.new_array(args[1], dtype, (), 1, False, copy=False)[()]
         if func is ENCODE:  # protocol 2's bytes: _codecs.encode(text, "latin1")
             if (len(args) != 2 or type(args[0]) is not str or type(args[1]) is not str

@@ -126,6 +126,8 @@ def check_built(node: Any) -> np.dtype[Any]:
 def _nested(node: Any) -> tuple[np.dtype[Any], int, int]:
     """A field's or base's dtype, the depth it reaches as a part, and its plain fields."""
     dtype = check_built(node)
+    if not dtype.itemsize:
+        raise DtypeRefused(f"an unsized {dtype.kind} dtype cannot be a field or a subarray's base")
     if node.depth + 1 > MAX_DTYPE_DEPTH:
         raise DtypeRefused(f"dtype nested deeper than {MAX_DTYPE_DEPTH} levels")
     return dtype, node.depth + 1, node.leaves
@@ -149,8 +151,9 @@ def _plain(match: re.Match[str], order: str, metadata: Any) -> np.dtype[Any]:
         raise DtypeRefused("a plain dtype's state carries metadata")
     size = int(size_text)
     if kind in "SUV":
-        if size <= 0:
-            raise DtypeRefused(f"an unsized {kind} dtype is not accepted")
+        # size 0: numpy's own unsized descriptor, shared by the process; we hand it out but never
+        # change it (numpy's __setstate__ did), and no array or field may use it: only the empty
+        # scalar np.bytes_(b"") / np.str_("") / np.void(b"") is made from it
         if kind == "U" and order not in "<>=":
             raise DtypeRefused("a unicode dtype needs a byte order")
         if kind != "U" and order != "|":

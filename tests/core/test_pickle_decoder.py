@@ -16,6 +16,7 @@ import pytest
 from core.errors import BadRequest, PayloadTooLarge
 from core.pickle_decoder import Limits, PickleRefused, PickleTooLarge, decode
 from core.safe_pickle import restricted_loads
+from tests.core.test_safe_pickle import assert_same
 from tests.hostile_pickles import PROTO2, Reduce, as_dict, text
 
 MiB = 1 << 20
@@ -96,15 +97,23 @@ def test_a_huge_memo_index_costs_no_memory() -> None:
 
 
 @pytest.mark.parametrize("kind", ["S", "U", "V"])
-def test_an_unsized_flexible_scalar_is_refused_and_numpy_stays_whole(kind: str) -> None:
-    # numpy's own __setstate__ set its shared unsized S/U/V descriptors' item size to 1: every
-    # later astype(str) in the process gave empty strings
+def test_an_unsized_flexible_scalar_cannot_resize_numpy_s_shared_descriptor(kind: str) -> None:
+    # numpy's own __setstate__ set its shared unsized S/U/V descriptors' item size to what the
+    # state said: every later astype(str) in the process gave empty strings. The decoder never
+    # calls it: a forged size is refused, an honest empty scalar is read, numpy stays whole.
     from numpy._core.multiarray import scalar
 
-    unsized = Reduce(np.dtype, (f"{kind}0", False, True),
-                     (3, "<" if kind == "U" else "|", None, None, None, 1, 1, 0))
+    order = "<" if kind == "U" else "|"
+    forged = Reduce(np.dtype, (f"{kind}0", False, True), (3, order, None, None, None, 1, 1, 0))
     for protocol in (2, 5):
-        quickly(pickle.dumps({"x": Reduce(scalar, (unsized, b"a"))}, protocol=protocol), match="unsized")
+        quickly(pickle.dumps({"x": Reduce(scalar, (forged, b"a"))}, protocol=protocol),
+                match="does not fit")
+        empty = {"S": np.bytes_(b""), "U": np.str_(""), "V": np.void(b"")}[kind]
+        assert_same(restricted_loads(pickle.dumps({"x": empty}, protocol=protocol)), {"x": empty})
+        unsized_array = Reduce(np.dtype, (f"{kind}0", False, True), np.dtype(kind).__reduce__()[2])
+        from numpy._core.multiarray import _reconstruct
+        array = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (3,), unsized_array, False, b""))
+        quickly(pickle.dumps({"x": array}, protocol=protocol), match="unsized")
     assert np.arange(5).astype(str).tolist() == ["0", "1", "2", "3", "4"]
     assert np.array([1.5]).astype("U").tolist() == ["1.5"] and np.dtype(kind).itemsize == 0
 
