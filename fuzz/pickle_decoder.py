@@ -12,8 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from core import pickle_decoder
 from core.errors import BadRequest, PayloadTooLarge
 from core.safe_pickle import dumps, restricted_loads
+
+pickle_decoder.STRICT = True  # an error the decoder's checks should have caught is a finding
 
 LIMIT = 1 << 22  # 4 MiB: large enough for every seed, small enough to find amplification fast
 

@@ -219,3 +219,24 @@ def test_protocol_0_integers_are_short_decimal_numbers(line: bytes) -> None:
     # b"--1" found by the fuzzer (tests/corpus/pickle_decoder/text-int-with-two-minus-signs)
     quickly(b"I" + line + b"\n.", match="short number")
     assert restricted_loads(b"I-12\n.") == -12 and restricted_loads(b"I01\n.") is True
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # numpy's == is elementwise: comparing a client's array with a constant raised ValueError
+        Reduce(np._core.numeric._frombuffer, (bytearray(8), np.dtype("f8"), (1,), np.zeros(0))),
+        Reduce(np._core.multiarray._reconstruct, (np.ndarray, (np.zeros(2),), b"b")),
+        Reduce(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+               (np.zeros(2), (1,), np.dtype("f8"), False, bytes(8))),
+    ],
+    ids=["frombuffer order", "reconstruct shape", "state version"],
+)
+def test_client_arrays_are_never_compared_as_values(value: Reduce, monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by the fuzzer (tests/corpus/pickle_decoder/array-as-frombuffer-order); STRICT makes
+    # an error the checks missed raise instead of becoming a 400
+    from core import pickle_decoder
+
+    monkeypatch.setattr(pickle_decoder, "STRICT", True)
+    for protocol in (2, 5):
+        quickly(pickle.dumps({"x": value}, protocol=protocol))
