@@ -93,8 +93,10 @@ for _numpy in ("numpy._core", "numpy.core"):  # numpy 2, numpy 1.x
     GLOBALS[(f"{_numpy}.numeric", "_frombuffer")] = FROMBUFFER
 
 _EMPTY_SCALARS = {"S": np.bytes_(b""), "U": np.str_(""), "V": np.void(b"")}
-_KEY_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+_KEY_TYPES = frozenset({str, bytes, int, bool, type(None)})
+_SCALAR_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 _SMALL = frozenset({int, float, bool, type(None)})  # counted as 8 bytes each (ints are bounded)
+_HASH_MODULUS = (1 << 61) - 1  # an int below it is its own hash: no two keys collide
 
 
 class _ArrayNode:
@@ -551,15 +553,23 @@ def _put(memo: list[Any], index: int, value: Any) -> None:
 def _set_item(target: Any, key: Any, value: Any) -> None:
     if type(target) is not dict:
         raise PickleRefused("SETITEM needs a dict")
-    if type(key) not in _KEY_TYPES:
-        raise PickleRefused("dict keys must be strings, bytes or numbers")
+    if type(key) not in _KEY_TYPES or (type(key) is int and not -_HASH_MODULUS < key < _HASH_MODULUS):
+        raise PickleRefused(_KEYS_ALLOWED.format("dict keys"))
     target[key] = value
 
 
 def _keys(items: list[Any]) -> list[Any]:
-    if not all(type(item) in _KEY_TYPES for item in items):
-        raise PickleRefused("set members must be strings, bytes or numbers")
+    for item in items:
+        kind = type(item)
+        if kind not in _KEY_TYPES or (kind is int and not -_HASH_MODULUS < item < _HASH_MODULUS):
+            raise PickleRefused(_KEYS_ALLOWED.format("set members"))
     return items
+
+
+# str and bytes hash with a per-process secret; ints below 2**61 - 1 are their own hash. Floats,
+# large ints and tuples hash to values a client can choose to collide: thousands of keys with
+# one hash make each insertion walk them all (quadratic), or recurse in C (nested tuples).
+_KEYS_ALLOWED = "{} must be strings, bytes, integers below 2**61 or booleans"
 
 
 def _list(target: Any) -> list[Any]:
@@ -628,7 +638,7 @@ class _Finisher:
         kind = type(value)
         if kind is str or kind is bytes or kind is bytearray:
             return value, len(value), 0
-        if kind in _KEY_TYPES:
+        if kind in _SCALAR_TYPES:
             return value, 8, 0
         if kind is np.ndarray:
             return value, value.nbytes, 0

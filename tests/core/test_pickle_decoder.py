@@ -240,3 +240,21 @@ def test_client_arrays_are_never_compared_as_values(value: Reduce, monkeypatch: 
     monkeypatch.setattr(pickle_decoder, "STRICT", True)
     for protocol in (2, 5):
         quickly(pickle.dumps({"x": value}, protocol=protocol))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [[(2**61 - 1) * i for i in range(1, 4)], [1.5, 2.5], [2 + 1j]],
+    ids=["ints with one hash", "floats", "complex"],
+)
+def test_keys_whose_hash_a_client_chooses_are_refused(keys: list[Any]) -> None:
+    # ints past 2**61 - 1, floats and complex numbers can be chosen to share one hash: thousands
+    # of them make a dict or set quadratic to build
+    quickly(pickle.dumps({"x": dict.fromkeys(keys, 1)}, protocol=4), match="integers below 2")
+    quickly(pickle.dumps({"x": set(keys)}, protocol=4), match="integers below 2")
+    quickly(pickle.dumps({"x": set(keys)}, protocol=2), match="integers below 2")
+
+
+def test_a_thousand_keys_with_one_hash_are_refused_at_once() -> None:
+    colliding = {(2**61 - 1) * i: None for i in range(1, 30_000)}  # all hash to 0
+    quickly(pickle.dumps({"x": colliding}, protocol=4))
