@@ -7,8 +7,8 @@ route, headers and the answer a hardened server must give (``Attack``); the end-
 nothing here runs code: these bodies are data, and the harm is in what a naive reader does with
 it (hash it, walk it, allocate for it, or let numpy trust it).
 
-Sizes are the issue's, measured on a 2-core VM against numpy 2.x and CPython 3.11: the numbers in
-the docstrings say what the body did to the server on main before the fix.
+The numbers in the docstrings say what each body did to ``studio-plug serve`` on main before the
+fixes (commit 2ba6e8f; numpy 2.4, CPython 3.11, a 2-core VM, the server under a 6 GB RLIMIT_AS).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def dtype_names_without_field() -> bytes:
     exists is in bounds, so a field-by-field check passes; ``.copy()``, ``.tolist()`` and the
     JSON encoder then look up "b", get NULL and dereference it."""
     return _array_with_dtype_state((3, "|", None, ("a", "b"), {"a": (F8, 0)}, 8, 1, 16))
+    # main: SIGSEGV with a JSON reply or a model that copies it; a 500 (SystemError) pickled
 
 
 def dtype_alignment_zero() -> bytes:
@@ -80,8 +81,9 @@ def memo_list_dag(levels: int) -> bytes:
     """Hang: ``{"x": L[levels]}`` with ``L[0] = []``, ``L[i+1] = [L[i], L[i]]``, each level two
     memo references to the one before (9 bytes a level). The pickle is linear, the tree it
     denotes has 2**levels leaves: anything that walks the decoded value as a tree (a check for
-    forbidden objects, the reply's encoder) takes exponential time. 24 levels: seconds;
-    60 levels (556 bytes): never finishes, while staying under a depth limit of 64."""
+    forbidden objects, the reply's encoder) takes exponential time, on main on the event loop.
+    24 levels (230 bytes): over 10 s; 60 levels (554 bytes): never finishes, while staying under
+    a depth limit of 64."""
     out = PROTO2 + b"}" + text("x") + b"]" + put(0)
     for index in range(levels):
         out += POP + b"(" + get(index) + get(index) + b"l" + put(index + 1)
@@ -98,7 +100,7 @@ def memo_tuple_dag(levels: int) -> bytes:
 
 
 def tuple_dag_key(levels: int = 170) -> bytes:
-    """Hang: ``{T[levels]: None}`` with ``T[i+1] = (T[i], T[i])`` (about 1.2 KB). SETITEM hashes
+    """Hang: ``{T[levels]: None}`` with ``T[i+1] = (T[i], T[i])`` (1.4 KB). SETITEM hashes
     the key inside the unpickler; CPython does not cache tuple hashes, so hashing visits
     2**levels tuples, in C, holding the GIL: no thread of the process runs meanwhile."""
     out = PROTO2 + b"}" + b")" + put(0)
@@ -113,7 +115,8 @@ def tuple_dag_key(levels: int = 170) -> bytes:
 def huge_memo_index(index: int = 2**31) -> bytes:
     """Memory: ``None`` stored at memo slot ``index`` by LONG_BINPUT: 9 bytes. CPython's
     unpickler grows its memo array to hold the index and zero-fills it: 8 bytes a slot,
-    2**26: +0.5-1 GB, 2**31: 16-32 GB (a MemoryError under a limit, else the OOM killer)."""
+    2**26: +1 GiB of peak RSS and 4 s; 2**31: 16-32 GB (a MemoryError under a limit, which
+    main turns into a 400, else the OOM killer)."""
     return PROTO2 + b"N" + b"r" + struct.pack("<I", index) + b"."
 
 
@@ -123,7 +126,8 @@ def huge_memo_index(index: int = 2**31) -> bytes:
 def shared_buffer_arrays(buffer_size: int = 105_000, count: int = 200) -> bytes:
     """Amplification: ``count`` distinct arrays (protocol 2 ``_reconstruct`` + BUILD) whose data
     is one bytes object, written once and then referenced from the memo: a 105 KB body decodes
-    to ``count`` copies (21 MB with the defaults), which the identity model echoes."""
+    to ``count`` copies (21 MB with the defaults), which the identity model echoes: a 200 of
+    21 MB, past --max-body 16 MiB."""
     from numpy._core.multiarray import _reconstruct
 
     data = b"\x01" * buffer_size  # one object: pickle writes it once, then BINGETs it
@@ -150,8 +154,9 @@ def unsized_scalar(code: str) -> bytes:
 
 
 def unsized_scalar_with_data(code: str) -> bytes:
-    """Corrupts numpy process-wide (variant): the unsized descriptor as a scalar's dtype, with
-    data, as protocol 2 writes ``np.bytes_(b"")``; a decoder must size the dtype itself."""
+    """Corrupts numpy process-wide (a control): the unsized descriptor as a scalar's dtype, with
+    data, as protocol 2 writes ``np.bytes_(b"")``. Harmless on main (numpy sizes a copy when it
+    is given data); a decoder that sizes dtypes itself must keep it so."""
     dtype = call(global_("numpy", "dtype"), text(code + "0"), NEWFALSE, NEWFALSE)
     data = call(global_("_codecs", "encode"), text("a"), text("latin1"))
     return as_dict(call(global_("numpy.core.multiarray", "scalar"), dtype, data))
@@ -171,7 +176,8 @@ def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
 @functools.cache
 def npz_zip_bomb(inflated: int = 200 * 2**20) -> bytes:
     """npz: one member ``x.npy`` of ``inflated`` zero bytes, deflated (about 200 KB for 200 MB):
-    ``np.load`` inflates it whole, and the identity model echoes all of it."""
+    ``np.load`` inflates it whole, on the event loop (health stalls ~3 s), and the identity
+    model echoes all of it: +850 MiB of peak RSS."""
     buffer = io.BytesIO()
     chunk = bytes(2**20)
     with (zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive,
@@ -212,21 +218,23 @@ def v2_binary(shape: list[int], datatype: str = "BYTES", data: bytes = b"") -> t
 
 
 def v2_empty_bytes_rows() -> bytes:
-    """V2: BYTES of shape [10**12, 0] (83 bytes). It holds no element, so the element count
+    """V2: BYTES of shape [10**12, 0] (80 bytes). It holds no element, so the element count
     check passes; nesting the (empty) flat list into the shape then builds 10**12 empty lists:
-    forever, and all memory."""
+    forever, and all memory (1.4 GB in 10 s)."""
     return v2_json([10**12, 0])
 
 
 def v2_many_huge_dims(count: int = 40_000) -> bytes:
     """V2: a shape of ``count`` dims of 2**63-1 (about 0.8 MB). ``math.prod`` over them is a
-    product of ever larger ints, quadratic in ``count``: seconds of CPU, then a 500."""
+    product of ever larger ints, quadratic in ``count``: 5-10 s of CPU on the event loop, then
+    a 500."""
     return v2_json([2**63 - 1] * count, "FP32")
 
 
 def v2_zero_size_huge_dims() -> bytes:
     """V2: FP32 of shape [2**40, 2**40, 0]: zero elements, so the count check passes, but the
-    dims overflow numpy's intp when the empty array is made (a ValueError, a 500)."""
+    dims overflow numpy's intp when the empty array is made (a ValueError, a 500). As BYTES, it
+    builds 2**40 empty lists instead: a hang, as ``v2_empty_bytes_rows``."""
     return v2_json([2**40, 2**40, 0], "FP32")
 
 
@@ -237,7 +245,8 @@ def v2_deep_data(depth: int, datatype: str = "FP32") -> bytes:
 
 
 def v2_deep_bytes_data(depth: int) -> bytes:
-    """V2: BYTES ``data`` nested ``depth`` deep: the string walk recurses once per level."""
+    """V2: BYTES ``data`` nested ``depth`` deep: the string walk recurses once per level (1000:
+    a RecursionError, a 500)."""
     return b'{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":%s"a"%s}]}' % (
         b"[" * depth, b"]" * depth)
 
@@ -247,7 +256,8 @@ def v2_deep_bytes_data(depth: int) -> bytes:
 
 def json_deep_arrays(depth: int) -> bytes:
     """JSON: ``{"a": [[[...[0]...]]]}`` nested ``depth`` deep: recursion in the parser, then in
-    numpy's conversion of the nested lists."""
+    numpy's conversion of the nested lists, then in the reply's encoder (main refuses or echoes
+    these correctly: they guard the rewrite of the codec)."""
     return b'{"a": ' + b"[" * depth + b"0" + b"]" * depth + b"}"
 
 
@@ -323,15 +333,15 @@ def attacks(max_body: int) -> list[Attack]:
         Attack("dtype alignment 0, copied by the model", "crash", dtype_alignment_zero,
                "/models/{copying}", PICKLE, expect=BOUNDED),
         # hang
-        Attack("list DAG, 24 levels (~214 bytes)", "hang", partial(memo_list_dag, 24), headers=PICKLE,
+        Attack("list DAG, 24 levels (230 bytes)", "hang", partial(memo_list_dag, 24), headers=PICKLE,
                expect=BOUNDED),
-        Attack("list DAG, 60 levels (~556 bytes)", "hang", partial(memo_list_dag, 60), headers=PICKLE,
+        Attack("list DAG, 60 levels (554 bytes)", "hang", partial(memo_list_dag, 60), headers=PICKLE,
                expect=BOUNDED),
         Attack("list DAG, 24 levels, JSON reply", "hang", partial(memo_list_dag, 24), headers=json_reply,
                expect=BOUNDED),
         Attack("tuple DAG, 60 levels", "hang", partial(memo_tuple_dag, 60), headers=PICKLE,
                expect=BOUNDED),
-        Attack("tuple DAG as dict key (~1.2 KB)", "hang", tuple_dag_key, headers=PICKLE),
+        Attack("tuple DAG as dict key (1.4 KB)", "hang", tuple_dag_key, headers=PICKLE),
         # memory
         Attack("memo index 2**31 (9 bytes)", "memory", partial(huge_memo_index, 2**31), headers=PICKLE),
         Attack("memo index 2**26 (9 bytes)", "memory", partial(huge_memo_index, 2**26), headers=PICKLE),
@@ -350,7 +360,7 @@ def attacks(max_body: int) -> list[Attack]:
         Attack("npz header claiming 10**8 x 10**7, deflated", "npz",
                partial(npz_claimed_shape, (10**8, 10**7), compressed=True), headers=NPZ),
         # V2
-        Attack("V2 JSON: BYTES shape [10**12, 0] (83 bytes)", "v2", v2_empty_bytes_rows, v2, JSON),
+        Attack("V2 JSON: BYTES shape [10**12, 0] (80 bytes)", "v2", v2_empty_bytes_rows, v2, JSON),
         _v2_binary("V2 binary: BYTES shape [10**12, 0]", [10**12, 0]),
         Attack("V2 JSON: 40000 dims of 2**63-1 (~0.8 MB)", "v2", v2_many_huge_dims, v2, JSON),
         _v2_binary("V2 binary: 40000 dims of 2**63-1", [2**63 - 1] * 40_000, "FP32"),
