@@ -167,6 +167,7 @@ class Reply:
     content: bytes = field(default=b"", repr=False)
     """At most MAX_BODY + 1 bytes of it."""
     seconds: float = 0.0
+    content_type: str = ""
     error: str = ""
     """Why no reply came (the connection was reset, the client timed out)."""
 
@@ -270,7 +271,8 @@ def request(served: Served, method: str, path: str, body: bytes, headers: dict[s
         declared = response.getheader("Content-Length")
         content = response.read(MAX_BODY + 1)
         length = int(declared) if declared is not None else len(content)
-        return Reply(response.status, length, content, time.monotonic() - started)
+        return Reply(response.status, length, content, time.monotonic() - started,
+                     response.getheader("Content-Type") or "")
     except (OSError, http.client.HTTPException) as exc:
         return Reply(seconds=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}")
     finally:
@@ -292,6 +294,14 @@ def send(served: Served, attack: Attack) -> list[Reply]:
 
     with ThreadPoolExecutor(attack.concurrent) as pool:
         return list(pool.map(one, range(attack.concurrent)))
+
+
+def parses(content: bytes) -> bool:
+    try:
+        json.loads(content)
+    except ValueError:
+        return False
+    return True
 
 
 def strings_answer(served: Served) -> Any:
@@ -409,6 +419,8 @@ def test_hostile_body(served: Served, poller: Poller, stalled: socket.socket, at
         elif reply.status == 200 and attack.expect == BOUNDED:
             if reply.length > MAX_BODY:
                 problems.append(f"a 200 of {reply.length} bytes, more than --max-body ({MAX_BODY})")
+            elif reply.content_type.startswith("application/json") and not parses(reply.content):
+                problems.append(f"a 200 that is not JSON: {reply.head!r}")
         elif not 400 <= reply.status < 500:
             problems.append(f"status {reply.status}, expected a 4xx: {reply.head!r}")
         if reply.seconds > REPLY_WITHIN:
@@ -493,7 +505,7 @@ def test_the_server_never_died_nor_hung(served: Served) -> None:
 def test_health_checks_answered_within_the_bound_throughout(served: Served, poller: Poller) -> None:
     time.sleep(0.3)  # the last polls
     samples = poller.samples()
-    assert len(samples) > 10, poller.lines[-5:]
+    assert samples, "the health poller recorded nothing"
     slow = [s for s in samples if "error" in s or s["latency"] > HEALTH_WITHIN]
     worst = max(samples, key=lambda s: s["latency"])
     assert not slow, (
