@@ -62,15 +62,16 @@ def dtype_names_without_field() -> bytes:
     """Crash later (SIGSEGV): a structured dtype whose pickled state lists ``names`` ("a", "b")
     while ``fields`` has only "a". ``dtype.__setstate__`` takes it as told, every field that
     exists is in bounds, so a field-by-field check passes; ``.copy()``, ``.tolist()`` and the
-    JSON encoder then look up "b", get NULL and dereference it."""
+    JSON encoder then look up "b", get NULL and dereference it. Main: SIGSEGV with a JSON reply
+    or in a model that copies it; a 500 (SystemError) with a pickled reply."""
     return _array_with_dtype_state((3, "|", None, ("a", "b"), {"a": (F8, 0)}, 8, 1, 16))
-    # main: SIGSEGV with a JSON reply or a model that copies it; a 500 (SystemError) pickled
 
 
 def dtype_alignment_zero() -> bytes:
     """Crash later (SIGFPE): a structured dtype whose pickled state has ``alignment`` 0. Decoded,
     echoed and encoded fine; ``np.concatenate`` (the batching path, when two such requests are
-    batched together) and ``.copy()`` divide by the alignment."""
+    batched together) and ``.copy()`` divide by the alignment. Main: SIGFPE when batched or
+    copied; a 200 with a JSON reply."""
     return _array_with_dtype_state((3, "|", None, ("a",), {"a": (F8, 0)}, 8, 0, 16))
 
 
@@ -125,7 +126,7 @@ def huge_memo_index(index: int = 2**31) -> bytes:
 
 def shared_buffer_arrays(buffer_size: int = 105_000, count: int = 200) -> bytes:
     """Amplification: ``count`` distinct arrays (protocol 2 ``_reconstruct`` + BUILD) whose data
-    is one bytes object, written once and then referenced from the memo: a 105 KB body decodes
+    is one bytes object, written once and then referenced from the memo: a 116 KB body decodes
     to ``count`` copies (21 MB with the defaults), which the identity model echoes: a 200 of
     21 MB, past --max-body 16 MiB."""
     from numpy._core.multiarray import _reconstruct
@@ -147,8 +148,10 @@ def shared_buffer_arrays(buffer_size: int = 105_000, count: int = 200) -> bytes:
 def unsized_scalar(code: str) -> bytes:
     """Corrupts numpy process-wide: ``multiarray.scalar(dtype(code + "0"))`` with no data.
     numpy hands every unsized ``S``/``U``/``V`` dtype out as one shared descriptor, and
-    ``scalar`` without data sets that descriptor's itemsize from 0 to 1 in place: afterwards
-    ``np.arange(5).astype(str)`` is five empty strings in every model of the server."""
+    ``scalar`` without data sets that descriptor's itemsize from 0 to 1 in place (main's decoder
+    swaps the shared one in even for the copy this pickle asks for). Afterwards, in every model of
+    the server: ``U``: ``np.arange(5).astype(str)`` is five empty strings; ``S``:
+    ``np.array([12]).astype("S")`` is ``[b"1"]``; ``V``: ``np.dtype("V").itemsize`` is 1."""
     dtype = call(global_("numpy", "dtype"), text(code + "0"), NEWFALSE, NEWTRUE)
     return as_dict(call(global_("numpy._core.multiarray", "scalar"), dtype))
 
@@ -346,7 +349,7 @@ def attacks(max_body: int) -> list[Attack]:
         Attack("memo index 2**31 (9 bytes)", "memory", partial(huge_memo_index, 2**31), headers=PICKLE),
         Attack("memo index 2**26 (9 bytes)", "memory", partial(huge_memo_index, 2**26), headers=PICKLE),
         # amplification
-        Attack("one 105 KB buffer behind 200 arrays", "amplification", shared_buffer_arrays,
+        Attack("one 105 KB buffer behind 200 arrays (116 KB)", "amplification", shared_buffer_arrays,
                headers=PICKLE, expect=BOUNDED),
         # numpy corruption (the test asks the string-cast model afterwards)
         *[Attack(f"unsized {code} scalar, no data", "numpy", partial(unsized_scalar, code),
