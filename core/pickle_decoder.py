@@ -597,9 +597,8 @@ def _describe(value: Any) -> str:
 def decode(data: bytes, limits: Limits) -> Any:
     """The value ``data`` pickles, read as data within ``limits``; ``PickleRefused`` (or its
     ``PickleTooLarge``) otherwise."""
-    decoder = _Decoder(data, limits)
     try:
-        value = decoder.run()
+        return _Finisher(limits).finish(_Decoder(data, limits).run())
     except (IndexError, struct.error):  # a stack, the memo or the body ran out under an opcode
         raise PickleRefused("malformed or truncated pickle") from None
     except UnicodeDecodeError:
@@ -614,7 +613,6 @@ def decode(data: bytes, limits: Limits) -> Any:
         if STRICT:
             raise
         raise PickleRefused(f"malformed pickle ({type(exc).__name__})") from None
-    return _Finisher(limits).finish(value)
 
 
 STRICT = False

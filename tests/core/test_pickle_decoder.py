@@ -258,3 +258,9 @@ def test_keys_whose_hash_a_client_chooses_are_refused(keys: list[Any]) -> None:
 def test_a_thousand_keys_with_one_hash_are_refused_at_once() -> None:
     colliding = {(2**61 - 1) * i: None for i in range(1, 30_000)}  # all hash to 0
     quickly(pickle.dumps({"x": colliding}, protocol=4))
+
+
+def test_a_dtype_left_without_its_state_is_refused() -> None:
+    # found by the fuzzer (tests/corpus/pickle_decoder/dtype-without-state-in-result): the node
+    # of numpy.dtype(...) with no BUILD after it, left in the result
+    quickly(as_dict(b"cnumpy\ndtype\n" + text("f8") + b"\x89\x88\x87R"), match="without its state")
