@@ -27,7 +27,8 @@ def quickly(body: bytes, expected: type[Exception] = BadRequest, limit: int = 64
     started = time.perf_counter()
     with pytest.raises(expected, match=match):
         restricted_loads(body, limit)
-    assert time.perf_counter() - started < 1.0
+    # the worst (the whole opcode budget) takes ~0.3 s alone; 2 s leaves room for a busy 2-core VM
+    assert time.perf_counter() - started < 2.0
 
 
 def memo_dag(levels: int) -> bytes:
