@@ -205,6 +205,14 @@ class ServingContext(Protocol):
 
     def model_names(self) -> list[str]: ...
 
+    def read_body(self, receive: Any, declared: bytes | None) -> Awaitable[bytes]:
+        """Await the request's whole body, given the ASGI ``receive`` and the ``Content-Length``
+        header (None when absent), under the server's limits: 413 past ``--max-body``, 503 when
+        the server's body budget is spent (before reading), 408 when the body does not start
+        within ``--read-timeout`` or falls below ``--min-rate``. ``ClientGone`` when the client
+        disconnects. Use it rather than ``read_body(receive, declared, max_body)``."""
+        ...
+
     def state(self, name: str) -> ModelState:
         """The model's state; raises ``NotFound`` for a name the server does not have."""
         ...
