@@ -271,6 +271,13 @@ class ServeOptions:
     trust_checkpoint: bool = False
     gpus: int = 0
     max_body: int = 64 * 1024 * 1024
+    read_timeout: float = 20.0
+    """Seconds a request body may take to start; 0: no read timeout (core/body_guard.py)."""
+    min_rate: int = 500
+    """Bytes/s a body must then keep up (each ``min_rate`` bytes extend the deadline by 1 s)."""
+    body_budget: int | None = None
+    """Bytes of request bodies held at once per process; None: 1 GiB or 4 x ``max_body``,
+    whichever is more; 0: unbounded."""
     threads: int = 4
     timeout: float | None = None
     max_queue: int = 256
