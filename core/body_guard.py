@@ -43,9 +43,9 @@ MIN_RATE = 500
 BUDGET_MIN = 1 << 30
 BUDGET_BODIES = 4
 FLOOR = 64 * 1024
-"""What every body is charged at least: one socket read in Hypercorn (64 KiB) is held per
-connection whatever the body's size, so the budget also bounds how many bodies are read at once
-(1 GiB / 64 KiB = 16384)."""
+"""What every counted request is charged at least: one socket read in Hypercorn (64 KiB) may be
+held per connection whatever the body's size, so the budget also bounds how many requests are
+in flight at once (1 GiB / 64 KiB = 16384)."""
 
 Task = asyncio.Task[Any]
 
@@ -63,7 +63,7 @@ class BodyGuard:
         self.budget = budget
         self.free = budget
         self.grown: dict[Task, int] = {}
-        """Requests whose (chunked) body outgrew its charge -> the extra bytes."""
+        """Requests whose body is larger than ``FLOOR`` -> the bytes charged beyond it."""
         self.read_timeout = read_timeout
         self.min_rate = min_rate
         self.interval = max(0.05, min(1.0, read_timeout / 4))

@@ -38,13 +38,13 @@ def test_slow_clients_are_cut_while_a_normal_client_is_served(modeldir: Path) ->
         body = pickle.dumps({"x": np.arange(10.0)})
         # 50 bodies trickling at 4 bytes/s, one that never starts, one request whose headers
         # trickle in (slowloris)
+        started = time.monotonic()  # before any: none can be cut before the timeout
         tricklers = [open_request(port, body_head(1000)) for _ in range(TRICKLERS)]
         silent = open_request(port, body_head(100))
         slow_headers = open_request(port, b"POST / HTTP/1.1\r\nHost: test\r\n")
         slow = [*tricklers, silent, slow_headers]
         replies: dict[socket.socket, bytes] = {sock: b"" for sock in slow}
         closed: dict[socket.socket, float] = {}
-        started = time.monotonic()
         latencies = []
         next_byte = 0.0
         while len(closed) < len(slow) and time.monotonic() - started < 6:
