@@ -175,7 +175,7 @@ class EdgeMiddleware:
         finally:
             if charged:
                 bodies.free += charged
-                if bodies.grown:  # a chunked body outgrew its charge
+                if bodies.grown:  # some body in flight is larger than FLOOR: was it this one?
                     bodies.release_grown(asyncio.current_task())
             self._count(scope, path, info, time.perf_counter() - started)
 
