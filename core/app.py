@@ -29,12 +29,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.activity import Activity
+from core.body import BodyReader
+from core.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, default_budget
 from core.codecs import CodecSet
 from core.context import ServerContext
 from core.dataplane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
 from core.heap import HeapKeeper
-from core.inference import InferenceEndpoint, error_body, error_headers
+from core.inference import InferenceEndpoint, error_body, error_headers, send_reply
 from core.metrics import Metrics
 from core.repository import ModelRepository
 from core.types import RouteFactory, ServedModel
@@ -43,6 +45,8 @@ log = logging.getLogger("studio_plugins.app")
 access_log = logging.getLogger("studio_plugins.access")
 
 HEALTH_PREFIX = "/v2/health/"
+UNKNOWN_MODEL = ""
+"""The model label of a request for a name the server does not have (labels stay bounded)."""
 UNCOUNTED = ("/v2/health/", "/metrics")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
@@ -52,6 +56,11 @@ class AppSettings:
     codecs: CodecSet
     token: str | None = None
     max_body: int = 64 * 1024 * 1024
+    read_timeout: float = READ_TIMEOUT
+    """Seconds a body may take to start (0: no read timeout); see core/body_guard.py."""
+    min_rate: int = MIN_RATE
+    body_budget: int | None = None
+    """Bytes of bodies held at once; None: ``default_budget(max_body)``; 0: unbounded."""
     debug: bool = False
     dataplane: DataPlaneOptions = field(default_factory=DataPlaneOptions)
     metrics: bool = True
@@ -93,10 +102,13 @@ class EdgeMiddleware:
     Health paths skip auth and counting; ``/metrics`` needs the token but is not counted."""
 
     def __init__(
-        self, app: ASGIApp, endpoint: InferenceEndpoint, settings: AppSettings, metrics: Metrics | None
+        self, app: ASGIApp, endpoint: InferenceEndpoint, settings: AppSettings, metrics: Metrics | None,
+        repository: ModelRepository, bodies: BodyGuard,
     ) -> None:
         self.app = app
         self.endpoint = endpoint
+        self.repository = repository
+        self.bodies = bodies
         self.settings = settings
         self.activity = settings.activity
         self.metrics = metrics
@@ -127,7 +139,7 @@ class EdgeMiddleware:
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = self.next_id()
         if path.startswith(HEALTH_PREFIX):
-            await self.app(scope, receive, self._with_id(send, request_id, [0]))
+            await self._uncounted(scope, receive, self._with_id(send, request_id, [0]))
             return
         if self.expected is not None and not self.authorized(headers.get(b"authorization", b"")):
             response = error_response(Unauthorized("missing or wrong bearer token"))
@@ -135,7 +147,7 @@ class EdgeMiddleware:
             await response(scope, receive, self._with_id(send, request_id, [0]))
             return
         if path == "/metrics":
-            await self.app(scope, receive, self._with_id(send, request_id, [0]))
+            await self._uncounted(scope, receive, self._with_id(send, request_id, [0]))
             return
         self.activity.started()
         if self.count_in_flight:
@@ -143,14 +155,38 @@ class EdgeMiddleware:
         started = time.perf_counter()
         info: dict[str, Any] = {"request_id": request_id}
         model_name = self.endpoint.model_for(path)
+        bodies = self.bodies
+        charged = 0
         try:
+            if bodies.budget:
+                # every request's first share of the body budget (a body read grows it to its
+                # size), given back below on every path: core/body_guard.py
+                if bodies.free < FLOOR:
+                    refusal = bodies.overloaded(FLOOR)
+                    await send_reply(send, 503, error_body(refusal), error_headers(refusal), info)
+                    return
+                bodies.free -= FLOOR
+                charged = FLOOR
             if model_name is not None and scope["method"] == "POST":
                 # the hot path sends the request id itself: no wrapper around send
                 await self.endpoint(scope, receive, send, model_name, headers, info)
             else:
                 await self._other(scope, receive, send, path, model_name, info)
         finally:
+            if charged:
+                bodies.free += charged
+                if bodies.grown:  # some body in flight is larger than FLOOR: was it this one?
+                    bodies.release_grown(asyncio.current_task())
             self._count(scope, path, info, time.perf_counter() - started)
+
+    async def _uncounted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Health and metrics: neither counted nor charged; a route there that reads a large
+        body is still charged for it (core/body_guard.py), and given it back here."""
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.bodies.grown:
+                self.bodies.release_grown(asyncio.current_task())
 
     async def _other(self, scope: Scope, receive: Receive, send: Send, path: str,
                      model_name: str | None, info: dict[str, Any]) -> None:
@@ -185,7 +221,10 @@ class EdgeMiddleware:
         if self.count_in_flight:
             metrics.in_flight.dec()  # type: ignore[union-attr]
         if metrics is not None:
-            metrics.observe_request(_route_of(path), model, status, elapsed)
+            # a label only for the names the repository has now: any other name a client
+            # sends would be a new series (2000 unknown names made /metrics 41 MB)
+            label = model if model in self.repository.slots else UNKNOWN_MODEL
+            metrics.observe_request(_route_of(path), label, status, elapsed)
         if self.settings.access_log:
             access_log.info(
                 "method=%s path=%s status=%d duration_ms=%.2f batch=%s model=%s request_id=%s",
@@ -205,7 +244,11 @@ def build_app(
         raise ValueError("build_app needs at least one model")
     metrics = Metrics() if settings.metrics else None
     dataplane = DataPlane(settings.dataplane, metrics)
-    context = ServerContext(repository, dataplane, in_worker=settings.in_worker)
+    budget = settings.body_budget
+    guard = BodyGuard(default_budget(settings.max_body) if budget is None else budget,
+                      settings.read_timeout, settings.min_rate)
+    context = ServerContext(repository, dataplane, in_worker=settings.in_worker,
+                            bodies=BodyReader(settings.max_body, guard))
 
     def on_swap(name: str, model: ServedModel | None, seconds: float, old: ServedModel | None) -> None:
         if metrics is not None and model is not None:
@@ -273,6 +316,7 @@ def build_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             dataplane.close()
+            guard.close()
 
     routes: list[BaseRoute] = [
         Route("/v2/health/live", live, methods=["GET"]),
@@ -289,4 +333,4 @@ def build_app(
     )
     app.state.ready = is_ready
     endpoint = InferenceEndpoint(context, settings.codecs, settings.max_body, settings.debug)
-    return EdgeMiddleware(app, endpoint, settings, metrics)
+    return EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import Receive
 
-from core.body import ClientGone
+from core.body import BodyReader, ClientGone
 from core.dataplane import DataPlane
 from core.disconnects import DisconnectWatch
 from core.errors import Conflict, NotReady
@@ -20,13 +21,19 @@ class ServerContext:
     server_name = "studio-plug"
     version = __version__
 
-    def __init__(self, repository: ModelRepository, dataplane: DataPlane, in_worker: bool = False) -> None:
+    def __init__(self, repository: ModelRepository, dataplane: DataPlane, in_worker: bool = False,
+                 bodies: BodyReader | None = None) -> None:
         self.repository = repository
         self.dataplane = dataplane
         self.in_worker = in_worker
         self.default_model = repository.names()[0]
         self.max_body = repository.options.max_body
+        self.bodies = bodies if bodies is not None else BodyReader(self.max_body)
         self.disconnects = DisconnectWatch()
+
+    def read_body(self, receive: Receive, declared: bytes | None) -> Awaitable[bytes]:
+        """The request's body under the server's limits (core/body.py: ``BodyReader``)."""
+        return self.bodies.read(receive, declared)
 
     def model_names(self) -> list[str]:
         return self.repository.names()

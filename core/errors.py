@@ -98,6 +98,12 @@ class Conflict(StudioError):
     status = 409
 
 
+class RequestTimeout(StudioError):
+    """The body did not arrive in time (``--read-timeout``, ``--min-rate``)."""
+
+    status = 408
+
+
 class PayloadTooLarge(StudioError):
     status = 413
 

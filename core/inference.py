@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from core.body import ClientGone, read_body
+from core.body import ClientGone
 from core.codecs import CodecSet
 from core.context import ServerContext
 from core.errors import BadRequest, MethodNotAllowed, ModelError, Overloaded, StudioError
@@ -84,7 +84,7 @@ class InferenceEndpoint:
         info["model"] = name
         try:
             model = self.context.ready_model(name)
-            body = await read_body(receive, headers.get(b"content-length"), self.max_body)
+            body = await self.context.bodies.read(receive, headers.get(b"content-length"))
             codec = self.codecs.for_request(headers.get(b"content-type", b"").decode("latin-1"), body)
             payload = await decode_off_loop(codec.decode, body, self.max_body)
             if not isinstance(payload, dict) or not all(isinstance(key, str) for key in payload):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from core.activity import Activity
 from core.app import AppSettings, build_app
+from core.body_guard import MIN_RATE, READ_TIMEOUT
 from core.codecs import CodecSet
 from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
@@ -73,7 +74,8 @@ class Launch:
         app = build_app(repository, settings, self.host.route_factories())
         settings.heap.freeze()  # everything loaded so far lives as long as the server
         with sock:
-            return run_server(app, sock, activity, killafter=options.killafter)
+            return run_server(app, sock, activity, killafter=options.killafter,
+                              read_timeout=options.read_timeout)
 
     def _serve_with_workers(self) -> int:
         """Load once here, fork the workers, supervise them (core/workers.py)."""
@@ -92,7 +94,8 @@ class Launch:
                 settings = self._settings(activity, watch=0.0, on_ready=None)
                 settings.in_worker = True
                 app = build_app(repository, settings, routes)
-                return run_server(app, sock, activity, killafter=0)
+                return run_server(app, sock, activity, killafter=0,
+                                  read_timeout=options.read_timeout)
 
             plan = WorkerPlan(
                 workers=options.workers,
@@ -122,6 +125,9 @@ class Launch:
             codecs=CodecSet(self.host.codecs()),
             token=options.token,
             max_body=options.max_body,
+            read_timeout=options.read_timeout,
+            min_rate=options.min_rate,
+            body_budget=options.body_budget,
             debug=options.debug,
             dataplane=DataPlaneOptions(
                 threads=options.threads,
@@ -158,6 +164,10 @@ class Launch:
             if o.threads_per_worker:
                 argv += ["--threads-per-worker", str(o.threads_per_worker)]
         argv += ["--killafter", f"{o.killafter:g}", "--max-body", str(o.max_body)]
+        if o.read_timeout != READ_TIMEOUT or o.min_rate != MIN_RATE:
+            argv += ["--read-timeout", f"{o.read_timeout:g}", "--min-rate", str(o.min_rate)]
+        if o.body_budget is not None:
+            argv += ["--body-budget", str(o.body_budget)]
         argv += ["--threads", str(o.threads), "--max-queue", str(o.max_queue)]
         if o.timeout:
             argv += ["--timeout", f"{o.timeout:g}"]

@@ -104,6 +104,39 @@ async def _idle_watch(activity: Activity, killafter: float, shutdown: asyncio.Ev
             shutdown.set()
 
 
+HEADER_TIMEOUT = 5.0
+HEADER_LIMIT = 16 * 1024
+APP_QUEUE = 10
+
+
+def hypercorn_config(read_timeout: float = 0) -> Config:
+    """Hypercorn's settings, the ones that guard against slow or greedy clients set explicitly
+    (so a change of Hypercorn's defaults cannot drop them silently).
+
+    - ``keep_alive_timeout``: Hypercorn's idle timer runs from the connection's start (and from
+      the end of each response) until a request's headers are complete, so it is the header
+      timeout too: a client trickling its headers (slowloris) is closed after it. 5 s (Hypercorn's
+      default), or ``--read-timeout`` when that is shorter.
+    - ``h11_max_incomplete_size``: the most header bytes buffered before the request is
+      complete (over it: 431 and close).
+    - ``max_app_queue_size``: body messages (each up to 64 KiB) queued per request before
+      Hypercorn stops reading the socket: the memory a body can take before we read it.
+    - ``read_timeout`` is left unset: it is a timeout per socket read, which also fires while a
+      client waits for a long model call (it sends nothing meanwhile) and so would cancel it,
+      and on Python 3.11 ``asyncio.wait_for`` wraps every read in a task. The body timeout is
+      ours (``--read-timeout``, core/body_guard.py).
+    - ``backlog``: connections the kernel queues before we accept them.
+    """
+    config = Config()
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.backlog = 1024
+    config.keep_alive_timeout = min(HEADER_TIMEOUT, read_timeout) if read_timeout > 0 else HEADER_TIMEOUT
+    config.h11_max_incomplete_size = HEADER_LIMIT
+    config.max_app_queue_size = APP_QUEUE
+    return config
+
+
 def run_server(
     app: ASGIApp,
     sock: socket.socket,
@@ -111,15 +144,13 @@ def run_server(
     *,
     killafter: float = 0,
     graceful_timeout: float = 30.0,
+    read_timeout: float = 0,
 ) -> int:
     """Serve ``app`` on ``sock`` until a signal or idleness; returns the exit status (0)."""
-    config = Config()
+    config = hypercorn_config(read_timeout)
     # Hypercorn takes ownership of the descriptor it is given (and closes it): give it a copy.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.graceful_timeout = graceful_timeout
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.backlog = 1024
 
     async def main() -> None:
         shutdown = asyncio.Event()

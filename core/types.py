@@ -205,6 +205,14 @@ class ServingContext(Protocol):
 
     def model_names(self) -> list[str]: ...
 
+    def read_body(self, receive: Any, declared: bytes | None) -> Awaitable[bytes]:
+        """Await the request's whole body, given the ASGI ``receive`` and the ``Content-Length``
+        header (None when absent), under the server's limits: 413 past ``--max-body``, 503 when
+        the server's body budget is spent (before reading), 408 when the body does not start
+        within ``--read-timeout`` or falls below ``--min-rate``. ``ClientGone`` when the client
+        disconnects. Use it rather than ``read_body(receive, declared, max_body)``."""
+        ...
+
     def state(self, name: str) -> ModelState:
         """The model's state; raises ``NotFound`` for a name the server does not have."""
         ...
@@ -263,6 +271,13 @@ class ServeOptions:
     trust_checkpoint: bool = False
     gpus: int = 0
     max_body: int = 64 * 1024 * 1024
+    read_timeout: float = 20.0
+    """Seconds a request body may take to start; 0: no read timeout (core/body_guard.py)."""
+    min_rate: int = 500
+    """Bytes/s a body must then keep up (each ``min_rate`` bytes extend the deadline by 1 s)."""
+    body_budget: int | None = None
+    """Bytes of request bodies held at once per process; None: 1 GiB or 4 x ``max_body``,
+    whichever is more; 0: unbounded."""
     threads: int = 4
     timeout: float | None = None
     max_queue: int = 256

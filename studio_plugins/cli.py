@@ -130,6 +130,18 @@ def _serve_command(host: PluginHost) -> click.Command:
                   help="GPUs to use (local: CUDA when > 0 and present; cloud: instance size).")
     @click.option("--max-body", type=ByteSize(), default="64MiB",
                   help="Largest request body accepted; larger ones get 413.")
+    @click.option("--read-timeout", type=click.FloatRange(min=0), default=20,
+                  help="Seconds a request body may take to start arriving; after that it must "
+                  "keep up --min-rate (as Apache's RequestReadTimeout body=20,MinRate=500), else "
+                  "it is answered 408 and the connection closed. Request headers get 5 s, or "
+                  "this when shorter. 0: no body read timeout.")
+    @click.option("--min-rate", type=click.IntRange(min=0), default=500,
+                  help="Bytes/s a request body must keep up: each N bytes received extend "
+                  "--read-timeout by one second. 0: the whole body within --read-timeout.")
+    @click.option("--body-budget", type=ByteSize(), default=None,
+                  help="Bytes of request bodies held at once (per worker process); a body that "
+                  "does not fit gets 503 with Retry-After before it is read. Default: 1GiB or 4 x "
+                  "--max-body, whichever is more. 0: unbounded.")
     @click.option("--threads", type=click.IntRange(min=1), default=4,
                   help="Threads that run a synchronous model (the event loop never blocks).")
     @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -178,6 +190,13 @@ def _serve_command(host: PluginHost) -> click.Command:
         wrapper, wrappers = parse_wrappers(params.pop("wrapper_args"), names)
         extra = {name: params.pop(name) for name in list(params) if name in backend_names}
         cloud = params.pop("cloud")
+        budget = params["body_budget"]
+        if budget and budget < params["max_body"]:
+            raise ConfigurationError(
+                f"--body-budget {budget} is smaller than --max-body {params['max_body']}: a body "
+                "of the largest size would never be read",
+                hint="raise --body-budget, or leave it out (1GiB or 4 x --max-body)",
+            )
         options = ServeOptions(
             keys=keys,
             models=models,

@@ -32,7 +32,6 @@ from studio_plugins import (
     ServingContext,
     StudioError,
     hookimpl,
-    read_body,
 )
 
 from .v2_messages import encode_response, header_length, parse_request
@@ -83,7 +82,7 @@ class InferEndpoint:
             context.record(scope, name)  # only known names: metric labels stay bounded
             check_version(name, params.get("version"))
             headers = dict(scope["headers"])
-            body = await read_body(receive, headers.get(b"content-length"), context.max_body)
+            body = await context.read_body(receive, headers.get(b"content-length"))
             request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
             result, rows = await context.infer(name, request.inputs, receive)
             context.record(scope, name, rows)
@@ -157,7 +156,7 @@ class V2Routes:
 
     async def _json_body(self, request: Request) -> Mapping[str, Any]:
         headers = dict(request.scope["headers"])
-        body = await read_body(request.receive, headers.get(b"content-length"), self.context.max_body)
+        body = await self.context.read_body(request.receive, headers.get(b"content-length"))
         if not body.strip():
             return {}
         try:
