@@ -51,8 +51,8 @@ def build_dtype(typestr: str, state: Any) -> tuple[np.dtype[Any], int, int]:
     if type(typestr) is not str or type(state) is not tuple or len(state) not in (8, 9):
         raise DtypeRefused("a dtype's state is not numpy's")
     version, order, subarray, names, fields, elsize, alignment, flags = state[:8]
-    if (len(state) == 8 and subarray is None and names is None and fields is None and type(order) is str
-            and type(elsize) is int and type(alignment) is int and type(flags) is int):
+    if (len(state) == 8 and subarray is None and names is None and fields is None and type(version) is int
+            and type(order) is str and type(elsize) is int and type(alignment) is int and type(flags) is int):
         # a plain dtype seen before (nearly every one): its state holds only strings and ints,
         # safe to hash; it was checked when it was first built
         cached = _plain_cache.get((typestr, version, order, elsize, alignment, flags))

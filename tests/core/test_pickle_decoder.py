@@ -265,3 +265,11 @@ def test_a_dtype_left_without_its_state_is_refused() -> None:
     # found by the fuzzer (tests/corpus/pickle_decoder/dtype-without-state-in-result): the node
     # of numpy.dtype(...) with no BUILD after it, left in the result
     quickly(as_dict(b"cnumpy\ndtype\n" + text("f8") + b"\x89\x88\x87R"), match="without its state")
+
+
+@pytest.mark.parametrize("version", [{}, ((((),),),), [3]], ids=["dict", "nested tuple", "list"])
+def test_a_dtype_state_is_hashed_only_once_its_parts_are_strings_and_ints(version: Any) -> None:
+    # a dict as the state's version made the dtype cache hash it (found by the fuzzer:
+    # tests/corpus/pickle_decoder/dict-as-dtype-state-version); a deep tuple would recurse in C
+    dtype = Reduce(np.dtype, ("f8", False, True), (version, "<", None, None, None, -1, -1, 0))
+    quickly(pickle.dumps({"x": dtype}, protocol=4), match="not numpy's")
