@@ -58,9 +58,16 @@ def decode_general(data: bytes, limit: int = DEFAULT_LIMIT) -> Any:
 _SCALARS = (str, bytes, bytearray, int, float, complex, bool, type(None))
 
 
-def plain_data(value: Any, depth: int = 0) -> Any:
+def plain_data(value: Any) -> Any:
     """``value`` as only what ``restricted_loads`` admits: array-likes (torch tensors, ...) become
-    numpy arrays; anything else is a ``TypeError``, so every reply we send can be decoded."""
+    numpy arrays; anything else is a ``TypeError``, so every reply we send can be decoded.
+
+    A container reached twice is converted once and stays shared, so pickle writes it once: a
+    reply echoing shared references does not grow (the decoder counts them, bounded)."""
+    return _plain(value, 0, {})
+
+
+def _plain(value: Any, depth: int, seen: dict[int, Any]) -> Any:
     if isinstance(value, _SCALARS):
         return value
     if depth > MAX_DEPTH:
@@ -72,16 +79,22 @@ def plain_data(value: Any, depth: int = 0) -> Any:
         if dtype.kind == "T":  # numpy's variable-width strings hold pointers: sent as fixed-width
             return value.astype("U") if not isinstance(value, np.dtype) else np.dtype("U")
         return value
+    done = seen.get(id(value))
+    if done is not None:
+        return done[1]
     if isinstance(value, dict):
-        return {plain_data(k, depth + 1): plain_data(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        items = [plain_data(item, depth + 1) for item in value]
-        return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, set | frozenset):
-        return type(value)(plain_data(item, depth + 1) for item in value)
-    if hasattr(value, "__array__"):
-        return plain_data(np.asarray(value), depth)
-    raise TypeError(f"{type(value).__module__}.{type(value).__qualname__} is not data")
+        result: Any = {_plain(k, depth + 1, seen): _plain(v, depth + 1, seen) for k, v in value.items()}
+    elif isinstance(value, list | tuple):
+        items = [_plain(item, depth + 1, seen) for item in value]
+        result = items if isinstance(value, list) else tuple(items)
+    elif isinstance(value, set | frozenset):
+        result = type(value)(_plain(item, depth + 1, seen) for item in value)
+    elif hasattr(value, "__array__"):
+        return _plain(np.asarray(value), depth, seen)
+    else:
+        raise TypeError(f"{type(value).__module__}.{type(value).__qualname__} is not data")
+    seen[id(value)] = (value, result)  # the original kept alive: its id stays its own
+    return result
 
 
 def dumps(value: Any) -> bytes:

@@ -273,3 +273,15 @@ def test_a_dtype_state_is_hashed_only_once_its_parts_are_strings_and_ints(versio
     # tests/corpus/pickle_decoder/dict-as-dtype-state-version); a deep tuple would recurse in C
     dtype = Reduce(np.dtype, ("f8", False, True), (version, "<", None, None, None, -1, -1, 0))
     quickly(pickle.dumps({"x": dtype}, protocol=4), match="not numpy's")
+
+
+def test_a_reply_echoing_shared_values_stays_small_and_readable() -> None:
+    # plain_data copied each reference apart: the echo of a shared structure grew into a reply
+    # our own client refused (found by the fuzzer: tests/corpus/pickle_decoder/shared-tuples-echoed)
+    from core.safe_pickle import dumps
+
+    value = restricted_loads(memo_dag(16))  # 2**16 paths to one empty list
+    reply = dumps({"x": value})
+    assert len(reply) < 1000
+    again = restricted_loads(reply)["x"]
+    assert again[0] is again[1]
