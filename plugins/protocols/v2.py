@@ -84,7 +84,8 @@ class InferEndpoint:
             check_version(name, params.get("version"))
             headers = dict(scope["headers"])
             body = await read_body(receive, headers.get(b"content-length"), context.max_body)
-            request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
+            request = parse_request(body, header_length(headers.get(b"inference-header-content-length")),
+                                    limit=context.max_body)
             result, rows = await context.infer(name, request.inputs, receive)
             context.record(scope, name, rows)
             reply, json_length = encode_response(name, VERSION, request, result)
