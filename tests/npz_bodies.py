@@ -50,16 +50,17 @@ def zip_bytes(*members: Member) -> bytes:
         size = len(member.data) if member.declared is None else member.declared
         crc = zlib.crc32(member.data) if member.crc is None else member.crc
         name = member.name.encode()
+        flags = member.flags | (0 if member.name.isascii() else 0x800)  # names in UTF-8
         extra = b""
         small_size, small_compressed = size, len(payload)
         if member.zip64:
             extra = struct.pack("<HHQQ", 1, 16, size, len(payload))
             small_size = small_compressed = 0xFFFFFFFF
         offset = len(out)
-        out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, member.flags, member.method, 0, 0,
+        out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, flags, member.method, 0, 0,
                            crc, small_compressed, small_size, len(name), len(extra))
         out += name + extra + payload
-        directory += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 45, 45, member.flags, member.method,
+        directory += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 45, 45, flags, member.method,
                                  0, 0, crc, small_compressed, small_size, len(name), len(extra), 0,
                                  0, 0, 0, offset)
         directory += name + extra

@@ -160,3 +160,11 @@ def test_names_follow_np_load() -> None:
     file = npy("<i1", (2,), b"\x01\x02")
     decoded: dict[str, Any] = codec.decode(zip_bytes(Member("a.npy", file), Member("b", file)), LIMIT)
     assert sorted(decoded) == ["a", "b"]
+
+
+def test_any_name_echoes() -> None:
+    """Names are not numpy.savez's keyword arguments: ``file`` once made the reply a 500."""
+    names = ("file", "allow_pickle", "args", "a b/c", "é", "")
+    body = zip_bytes(*(Member(f"{name}.npy", npy("<i1", (1,), b"\x07")) for name in names))
+    decoded = codec.decode(codec.encode(codec.decode(body, LIMIT)), LIMIT)
+    assert list(decoded) == list(names) and all(array.tolist() == [7] for array in decoded.values())
