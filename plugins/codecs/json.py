@@ -32,8 +32,7 @@ def _leaves(value: list[Any]) -> tuple[tuple[int, ...], list[Any]] | None:
         kinds = set(map(type, level))
         if list not in kinds:
             return tuple(dims), level
-        lengths = set(map(len, level))
-        if len(kinds) > 1 or len(lengths) > 1:
+        if len(kinds) > 1 or len(set(map(len, level))) > 1:  # lists beside values, or ragged
             return None
         dims.append(len(level[0]))
         level = list(chain.from_iterable(level))

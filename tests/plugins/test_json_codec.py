@@ -84,3 +84,10 @@ def test_a_long_string_among_numbers_is_kept_without_numpy_allocating_its_width(
     finally:
         tracemalloc.stop()
     assert isinstance(decoded["x"], list) and peak < 32 << 20
+
+
+def test_lists_beside_values_are_kept() -> None:
+    """Found by the fuzzer: a list beside a number once made the shape walk take len() of 1180."""
+    assert decode({"big": [1180, [2, 3]], "deeper": [[1, [2]], [3, 4]]}) == {
+        "big": [1180, [2, 3]], "deeper": [[1, [2]], [3, 4]]
+    }
