@@ -26,7 +26,7 @@ reaches the size checks and no input it tries can hold much memory."""
 CLIENT_ERRORS: tuple[type[Exception], ...] = (BadRequest, PayloadTooLarge)
 """What a parser may answer a client with (a 400, a 413); a target whose parser can also
 refuse in another way (a 415) adds that error to its own tuple."""
-_NOT_TARGETS = {"__init__", "__main__", "instrument", "compare"}
+_NOT_TARGETS = {"__init__", "__main__", "instrument", "compare", "draw"}
 
 
 def targets() -> list[str]:

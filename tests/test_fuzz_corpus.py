@@ -27,7 +27,7 @@ def inputs() -> list[tuple[str, Path]]:
 
 
 def test_every_target_has_seeds_and_a_corpus() -> None:
-    assert set(targets()) >= {"v2_json", "v2_binary", "npz_codec", "json_codec"}
+    assert set(targets()) >= {"v2_json", "v2_binary", "v2_struct", "npz_codec", "json_codec"}
     for target in targets():
         assert any((SEEDS / target).iterdir()), f"fuzz/seeds/{target}/ is empty"
     found = {target for target, _ in inputs()}
