@@ -152,9 +152,13 @@ def parse_request(body: bytes, json_length: int | None = None, *, limit: int) ->
         if not isinstance(raw_outputs, list):
             raise BadRequest("request: outputs must be a list")
         selected = []
+        names: set[str] = set()
         for index, item in enumerate(raw_outputs):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise BadRequest(f"output {index}: must be an object with a name")
+            if item["name"] in names:  # each copy would be encoded again: a reply N times the result
+                raise BadRequest(f"output {item['name']!r} is asked for twice")
+            names.add(item["name"])
             binary = _flag(f"output {item['name']!r}", _parameters("output", item), "binary_data")
             selected.append(RequestedOutput(item["name"], binary_output if binary is None else binary))
         outputs = tuple(selected)

@@ -207,6 +207,9 @@ def test_binary_sizes_that_disagree_with_the_body_are_bad_requests(
          "id must be a string"),
         (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]},'
          b' {"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]}', "given twice"),
+        # an output asked for N times was encoded N times: a reply N times the size of the result
+        (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}],'
+         b' "outputs": [{"name": "a"}, {"name": "a"}]}', "output 'a' is asked for twice"),
     ],
 )
 def test_malformed_requests_are_bad_requests(body: bytes, message: str) -> None:
