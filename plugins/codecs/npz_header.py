@@ -8,6 +8,7 @@ reads at most ``MAX_HEADER`` bytes and accepts plain dtypes only.
 from __future__ import annotations
 
 import ast
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ array; staying below 2**62 keeps that true with room."""
 _LENGTH = {1: struct.Struct("<H"), 2: struct.Struct("<I"), 3: struct.Struct("<I")}
 _KEYS = {"descr", "fortran_order", "shape"}
 _KINDS = "biufcmMSU"
+# what numpy writes for a plain dtype: '<f8', '|b1', '<U3', '|S1', '<M8[D]', '<m8[25us]' ...
+_DESCR = re.compile(r"[<>|=]?(?:[biufcSUV]\d{1,10}|[mM]8(?:\[\d{0,10}[A-Za-z]{1,2}\])?|[?O])")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ def _literal(name: str, text: str) -> dict[str, Any]:
 def _dtype(name: str, descr: Any) -> np.dtype:
     if not isinstance(descr, str):  # a list: a structured dtype
         raise BadRequest(f"npz array {name!r}: structured dtypes are not accepted; send one array per field")
+    if not _DESCR.fullmatch(descr):  # before numpy parses it: "(2?)f8" made it literal_eval "2?"
+        raise BadRequest(f"npz array {name!r}: {descr[:40]!r} is not a plain dtype")
     try:
         dtype = np.dtype(descr)
     except (TypeError, ValueError):

@@ -116,8 +116,11 @@ def test_sizes_that_lie_are_bad_requests() -> None:
          "structured dtypes are not accepted"),
         (npy("|S0", (1,)), "'|S0' is not accepted"),
         (npy("<U0", (3,)), "'<U0' is not accepted"),
-        (npy("f8,i4", (1,)), "'f8,i4' is not accepted"),
-        (npy("<x9", (1,)), "is not a dtype"),
+        (npy("f8,i4", (1,)), "'f8,i4' is not a plain dtype"),
+        (npy("<x9", (1,)), "'<x9' is not a plain dtype"),
+        (npy(",i0", (1,)), "',i0' is not a plain dtype"),  # found by the fuzzer: numpy's SyntaxError
+        (npy("(2?)f8", (1,)), "'(2?)f8' is not a plain dtype"),
+        (npy("<f99", (1,)), "'<f99' is not a dtype"),
         (npy("<f8", (2**40, 2**40, 0)), "too large for numpy"),
         (npy("<f8", (-1,)), "shape must be a tuple"),
         (npy("<f8", (1,) * 33), "shape must be a tuple of at most 32"),
