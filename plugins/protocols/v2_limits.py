@@ -78,28 +78,39 @@ def empty_lists(dims: tuple[int, ...]) -> Any:
     return [empty_lists(dims[1:]) for _ in range(dims[0])]
 
 
-def leaves(name: str, data: Any, types: tuple[type, ...], what: str) -> list[Any]:
-    """The leaves of JSON ``data`` (flat or nested, row-major), each one of ``types``.
+def rows(name: str, data: Any) -> list[Any]:
+    """The leaf level of JSON ``data`` (flat or nested, row-major), its types not yet checked.
 
     Level by level at C speed (``map``, ``chain``) rather than by recursion: no deep Python
-    stack, and every leaf's type is known before numpy sees one (a single long string among
-    numbers would make ``np.asarray`` allocate that string's width for every element)."""
+    stack. A level whose first item is a list must be lists of one length; the leaf level may
+    still hold a stray list beside values (``[1, [2]]``), which ``leaves`` (or a numeric fast
+    path that takes numbers only) refuses."""
     level: list[Any] = data if isinstance(data, list) else [data]
-    for depth in range(MAX_NDIM + 1):
-        kinds = set(map(type, level))
-        if list not in kinds:
-            bad = kinds.difference(types)
-            if bad:
-                example = next(item for item in level if type(item) in bad)
-                raise BadRequest(f"input {name!r}: {short(example)} is not {what}")
+    for _ in range(MAX_NDIM):
+        if not level or type(level[0]) is not list:
             return level
-        if depth == MAX_NDIM:
-            break
-        if len(kinds) > 1 or len(set(map(len, level))) > 1:
+        if set(map(type, level)) != {list} or len(set(map(len, level))) > 1:
             raise BadRequest(f"input {name!r}: data is not a rectangular array (lists of different "
                              "lengths, or lists beside values)")
         level = list(chain.from_iterable(level))
-    raise BadRequest(f"input {name!r}: data is nested more than {MAX_NDIM} deep")
+    if level and type(level[0]) is list:
+        raise BadRequest(f"input {name!r}: data is nested more than {MAX_NDIM} deep")
+    return level
+
+
+def leaves(name: str, data: Any, types: tuple[type, ...], what: str) -> list[Any]:
+    """The leaves of JSON ``data`` (``rows``), each one of ``types``: known before numpy sees
+    any (a single long string among numbers would make ``np.asarray`` allocate that string's
+    width for every element)."""
+    level = rows(name, data)
+    bad = set(map(type, level)).difference(types)
+    if list in bad:
+        raise BadRequest(f"input {name!r}: data is not a rectangular array (lists of different "
+                         "lengths, or lists beside values)")
+    if bad:
+        example = next(item for item in level if type(item) in bad)
+        raise BadRequest(f"input {name!r}: {short(example)} is not {what}")
+    return level
 
 
 class Budget:
