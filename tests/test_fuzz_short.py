@@ -15,7 +15,7 @@ from fuzz import ROOT, targets
 
 pytest.importorskip("atheris")
 
-SECONDS = 5
+SECONDS = 4
 
 
 @pytest.mark.timeout(120)
