@@ -7,8 +7,9 @@ nests: object arrays are refused elsewhere in studio-plug, while lists pass the 
 (batching leaves them alone) and the identity model unchanged. Going out, a model may answer a
 BYTES output with such lists, ``str`` or ``bytes`` values, or ``S``/``U``/object arrays of them.
 
-Every check a client can fail raises ``BadRequest`` naming the tensor; nothing is read past the
-bytes a tensor was given.
+Every check a client can fail raises ``BadRequest`` naming the tensor (``PayloadTooLarge`` past
+the request's decoded-size budget); nothing is read past the bytes a tensor was given, and
+nothing is built before its shape passed ``v2_limits``.
 """
 
 from __future__ import annotations
