@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 
 from core import pickle_decoder
-from core.errors import BadRequest, PayloadTooLarge
 from core.safe_pickle import dumps, restricted_loads
+from fuzz import CLIENT_ERRORS
+from fuzz.instrument import loaded
+
+loaded("core.fast_pickle", "core.pickle_dtypes", "core.pickle_decoder", "core.safe_pickle")
 
 LIMIT = 1 << 22  # 4 MiB: large enough for every seed, small enough to find amplification fast
 
@@ -38,7 +41,7 @@ def one_input(data: bytes) -> None:
     pickle_decoder.STRICT = True  # an error the decoder's checks should have caught is a finding
     try:
         value = restricted_loads(data, LIMIT)
-    except (BadRequest, PayloadTooLarge):
+    except CLIENT_ERRORS:
         return
     finally:
         pickle_decoder.STRICT = False

@@ -1,27 +1,93 @@
-"""JSON bodies: ``{"a": [1, 2]}``. Numeric lists become numpy arrays; other values stay as sent."""
+"""JSON bodies: ``{"a": [1, 2]}``. Numeric lists become numpy arrays; other values stay as sent.
+
+Bounded: values nest at most ``MAX_DEPTH`` deep, and the arrays built hold at most ``limit``
+bytes in all (``--max-body``; a JSON number becomes 8 bytes, so a body of numbers can ask for
+about 4x its size: past the limit it is a 413, refused before numpy allocates)."""
 
 from __future__ import annotations
 
 import base64
 import json
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from studio_plugins import BadRequest, Codec, Payload, hookimpl
+from studio_plugins import BadRequest, Codec, Payload, PayloadTooLarge, hookimpl
+
+MAX_DEPTH = 64
+"""Lists and objects nest at most this deep in an input: numpy 2's most dims, far below the
+JSON encoder's recursion limit for a reply that echoes the value."""
+_NUMBERS = {bool, int, float}
+_CONTAINERS = frozenset({list, dict})
 
 
-def _to_array(value: Any) -> Any:
-    """A rectangular list of numbers or booleans becomes an ndarray; anything else is kept."""
-    if isinstance(value, list) and value:
-        try:
-            array = np.asarray(value)
-        except ValueError:  # ragged
-            return value
-        if array.dtype.kind in "biuf":
-            return array
-    return value
+def _leaves(value: list[Any]) -> tuple[tuple[int, ...], list[Any]] | None:
+    """The shape and row-major leaves of a rectangular nest of lists, or None (ragged, or lists
+    beside values). Level by level at C speed; at most ``MAX_DEPTH`` levels are looked at."""
+    dims: list[int] = []
+    level = value
+    for _ in range(MAX_DEPTH):
+        kinds = set(map(type, level))
+        if list not in kinds:
+            return tuple(dims), level
+        if len(kinds) > 1 or len(set(map(len, level))) > 1:  # lists beside values, or ragged
+            return None
+        dims.append(len(level[0]))
+        level = list(chain.from_iterable(level))
+    return None
+
+
+def _to_array(name: str, value: Any, budget: list[int]) -> tuple[Any, bool]:
+    """A rectangular list of numbers or booleans becomes an ndarray; anything else is kept.
+    With it, whether its depth is known to be within bounds (an array's, or a rectangular list
+    of values).
+
+    Every leaf's type is known before numpy sees the list (a long string among numbers would
+    make numpy allocate its width for every element), and the array's size is charged to
+    ``budget`` (the bytes left) before it is allocated: 1 per boolean, 8 per number."""
+    if not isinstance(value, list) or not value:
+        return value, not isinstance(value, list | dict)
+    found = _leaves(value)
+    if found is None:
+        return value, False
+    dims, leaves = found
+    shape = (len(value), *dims)
+    kinds = set(map(type, leaves))
+    if not kinds:  # nested empty lists: numpy's empty float64 array, as before
+        return np.empty(shape), True
+    if not kinds <= _NUMBERS:
+        return value, _CONTAINERS.isdisjoint(kinds)
+    nbytes = len(leaves) * (1 if kinds == {bool} else 8)
+    if nbytes > budget[0]:
+        raise PayloadTooLarge(
+            f"input {name!r}: {len(leaves)} JSON values would decode to {nbytes} bytes of arrays; the "
+            f"decoded inputs may hold {budget[0]} more (--max-body)"
+        )
+    array = np.asarray(leaves)
+    if array.dtype.kind not in "biuf":  # integers past 64 bits: object
+        return value, True
+    try:
+        shaped = array.reshape(shape)
+    except ValueError:  # more dims than this numpy allows (32 before numpy 2): kept as sent
+        return value, True
+    budget[0] -= array.nbytes
+    return shaped, True
+
+
+def _check_depth(name: str, value: Any) -> None:
+    """``value`` nests lists and objects at most ``MAX_DEPTH`` deep (a reply that echoes it must
+    not overflow the encoder's recursion either). Level by level; a level's types at C speed."""
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        if _CONTAINERS.isdisjoint(map(type, level)):
+            return
+        level = list(chain.from_iterable(
+            item.values() if type(item) is dict else item for item in level if type(item) in _CONTAINERS
+        ))
+    if not _CONTAINERS.isdisjoint(map(type, level)):
+        raise BadRequest(f"input {name!r} nests lists or objects more than {MAX_DEPTH} deep")
 
 
 def _default(value: Any) -> Any:
@@ -49,11 +115,18 @@ class JsonCodec(Codec):
     def decode(self, body: bytes, limit: int) -> Payload:
         try:
             value = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise BadRequest(f"invalid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # json.loads recurses: ~1000 levels at most
+            raise BadRequest(f"invalid JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
             raise BadRequest("the JSON body must be an object of named inputs")
-        return {key: _to_array(item) for key, item in value.items()}
+        budget = [limit]
+        payload: Payload = {}
+        for key, item in value.items():
+            converted, shallow = _to_array(key, item, budget)
+            if not shallow:
+                _check_depth(key, item)
+            payload[key] = converted
+        return payload
 
     def encode(self, payload: Payload) -> bytes:
         return json.dumps(payload, default=_default, allow_nan=True).encode()

@@ -31,6 +31,7 @@ from studio_plugins import (
     RouteFactory,
     ServingContext,
     StudioError,
+    decode_off_loop,
     hookimpl,
 )
 
@@ -83,7 +84,9 @@ class InferEndpoint:
             check_version(name, params.get("version"))
             headers = dict(scope["headers"])
             body = await context.read_body(receive, headers.get(b"content-length"))
-            request = parse_request(body, header_length(headers.get(b"inference-header-content-length")))
+            json_length = header_length(headers.get(b"inference-header-content-length"))
+            request = await decode_off_loop(
+                lambda data, limit: parse_request(data, json_length, limit=limit), body, context.max_body)
             result, rows = await context.infer(name, request.inputs, receive)
             context.record(scope, name, rows)
             reply, json_length = encode_response(name, VERSION, request, result)

@@ -16,6 +16,7 @@ import orjson
 
 from studio_plugins import BadRequest, Payload
 
+from .v2_limits import Budget, short
 from .v2_tensors import Tensor, decode_binary, decode_json, encode
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -73,7 +74,9 @@ def _binary_size(name: str, parameters: Mapping[str, Any]) -> int | None:
     if size is None:
         return None
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+        raise BadRequest(
+            f"input {name!r}: binary_data_size must be a non-negative integer, got {short(size)}"
+        )
     return size
 
 
@@ -84,8 +87,11 @@ def _flag(owner: str, parameters: Mapping[str, Any], key: str) -> bool | None:
     return value
 
 
-def parse_request(body: bytes, json_length: int | None = None) -> InferRequest:
-    """Decode an inference request; ``json_length`` is the binary extension's header length."""
+def parse_request(body: bytes, json_length: int | None = None, *, limit: int) -> InferRequest:
+    """Decode an inference request; ``json_length`` is the binary extension's header length.
+
+    ``limit`` (``--max-body``) bounds the bytes the decoded inputs hold, all together: JSON
+    numbers become up to 8 bytes each, so a JSON body can ask for about 4x its size (a 413)."""
     view = memoryview(body)
     if json_length is None:
         json_length = len(body)
@@ -122,6 +128,7 @@ def parse_request(body: bytes, json_length: int | None = None) -> InferRequest:
             f"{binary_total} after the {json_length}-byte JSON header"
         )
 
+    budget = Budget(limit)
     inputs: Payload = {}
     datatypes: dict[str, str] = {}
     for item, name, size in declared:
@@ -131,10 +138,10 @@ def parse_request(body: bytes, json_length: int | None = None) -> InferRequest:
         shape = _field(owner, item, "shape")
         datatype = _field(owner, item, "datatype")
         if size is not None:
-            inputs[name] = decode_binary(name, datatype, shape, view[offset:offset + size])
+            inputs[name] = decode_binary(name, datatype, shape, view[offset:offset + size], budget)
             offset += size
         else:
-            inputs[name] = decode_json(name, datatype, shape, _field(owner, item, "data"))
+            inputs[name] = decode_json(name, datatype, shape, _field(owner, item, "data"), budget)
         datatypes[name] = datatype
 
     parameters = _parameters("request", message)
@@ -145,9 +152,13 @@ def parse_request(body: bytes, json_length: int | None = None) -> InferRequest:
         if not isinstance(raw_outputs, list):
             raise BadRequest("request: outputs must be a list")
         selected = []
+        names: set[str] = set()
         for index, item in enumerate(raw_outputs):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise BadRequest(f"output {index}: must be an object with a name")
+            if item["name"] in names:  # each copy would be encoded again: a reply N times the result
+                raise BadRequest(f"output {item['name']!r} is asked for twice")
+            names.add(item["name"])
             binary = _flag(f"output {item['name']!r}", _parameters("output", item), "binary_data")
             selected.append(RequestedOutput(item["name"], binary_output if binary is None else binary))
         outputs = tuple(selected)

@@ -7,21 +7,32 @@ nests: object arrays are refused elsewhere in studio-plug, while lists pass the 
 (batching leaves them alone) and the identity model unchanged. Going out, a model may answer a
 BYTES output with such lists, ``str`` or ``bytes`` values, or ``S``/``U``/object arrays of them.
 
-Every check a client can fail raises ``BadRequest`` naming the tensor; nothing is read past the
-bytes a tensor was given.
+Every check a client can fail raises ``BadRequest`` naming the tensor (``PayloadTooLarge`` past
+the request's decoded-size budget); nothing is read past the bytes a tensor was given, and
+nothing is built before its shape passed ``v2_limits``.
 """
 
 from __future__ import annotations
 
-import math
+import array
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from studio_plugins import BadRequest, ModelError
+
+from .v2_limits import (
+    Budget,
+    check_empty_lists,
+    check_shape,
+    element_count,
+    empty_lists,
+    leaves,
+    rows,
+    short,
+)
 
 BYTES = "BYTES"
 
@@ -38,88 +49,101 @@ _LENGTH = struct.Struct("<I")
 
 
 def _datatype(name: str, datatype: Any) -> str:
-    if datatype in DTYPES or datatype == BYTES:
-        return str(datatype)
+    if isinstance(datatype, str) and (datatype in DTYPES or datatype == BYTES):
+        return datatype
     raise BadRequest(
-        f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}"
+        f"input {name!r}: unknown datatype {short(datatype)}; one of {', '.join(DATATYPES)}"
     )
-
-
-def check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    """The declared shape as a tuple of non-negative ints, or a ``BadRequest``."""
-    if not isinstance(shape, list) or not all(
-        isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape
-    ):
-        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    return tuple(shape)
 
 
 def nest(flat: list[Any], shape: tuple[int, ...]) -> Any:
     """A flat row-major list as nested lists of ``shape`` (the element itself for ``()``)."""
     if not shape:
         return flat[0]
+    if not flat:
+        return empty_lists(shape)
     if len(shape) == 1:
         return flat
-    step = math.prod(shape[1:])
+    step = len(flat) // shape[0]
     return [nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _checked_shape(
+    name: str, datatype: str, shape: Any, budget: Budget | None
+) -> tuple[tuple[int, ...], int]:
+    """The dims and element count, refused (400, or 413 past the budget) before anything is built."""
+    dims = check_shape(name, shape)
+    count = element_count(name, dims)
+    if datatype == BYTES:
+        if count == 0:
+            check_empty_lists(name, dims)
+    elif budget is not None:
+        budget.spend(name, count * DTYPES[datatype].itemsize)
+    return dims, count
 
 
 # --- decoding: JSON ---------------------------------------------------------------------------
 
+_NUMBERS = (int, float)
+_FAST = {"f": "d", "i": "q", "u": "q"}
 
-def decode_json(name: str, datatype: Any, shape: Any, data: Any) -> Any:
-    """The value of a tensor sent as JSON ``data`` (nested or flat, row-major)."""
+
+def decode_json(name: str, datatype: Any, shape: Any, data: Any, budget: Budget | None = None) -> Any:
+    """The value of a tensor sent as JSON ``data`` (nested or flat, row-major).
+
+    ``budget``: what the request's decoded values may still hold (None: no bound, for tests)."""
     datatype = _datatype(name, datatype)
-    dims = check_shape(name, shape)
-    count = math.prod(dims)
+    dims, count = _checked_shape(name, datatype, shape, budget)
     if datatype == BYTES:
-        items = _flat_strings(name, data)
-        _check_count(name, dims, count, len(items))
+        strings = leaves(name, data, (str,), "a string (BYTES data must be strings)")
+        _check_count(name, dims, count, len(strings))
+        items = [text.encode("utf-8") for text in strings]
+        if budget is not None:
+            budget.spend(name, sum(map(len, items)))
         return nest(items, dims)
-    dtype = DTYPES[datatype]
-    try:
-        source = np.asarray(data)
-    except (ValueError, TypeError) as exc:  # ragged lists
-        raise BadRequest(f"input {name!r}: data is not a rectangular array ({exc})") from None
-    _check_count(name, dims, count, source.size)
+    dtype = DTYPES[datatype].newbyteorder("=")
+    flat = rows(name, data)
+    _check_count(name, dims, count, len(flat))
     if count == 0:
-        return np.empty(dims, dtype.newbyteorder("="))
-    return _cast(name, datatype, dtype.newbyteorder("="), source, data).reshape(dims)
+        return np.empty(dims, dtype)
+    source = _numbers(flat, dtype)
+    if source is None:  # not plain numbers: the exact path says which value is wrong
+        if datatype == "BOOL":
+            flat = leaves(name, flat, (bool,), "true or false (BOOL data must be true or false)")
+        else:
+            flat = leaves(name, flat, _NUMBERS, f"a {datatype} value")
+        return _cast(name, datatype, dtype, flat).reshape(dims)
+    return _cast_numbers(name, datatype, dtype, source, flat).reshape(dims)
+
+
+def _numbers(flat: list[Any], dtype: np.dtype) -> np.ndarray | None:
+    """The common case at C speed: every leaf a number, read by ``array.array`` (which takes
+    no strings, None, lists or objects) as float64 for float datatypes or int64 for integer
+    ones; None when that fails (a float for an integer datatype, a uint64 past 2**63, a string,
+    true or false, BOOL) and each leaf must be looked at."""
+    code = _FAST.get(dtype.kind)
+    if code is None:
+        return None
+    try:
+        packed = array.array(code, flat)
+    except (TypeError, OverflowError, ValueError):
+        return None
+    source = np.frombuffer(packed, np.float64 if code == "d" else np.int64)
+    # array.array reads true and false as 1 and 0: where a 1 or a 0 is, look for them
+    if ((source == 0) | (source == 1)).any() and bool in set(map(type, flat)):
+        return None
+    return source
 
 
 def _check_count(name: str, dims: tuple[int, ...], count: int, got: int) -> None:
     if got != count:
         raise BadRequest(
-            f"input {name!r}: shape {list(dims)} holds {count} elements but data has {got}"
+            f"input {name!r}: shape {short(list(dims))} holds {count} elements but data has {got}"
         )
-
-
-def _flat_strings(name: str, data: Any) -> list[bytes]:
-    out: list[bytes] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str):
-            out.append(value.encode("utf-8"))
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-        else:
-            raise BadRequest(f"input {name!r}: BYTES data must be strings, got {value!r}")
-
-    walk(data)
-    return out
 
 
 def _example(source: np.ndarray, bad: np.ndarray) -> Any:
     return source[bad].flat[0].item() if bad.any() else None
-
-
-def _leaves(data: Any) -> Iterator[Any]:
-    if isinstance(data, list):
-        for item in data:
-            yield from _leaves(item)
-    else:
-        yield data
 
 
 def _integer(name: str, datatype: str, info: np.iinfo, value: Any) -> int:
@@ -132,51 +156,62 @@ def _integer(name: str, datatype: str, info: np.iinfo, value: Any) -> int:
     return value
 
 
-def _cast(name: str, datatype: str, dtype: np.dtype, source: np.ndarray, data: Any) -> np.ndarray:
-    """``source`` (as numpy inferred it from JSON) as ``dtype``, refusing values that do not fit:
-    300 for UINT8, 1.5 for INT32, a string for FP32, a number for BOOL."""
-    kind = source.dtype.kind
+def _cast_numbers(
+    name: str, datatype: str, dtype: np.dtype, source: np.ndarray, flat: list[Any]
+) -> np.ndarray:
+    """``source`` (numpy's reading of the JSON values ``flat``) as ``dtype``, refusing what does
+    not fit."""
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            result = source.astype(dtype)
+        if dtype.itemsize < 8:
+            infinite = np.isinf(result)
+            if infinite.any():  # orjson reads no infinities: an overflow
+                raise BadRequest(
+                    f"input {name!r}: {flat[int(infinite.argmax())]!r} is out of range for {datatype}"
+                )
+        return result
+    info = np.iinfo(dtype)
+    out_of_range = (source < info.min) | (source > info.max)
+    if out_of_range.any():
+        _integer(name, datatype, info, _example(source, out_of_range))
+    return source.astype(dtype)
+
+
+def _cast(name: str, datatype: str, dtype: np.dtype, flat: list[Any]) -> np.ndarray:
+    """The JSON values ``flat`` (bools for BOOL, ints and floats otherwise: ``leaves`` checked)
+    as ``dtype``, refusing values that do not fit: 300 for UINT8, 1.5 for INT32, an overflow."""
     if dtype.kind == "b":
-        if kind != "b":
-            raise BadRequest(f"input {name!r}: BOOL data must be true or false, got {source.flat[0]!r}")
-        return source
-    if kind not in "iuf":
-        example = source.flat[0]
-        raise BadRequest(f"input {name!r}: {example!r} is not a {datatype} value")
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if kind == "f":
-            # numpy made floats: the client sent some, or 64-bit ints numpy would not mix
-            # (2**64-1 beside 0): check the exact Python values instead
-            return np.array([_integer(name, datatype, info, value) for value in _leaves(data)], dtype)
-        out_of_range = (source < info.min) | (source > info.max)
-        if out_of_range.any():
-            _integer(name, datatype, info, _example(source, out_of_range))
-        return source.astype(dtype)
-    with np.errstate(over="ignore"):
-        result = source.astype(dtype)
-    if dtype.itemsize < 8 and np.isinf(result).any():  # JSON has no infinities: an overflow
-        overflow = np.isinf(result) & np.isfinite(source)
-        raise BadRequest(f"input {name!r}: {_example(source, overflow)!r} is out of range for {datatype}")
-    return result
+        return np.array(flat, dtype)
+    source = np.asarray(flat)
+    if dtype.kind == "f" or source.dtype.kind != "f":
+        return _cast_numbers(name, datatype, dtype, source, flat)
+    # numpy made floats for an integer datatype: the client sent some, or 64-bit ints numpy
+    # would not mix (2**64-1 beside 0): check the exact Python values instead
+    info = np.iinfo(dtype)
+    return np.array([_integer(name, datatype, info, value) for value in flat], dtype)
 
 
 # --- decoding: binary -------------------------------------------------------------------------
 
 
-def decode_binary(name: str, datatype: Any, shape: Any, buffer: memoryview) -> Any:
+def decode_binary(
+    name: str, datatype: Any, shape: Any, buffer: memoryview, budget: Budget | None = None
+) -> Any:
     """The value of a tensor whose data is exactly ``buffer`` (its ``binary_data_size`` bytes)."""
     datatype = _datatype(name, datatype)
-    dims = check_shape(name, shape)
-    count = math.prod(dims)
+    dims, count = _checked_shape(name, datatype, shape, budget)
     size = len(buffer)
     if datatype == BYTES:
-        return nest(_bytes_elements(name, buffer, count), dims)
+        items = _bytes_elements(name, buffer, count)
+        if budget is not None:
+            budget.spend(name, sum(map(len, items)))
+        return nest(items, dims)
     dtype = DTYPES[datatype]
     if size != count * dtype.itemsize:
         raise BadRequest(
-            f"input {name!r}: binary_data_size is {size} bytes but shape {list(dims)} of {datatype} "
-            f"takes {count * dtype.itemsize}"
+            f"input {name!r}: binary_data_size is {size} bytes but shape {short(list(dims))} of "
+            f"{datatype} takes {count * dtype.itemsize}"
         )
     array = np.frombuffer(buffer, dtype, count)
     if dtype.kind == "b" and count and array.view(np.uint8).max() > 1:
@@ -185,7 +220,8 @@ def decode_binary(name: str, datatype: Any, shape: Any, buffer: memoryview) -> A
 
 
 def _bytes_elements(name: str, buffer: memoryview, count: int) -> list[bytes]:
-    """BYTES in binary: each element a 4-byte little-endian length, then that many bytes."""
+    """BYTES in binary: each element a 4-byte little-endian length, then that many bytes (each
+    length checked against what is left before anything is sliced)."""
     end = len(buffer)
     if count * 4 > end:
         raise BadRequest(f"input {name!r}: {end} bytes cannot hold {count} BYTES elements")

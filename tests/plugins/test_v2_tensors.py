@@ -4,15 +4,19 @@ not fit, sizes that disagree with the body, and the response layout."""
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 
+from plugins.protocols.v2_limits import Budget
 from plugins.protocols.v2_messages import encode_response, header_length, parse_request
 from plugins.protocols.v2_tensors import DTYPES, decode_binary, decode_json, encode
-from studio_plugins import BadRequest, ModelError
+from studio_plugins import BadRequest, ModelError, PayloadTooLarge, StudioError
+
+LIMIT = 1 << 20
 
 EXTREMES: dict[str, list[Any]] = {
     "BOOL": [True, False, True, True],
@@ -156,7 +160,7 @@ def test_parse_request_mixes_json_and_binary_inputs_in_order() -> None:
         ],
         "outputs": [{"name": "b"}, {"name": "a", "parameters": {"binary_data": False}}],
     }, a.tobytes(), b.tobytes())
-    request = parse_request(body, length)
+    request = parse_request(body, length, limit=LIMIT)
     assert list(request.inputs) == ["a", "j", "b"] and request.id == "req-7"
     np.testing.assert_array_equal(request.inputs["a"], a)
     np.testing.assert_array_equal(request.inputs["b"], b)
@@ -184,7 +188,7 @@ def test_binary_sizes_that_disagree_with_the_body_are_bad_requests(
 ) -> None:
     body, length = binary_request(header, tail)
     with pytest.raises(BadRequest) as caught:
-        parse_request(body, length + length_delta)
+        parse_request(body, length + length_delta, limit=LIMIT)
     assert message in caught.value.message
 
 
@@ -203,11 +207,14 @@ def test_binary_sizes_that_disagree_with_the_body_are_bad_requests(
          "id must be a string"),
         (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]},'
          b' {"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]}', "given twice"),
+        # an output asked for N times was encoded N times: a reply N times the size of the result
+        (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}],'
+         b' "outputs": [{"name": "a"}, {"name": "a"}]}', "output 'a' is asked for twice"),
     ],
 )
 def test_malformed_requests_are_bad_requests(body: bytes, message: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        parse_request(body)
+        parse_request(body, limit=LIMIT)
     assert message in caught.value.message
 
 
@@ -222,7 +229,7 @@ def test_binary_response_layout_and_output_selection() -> None:
     request = parse_request(orjson.dumps({
         "id": "r", "inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}],
         "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "s"}],
-    }))
+    }), limit=LIMIT)
     result = {"x": np.zeros(3), "y": np.array([[1, 2]], np.int16), "s": ["é"]}
     body, length = encode_response("m", "1", request, result)
     assert length is not None
@@ -234,8 +241,8 @@ def test_binary_response_layout_and_output_selection() -> None:
     assert s == {"name": "s", "datatype": "BYTES", "shape": [1], "data": ["é"]}
     assert body[length:] == np.array([1, 2], "<i2").tobytes()
 
-    json_only, no_length = encode_response("m", "1", parse_request(orjson.dumps(
-        {"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]})), {"x": np.ones(2)})
+    plain = orjson.dumps({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]})
+    json_only, no_length = encode_response("m", "1", parse_request(plain, limit=LIMIT), {"x": np.ones(2)})
     assert no_length is None and orjson.loads(json_only)["outputs"][0]["data"] == [1.0, 1.0]
 
     with pytest.raises(BadRequest, match="no output 'y'"):
@@ -244,10 +251,100 @@ def test_binary_response_layout_and_output_selection() -> None:
 
 def test_outputs_json_cannot_carry() -> None:
     request = parse_request(orjson.dumps({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32",
-                                                      "data": [1]}]}))
+                                                      "data": [1]}]}), limit=LIMIT)
     with pytest.raises(BadRequest, match="not UTF-8"):
         encode_response("m", "1", request, {"s": [b"\xff"]})
     with pytest.raises(ModelError, match="is a dict"):
         encode_response("m", "1", request, {"d": {"inner": np.ones(1)}})
     with pytest.raises(ModelError, match="complex128"):
         encode_response("m", "1", request, {"c": np.ones(1, complex)})
+
+
+# --- what a client may ask the server to build (issue 13) ------------------------------------
+
+
+def refused(call: Any, *args: Any, kind: type[Exception] = BadRequest) -> str:
+    """The message of the error ``call(*args)`` raises, which must come at once."""
+    started = time.perf_counter()
+    with pytest.raises(kind) as caught:
+        call(*args)
+    assert time.perf_counter() - started < 1.0
+    assert isinstance(caught.value, StudioError)
+    return caught.value.message
+
+
+@pytest.mark.parametrize("decode", [decode_json, decode_binary])
+def test_shapes_are_bounded_before_anything_is_multiplied_or_built(decode: Any) -> None:
+    data: Any = [] if decode is decode_json else memoryview(b"")
+    # the issue's quadratic math.prod: thousands of 63-bit dims
+    assert "at most 32" in refused(decode, "x", "FP32", [2**63 - 1] * 100_000, data)
+    assert "at most 32" in refused(decode, "x", "FP32", [1] * 33, data)
+    assert "below 2**63" in refused(decode, "x", "FP32", [2**63, 0], data)
+    assert "below 2**63" in refused(decode, "x", "FP32", [1.0], data)
+    # the issue's 500: numpy cannot hold it even empty
+    assert "more than 2**60 elements" in refused(decode, "x", "FP32", [2**40, 2**40, 0], data)
+    assert "more than 2**60 elements" in refused(decode, "x", "BYTES", [2**40, 2**40, 0], data)
+    empty = decode("x", "FP32", [10**12, 0], data)  # zero-size: cheap
+    assert empty.shape == (10**12, 0) and empty.dtype == np.float32
+
+
+@pytest.mark.parametrize("decode", [decode_json, decode_binary])
+def test_an_empty_bytes_tensor_builds_few_lists(decode: Any) -> None:
+    data: Any = [] if decode is decode_json else memoryview(b"")
+    # the issue's hang: 10**12 empty lists from an 83-byte body
+    assert "nested empty lists" in refused(decode, "s", "BYTES", [10**12, 0], data)
+    assert "nested empty lists" in refused(decode, "s", "BYTES", [256, 256, 0, 5], data)
+    assert decode("s", "BYTES", [3, 0], data) == [[], [], []]
+    assert decode("s", "BYTES", [2, 2, 0], data) == [[[], []], [[], []]]
+    assert decode("s", "BYTES", [0, 10**12], data) == []
+    assert len(decode("s", "BYTES", [65535, 0], data)) == 65535
+
+
+def test_json_data_is_bounded_in_depth_and_checked_before_numpy_sees_it() -> None:
+    deep: Any = [1.0]
+    for _ in range(40):
+        deep = [deep]
+    assert "nested more than 32 deep" in refused(decode_json, "x", "FP32", [1], deep)
+    assert "nested more than 32 deep" in refused(decode_json, "x", "BYTES", [1], deep)
+    # a long string among numbers: numpy would allocate its width for every element
+    wide = ["x" * 1_000_000, *([1.0] * 100_000)]
+    assert "is not a FP32 value" in refused(decode_json, "x", "FP32", [100_001], wide)
+    assert "not a rectangular array" in refused(decode_json, "x", "FP32", [2], [1.0, [2.0]])
+    # a datatype a client nested 1000 deep is named, not repr'd recursively
+    nested: Any = "FP32"
+    for _ in range(1000):
+        nested = [nested]
+    assert "unknown datatype a list of 1 items" in refused(decode_json, "x", nested, [1], [1.0])
+
+
+def test_the_decoded_size_is_bounded_across_a_requests_inputs() -> None:
+    decode_json("x", "FP64", [4], [1.0] * 4, Budget(32))
+    assert "would decode to 40 bytes" in refused(
+        decode_json, "x", "FP64", [5], [1.0] * 5, Budget(32), kind=PayloadTooLarge
+    )
+    # JSON numbers of a UINT8 tensor cost a byte each; a binary FP32 its 4
+    budget = Budget(10)
+    decode_json("a", "UINT8", [6], [1] * 6, budget)
+    assert "'b' would decode to 8 bytes" in refused(
+        decode_binary, "b", "FP32", [2], memoryview(b"\x00" * 8), budget, kind=PayloadTooLarge
+    )
+    assert "'s' would decode to 5 bytes" in refused(
+        decode_json, "s", "BYTES", [1], ["hello"], Budget(4), kind=PayloadTooLarge
+    )
+    header = {"inputs": [
+        {"name": "a", "shape": [1000], "datatype": "FP64", "data": [0.5] * 1000},
+        {"name": "b", "shape": [1], "datatype": "FP64", "data": [0.5]},
+    ]}
+    parse_request(orjson.dumps(header), limit=8008)
+    with pytest.raises(PayloadTooLarge, match="'b'"):
+        parse_request(orjson.dumps(header), limit=8007)
+
+
+def test_deeply_nested_request_json_is_a_bad_request() -> None:
+    for depth in (500, 1000, 2000):  # orjson's own limit is 1024
+        data = b"[" * depth + b"1.0" + b"]" * depth
+        body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + data + b"}]}"
+        started = time.perf_counter()
+        with pytest.raises(BadRequest, match=r"nested more than 32 deep|depth limit"):
+            parse_request(body, limit=LIMIT)
+        assert time.perf_counter() - started < 1.0

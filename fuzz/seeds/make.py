@@ -1,0 +1,102 @@
+"""Write the targets' seed corpora: small valid requests, so the fuzzer starts from real
+structure (every datatype, nested and flat data, binary and BYTES inputs, npz as numpy writes
+it, stored and deflated). Run from the repository root: ``python fuzz/seeds/make.py``."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+SEEDS = Path(__file__).resolve().parent
+
+
+def write(target: str, name: str, data: bytes) -> None:
+    folder = SEEDS / target
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(data)
+
+
+def tensor(name: str, datatype: str, shape: list[int], data: Any, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data, **extra}
+
+
+def v2_json() -> None:
+    requests = {
+        "fp32": {"inputs": [tensor("x", "FP32", [2, 2], [1.5, -2.0, 0.0, 3.25])]},
+        "nested_int": {"id": "r1", "inputs": [tensor("x", "INT64", [2, 2], [[1, -2], [3, 2**62]])]},
+        "every_type": {"inputs": [
+            tensor("b", "BOOL", [2], [True, False]), tensor("u8", "UINT8", [1], [255]),
+            tensor("u64", "UINT64", [1], [2**64 - 1]), tensor("i8", "INT8", [1], [-128]),
+            tensor("f16", "FP16", [1], [0.5]), tensor("f64", "FP64", [1], [1e300]),
+        ]},
+        "bytes": {"inputs": [tensor("s", "BYTES", [2, 1], ["a", "é"]), tensor("t", "BYTES", [], "x")]},
+        "empty": {"inputs": [tensor("e", "FP32", [0, 3], []), tensor("s", "BYTES", [2, 0], [[], []])]},
+        "outputs": {"inputs": [tensor("x", "UINT16", [3], [1, 2, 3])],
+                    "outputs": [{"name": "x", "parameters": {"binary_data": False}}],
+                    "parameters": {"binary_data_output": False}},
+    }
+    for name, message in requests.items():
+        write("v2_json", name, orjson.dumps(message))
+
+
+def binary(header: dict[str, Any], *chunks: bytes) -> bytes:
+    head = orjson.dumps(header)
+    return struct.pack("<H", len(head)) + head + b"".join(chunks)
+
+
+def v2_binary() -> None:
+    x = np.arange(6, dtype="<f4")
+    strings = b"".join(struct.pack("<I", len(s)) + s for s in (b"ab", b"", b"\xff"))
+    write("v2_binary", "fp32", binary({"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 24}}]},
+        x.tobytes()))
+    write("v2_binary", "mixed", binary({"parameters": {"binary_data_output": True}, "inputs": [
+        {"name": "s", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": len(strings)}},
+        {"name": "j", "datatype": "INT8", "shape": [1], "data": [5]},
+        {"name": "b", "datatype": "BOOL", "shape": [2], "parameters": {"binary_data_size": 2}}]},
+        strings, b"\x01\x00"))
+    write("v2_binary", "empty", binary({"inputs": [
+        {"name": "e", "datatype": "UINT64", "shape": [4, 0], "parameters": {"binary_data_size": 0}}]}))
+
+
+def savez(compressed: bool, **arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    writer: Any = np.savez_compressed if compressed else np.savez  # names as keyword arguments
+    writer(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def npz_codec() -> None:
+    arrays = {
+        "numbers": {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.array([-1, 2], ">i8")},
+        "kinds": {"b": np.array([True]), "s": np.array(["ab", "c"]), "y": np.array([b"z"]),
+                  "t": np.array(["2020-01-01"], "M8[D]"), "c": np.array([1j], np.complex64)},
+        "shapes": {"scalar": np.array(3.5), "empty": np.empty((0, 2)), "f": np.asfortranarray(np.eye(2))},
+    }
+    for name, contents in arrays.items():
+        write("npz_codec", name, savez(False, **contents))
+        write("npz_codec", name + "_compressed", savez(True, **contents))
+
+
+def json_codec() -> None:
+    bodies = {
+        "arrays": {"x": [[1, 2], [3, 4]], "f": [0.5, -1e-300], "b": [True, False]},
+        "values": {"s": "text", "n": None, "o": {"k": [1, "a"]}, "big": [2**70], "r": [[1], [2, 3]]},
+        "empty": {"e": [], "rows": [[], []]},
+    }
+    for name, body in bodies.items():
+        write("json_codec", name, json.dumps(body).encode())
+    write("json_codec", "nan", b'{"x": [NaN, Infinity, -0.0]}')
+
+
+if __name__ == "__main__":
+    v2_json()
+    v2_binary()
+    npz_codec()
+    json_codec()

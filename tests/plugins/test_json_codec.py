@@ -1,0 +1,93 @@
+"""The JSON codec: legitimate bodies decode as before; depth and the arrays' decoded size are
+bounded, each refusal a 400 or 413 naming the input, before numpy allocates anything large."""
+
+from __future__ import annotations
+
+import json
+import time
+import tracemalloc
+from typing import Any
+
+import numpy as np
+import pytest
+
+from plugins.codecs.json import MAX_DEPTH, JsonCodec
+from studio_plugins import BadRequest, PayloadTooLarge, StudioError
+
+LIMIT = 1 << 20
+codec = JsonCodec()
+
+
+def decode(value: Any, limit: int = LIMIT) -> Any:
+    return codec.decode(json.dumps(value).encode(), limit)
+
+
+def test_legitimate_bodies_decode_as_before() -> None:
+    decoded = decode({
+        "x": [[1, 2], [3, 4]], "f": [0.5, 1], "b": [True, False], "mixed": [True, 2],
+        "s": "b", "ragged": [[1], [2, 3]], "strings": ["a", 1], "none": [1, None],
+        "big": [2**70], "u64": [2**64 - 1, 0], "scalar": 3, "obj": {"k": [1, 2]},
+        "empty": [], "empty_rows": [[], []],
+    })
+    assert decoded["x"].dtype == np.int64 and decoded["x"].shape == (2, 2)
+    assert decoded["f"].tolist() == [0.5, 1.0] and decoded["b"].dtype == np.bool_
+    assert decoded["mixed"].tolist() == [1, 2] and decoded["u64"].dtype == np.float64
+    for kept in ("s", "ragged", "strings", "none", "big", "scalar", "obj", "empty"):
+        assert not isinstance(decoded[kept], np.ndarray), kept
+    assert decoded["empty_rows"].shape == (2, 0)
+    nan = codec.decode(b'{"x": [NaN, Infinity]}', LIMIT)["x"]
+    assert np.isnan(nan[0]) and np.isinf(nan[1])
+
+
+def refused(body: bytes, kind: type[StudioError] = BadRequest, limit: int = LIMIT) -> str:
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(kind) as caught:
+            codec.decode(body, limit)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2.0
+    assert peak < 64 * len(body) + (1 << 20)  # what json.loads' objects take, nothing more
+    return caught.value.message
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 900, 5000, 100_000])
+def test_nesting_is_bounded(depth: int) -> None:
+    lists = b'{"a": ' + b"[" * depth + b"]" * depth + b"}"
+    objects = b'{"a": ' + b'{"k": ' * depth + b"1" + b"}" * depth + b"}"
+    for body in (lists, objects):
+        message = refused(body)
+        assert "invalid JSON" in message or f"'a' nests lists or objects more than {MAX_DEPTH}" in message
+    ok = b'{"a": ' + b"[" * MAX_DEPTH + b"1" + b"]" * MAX_DEPTH + b"}"
+    assert codec.decode(ok, LIMIT)["a"].ndim == MAX_DEPTH
+
+
+def test_the_arrays_decoded_size_is_bounded_across_inputs() -> None:
+    numbers = LIMIT // 8
+    assert decode({"x": [0] * numbers})["x"].nbytes == LIMIT
+    assert "'x': 131073 JSON values would decode to 1048584 bytes" in refused(
+        json.dumps({"x": [0] * (numbers + 1)}).encode(), PayloadTooLarge
+    )
+    assert "'y'" in refused(json.dumps({"x": [0.5] * (numbers // 2), "y": [1] * (numbers // 2 + 1)})
+                            .encode(), PayloadTooLarge)
+    assert decode({"b": [True] * LIMIT})["b"].nbytes == LIMIT  # a boolean takes a byte
+
+
+def test_a_long_string_among_numbers_is_kept_without_numpy_allocating_its_width() -> None:
+    body = json.dumps({"x": ["x" * 1_000_000, *([1] * 100_000)]}).encode()
+    tracemalloc.start()
+    try:
+        decoded = codec.decode(body, 1 << 40)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(decoded["x"], list) and peak < 32 << 20
+
+
+def test_lists_beside_values_are_kept() -> None:
+    """Found by the fuzzer: a list beside a number once made the shape walk take len() of 1180."""
+    assert decode({"big": [1180, [2, 3]], "deeper": [[1, [2]], [3, 4]]}) == {
+        "big": [1180, [2, 3]], "deeper": [[1, [2]], [3, 4]]
+    }
