@@ -1,6 +1,6 @@
 """Write the targets' seed corpora: small valid requests, so the fuzzer starts from real
 structure (every datatype, nested and flat data, binary and BYTES inputs, npz as numpy writes
-it, stored and deflated). Run from the repository root: ``python fuzz/seeds/make.py``."""
+it, stored and deflated). Run from the repository root: ``PYTHONPATH=. python fuzz/seeds/make.py``."""
 
 from __future__ import annotations
 
@@ -95,8 +95,33 @@ def json_codec() -> None:
     write("json_codec", "nan", b'{"x": [NaN, Infinity, -0.0]}')
 
 
+def pickle_decoder() -> None:
+    """Real pickles (protocols 0, 2, 4, 5, and numpy 1.x names) of every kind of value the
+    decoder admits: numpy writes these layouts, so the fuzzer starts from them."""
+    import pickle
+
+    from bench.bench_codec import mixed_payload
+    from tests.hostile_pickles import numpy1
+
+    values = {
+        "mixed": mixed_payload(np.random.default_rng(0)),
+        "one_array": {"x": np.arange(6, dtype="f4").reshape(2, 3)},
+        "structured": {"x": np.zeros(2, [("a", "<f8"), ("b", ">i2"), ("c", "U3", (2,))])},
+        "scalars": {"s": [np.float16(1.5), np.int8(-3), np.str_("hé"), np.bytes_(b"a"), np.void(b"\x01"),
+                          np.datetime64("2024-06-01", "s"), np.timedelta64(5, "ms"), 2 + 3j, {1, 2},
+                          frozenset({"x"}), bytearray(b"ab"), None, True, -(10**30)]},
+        "layouts": {"f": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "z": np.zeros((0, 3)),
+                    "d": np.array(5), "b": np.arange(4).astype(">i4")},
+    }
+    for name, value in values.items():
+        for protocol in (0, 2, 4, 5):
+            write("pickle_decoder", f"{name}-p{protocol}", pickle.dumps(value, protocol=protocol))
+        write("pickle_decoder", f"{name}-numpy1", numpy1(pickle.dumps(value, protocol=2)))
+
+
 if __name__ == "__main__":
     v2_json()
     v2_binary()
     npz_codec()
     json_codec()
+    pickle_decoder()
