@@ -6,9 +6,12 @@ core/fast_pickle.py, else the data-only decoder), the data-only decoder alone
 (core/pickle_decoder.py), the restricted unpickler it replaced (bench/legacy_unpickler.py, the
 baseline of issue 13's "at most 2x") and plain ``pickle.loads`` (unsafe: the floor); for replies,
 ``dumps`` (what the server does) against ``pickle.dumps``. Microseconds per call, the best of
-``--repeat`` timings of ``--number`` calls each.
+``--repeat`` timings of ``--number`` calls each. With ``--callgrind``, the mixed dict's decode by the
+data-only decoder and by the legacy unpickler in instructions (valgrind; each counted at two call
+counts in a fresh process and the difference divided): the same figure however busy the machine.
 
     python -m bench.bench_codec
+    python -m bench.bench_codec --callgrind      # ~2 min
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import describe_machine, print_table
+from bench.harness import callgrind_instructions, describe_machine, print_table, quiet_env
 from bench.legacy_unpickler import unpickle_restricted
 from core.safe_pickle import decode_general, dumps, restricted_loads
 
@@ -37,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--number", type=int, default=20000, help="calls per timing")
     parser.add_argument("--repeat", type=int, default=5, help="timings per figure (the best is shown)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="instructions per decode of the mixed dict: decoder against legacy unpickler")
+    parser.add_argument("--one", nargs=3, metavar=("DECODER", "PROTOCOL", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:
+        decode_mixed(args.one[0], int(args.one[1]), int(args.one[2]))
+        return 0
+    if args.callgrind:
+        return count_mixed()
     rng = np.random.default_rng(0)
     payloads: dict[str, dict[str, Any]] = {
         "10 float64": {"x": rng.random(10)},
@@ -63,6 +74,33 @@ def main(argv: list[str] | None = None) -> int:
                        "ratio"])
     print("\nserved: restricted_loads / dumps as the server runs them; ratio: the data-only decoder "
           "against the legacy restricted unpickler (decode), our dumps against pickle.dumps (encode)")
+    return 0
+
+
+DECODERS: dict[str, Callable[[bytes], Any]] = {"decoder": decode_general, "legacy": unpickle_restricted}
+
+
+def decode_mixed(decoder: str, protocol: int, calls: int) -> None:
+    """Child process: decode the mixed dict ``calls`` times."""
+    body = pickle.dumps(mixed_payload(np.random.default_rng(0)), protocol=protocol)
+    decode = DECODERS[decoder]
+    for _ in range(calls):
+        decode(body)
+
+
+def count_mixed(few: int = 200, many: int = 1200) -> int:
+    print(f"# bench_codec --callgrind: {describe_machine()}; instructions per decode of the mixed dict")
+    rows = []
+    for protocol in (2, 4, 5):
+        per_call = {}
+        for decoder in DECODERS:
+            counts = [callgrind_instructions(
+                [sys.executable, __file__, "--one", decoder, str(protocol), str(calls)], quiet_env())
+                for calls in (few, many)]
+            per_call[decoder] = (counts[1] - counts[0]) / (many - few)
+        rows.append([f"mixed, 10 keys, protocol {protocol}", f"{per_call['decoder']:,.0f}",
+                     f"{per_call['legacy']:,.0f}", f"{per_call['decoder'] / per_call['legacy']:.2f}x"])
+    print_table(rows, ["body", "decoder", "legacy unpickler", "ratio"])
     return 0
 
 

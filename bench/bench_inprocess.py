@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness import ROOT, describe_machine, echo_app, print_table
+from bench.harness import callgrind_instructions, describe_machine, echo_app, print_table, quiet_env
 
 KEY = "bench"
 APPS = ("ours (metrics on)", "ours (metrics off)", "raw ASGI echo")
@@ -102,22 +102,11 @@ def one(which: str, requests: int) -> None:
 
 def child(which: str, requests: int, pythonpath: str | None, callgrind: bool) -> int:
     """Seconds (or, under callgrind, instructions) for one app in a fresh process."""
-    # Fixed hashing, and no OpenBLAS thread pool: its idle threads spin, and valgrind counts
-    # their instructions too (a different number each run).
-    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, str(ROOT), env.get("PYTHONPATH")]))
+    env = quiet_env(pythonpath)
     # run as a script, not with -m: -m puts the current directory ahead of PYTHONPATH
     command = [sys.executable, __file__, "--one", which, "--requests", str(requests)]
     if callgrind:
-        with tempfile.TemporaryDirectory() as directory:
-            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/out",
-                       *command]
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-        for line in done.stderr.splitlines():
-            if "Collected :" in line:
-                return int(line.rsplit(":", 1)[1])
-        raise SystemExit("valgrind printed no instruction count:\n" + done.stderr[-2000:])
+        return callgrind_instructions(command, env)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return int(float(done.stdout.strip().splitlines()[-1]) * 1e9)
 

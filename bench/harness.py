@@ -342,3 +342,24 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def quiet_env(pythonpath: str | None = None) -> dict[str, str]:
+    """The environment for a counted child: fixed hashing, and no OpenBLAS thread pool (its idle
+    threads spin, and valgrind counts their instructions too: a different number each run)."""
+    env = dict(os.environ, KERAS_BACKEND="torch", PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, root, env.get("PYTHONPATH")]))
+    return env
+
+
+def callgrind_instructions(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """The instructions ``command`` executes, counted by valgrind's callgrind (Debian's valgrind)."""
+    with tempfile.TemporaryDirectory() as directory:
+        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/out",
+                               *command], capture_output=True, text=True, env=dict(env), check=True)
+    for line in done.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise SystemExit("valgrind printed no instruction count:\n" + done.stderr[-2000:])

@@ -328,7 +328,10 @@ class _Decoder:
                     stack.append(data[pos - size:pos].decode("utf-8", "surrogatepass"))
                 elif op == 0x62:  # BUILD 'b'
                     state = stack.pop()
-                    self.build(stack[-1], state)
+                    target = stack[-1]
+                    self.build(target, state)
+                    if type(target) is _ArrayNode:  # the array itself from here on; the memo
+                        stack[-1] = target.array  # keeps the node, which the final pass resolves
                 elif op == 0x89:  # NEWFALSE
                     stack.append(False)
                 elif op == 0x88:  # NEWTRUE
@@ -393,6 +396,9 @@ class _Decoder:
                         raise PickleRefused("truncated: bytes run past the end of the body")
                     chunk = data[pos - size:pos]
                     stack.append(bytearray(chunk) if op == 0x96 else chunk)
+                    if data[pos] == 0x94:  # MEMOIZE after it, as pickle writes: one turn saved
+                        memo.append(stack[-1])
+                        pos += 1
                 elif op == 0x95:  # FRAME: a hint for buffered readers; the whole body is here
                     size = int.from_bytes(data[pos:pos + 8], "little")
                     pos += 8
