@@ -214,7 +214,10 @@ class _Decoder:
         if func is COMPLEX:
             if len(args) not in (1, 2) or not all(type(a) in (int, float) for a in args):
                 raise PickleRefused("complex() is only accepted from numbers")
-            return complex(*args)
+            try:
+                return complex(*args)
+            except OverflowError:  # an integer past a float's range
+                raise PickleRefused("complex() of a number too large for a float") from None
         if func is SET or func is FROZENSET:
             items = args[0] if len(args) == 1 else [] if not args else None
             if type(items) is not list:

@@ -285,3 +285,10 @@ def test_a_reply_echoing_shared_values_stays_small_and_readable() -> None:
     assert len(reply) < 1000
     again = restricted_loads(reply)["x"]
     assert again[0] is again[1]
+
+
+def test_complex_from_an_integer_past_a_float_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import pickle_decoder
+
+    monkeypatch.setattr(pickle_decoder, "STRICT", True)  # refused by its own check, not the net
+    quickly(pickle.dumps({"x": Reduce(complex, (10**400, 0))}, protocol=2), match="too large")
