@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,16 @@ def fleet_cloud(aws: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert pushed.exit_code == 0, pushed.output
     return SimpleNamespace(ec2=boto3.client("ec2"), elb=boto3.client("elbv2"),
                            asg=boto3.client("autoscaling"), weights=weights)
+
+
+@pytest.fixture
+def identity_repository(studio_home: Path) -> Any:
+    """A loaded ModelRepository serving experiment ``exp`` (empty: the identity model)."""
+    from core.repository import ModelRepository
+    from core.types import ServeOptions
+    from studio_plugins.testing import make_host
+
+    (studio_home / "experiments" / "exp" / "modeldir").mkdir(parents=True)
+    repository = ModelRepository(make_host(), ServeOptions(keys=("exp",)))
+    repository.load_all()
+    return repository

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,6 @@ from core.codecs import CodecSet
 from core.offload import INLINE_BYTES, decode_off_loop
 from core.repository import ModelRepository
 from core.safe_pickle import dumps, restricted_loads
-from core.types import ServeOptions
 from studio_plugins.testing import make_host
 
 
@@ -47,13 +45,8 @@ async def asgi_request(app: Any, method: str, path: str, body: bytes = b"",
 
 
 @pytest.fixture
-def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("STUDIOML_HOME", str(tmp_path))
-    (tmp_path / "experiments" / "exp" / "modeldir").mkdir(parents=True)
-    host = make_host()
-    repository = ModelRepository(host, ServeOptions(keys=("exp",)))
-    repository.load_all()
-    return build_app(repository, AppSettings(codecs=CodecSet(host.codecs())))
+def app(identity_repository: ModelRepository) -> Any:
+    return build_app(identity_repository, AppSettings(codecs=CodecSet(make_host().codecs())))
 
 
 SLOW = b"\x80\x05" + b"N0" * 400_000 + b"N."  # 800 KB of opcodes: the decoder's whole budget

@@ -7,7 +7,6 @@ import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from core.app import AppSettings, build_app
 from core.codecs import CodecSet
 from core.heap import HeapKeeper
 from core.repository import ModelRepository
-from core.types import ServeOptions
 from studio_plugins.testing import make_host
 
 
@@ -28,13 +26,8 @@ def unfrozen() -> Iterator[None]:
 
 
 @pytest.fixture
-def repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelRepository:
-    monkeypatch.setenv("STUDIOML_HOME", str(tmp_path))
-    (tmp_path / "experiments" / "exp" / "modeldir").mkdir(parents=True)
-    host = make_host()
-    repository = ModelRepository(host, ServeOptions(keys=("exp",)))
-    repository.load_all()
-    return repository
+def repository(identity_repository: ModelRepository) -> ModelRepository:
+    return identity_repository
 
 
 @pytest.mark.parametrize("swap", ["reload", "unload"])

@@ -118,16 +118,22 @@ def test_long_and_non_ascii_names(box: Box, fmt: int) -> None:
     assert (box.target / "ok.h5").read_bytes() == b"O"
 
 
-@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
-@pytest.mark.parametrize("fmt", ["gnu", "pax", "pax:0.1", "pax:1.0"])
-def test_sparse_members_written_by_gnu_tar(box: Box, fmt: str) -> None:
-    fmt, _, version = fmt.partition(":")  # old GNU 'S' members, or pax sparse 0.0, 0.1, 1.0
+def sparse_source(box: Box) -> Path:
+    """A folder holding ``sparse.bin``: 4 bytes, a 5 MB hole, 4 bytes (for tar --sparse)."""
     source = box.root / "src"
     source.mkdir()
     with open(source / "sparse.bin", "wb") as handle:
         handle.write(b"head")
         handle.seek(5_000_000)
         handle.write(b"tail")
+    return source
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "pax:0.1", "pax:1.0"])
+def test_sparse_members_written_by_gnu_tar(box: Box, fmt: str) -> None:
+    fmt, _, version = fmt.partition(":")  # old GNU 'S' members, or pax sparse 0.0, 0.1, 1.0
+    source = sparse_source(box)
     (source / "plain.txt").write_text("p")
     versions = [f"--sparse-version={version}"] if version else []
     subprocess.run(["tar", f"--format={fmt}", "--sparse", *versions, "-C", str(source), "-cf",
@@ -344,12 +350,7 @@ def test_mutated_archives_are_extracted_or_refused_in_one_line(box: Box) -> None
 def gnu_tar_sparse(box: Box, *args: str) -> bytes:
     if shutil.which("tar") is None:
         pytest.skip("needs GNU tar to write sparse members")
-    source = box.root / "src"
-    source.mkdir()
-    with open(source / "sparse.bin", "wb") as handle:
-        handle.write(b"head")
-        handle.seek(5_000_000)
-        handle.write(b"tail")
+    source = sparse_source(box)
     subprocess.run(["tar", "--sparse", *args, "-C", str(source), "-cf", str(box.archive),
                     "sparse.bin"], check=True)
     shutil.rmtree(source)
