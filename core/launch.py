@@ -23,7 +23,7 @@ from core.heap import HeapKeeper
 from core.host import PluginHost
 from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
 from core.repository import ModelRepository
-from core.serving import bind_socket, check_port_free, run_server, socket_url, tune_malloc
+from core.serving import bind_socket, check_port_free, outside_url, run_server, socket_url, tune_malloc
 from core.types import ServeOptions
 from core.workers import Supervisor, WorkerPlan
 
@@ -44,6 +44,9 @@ def default_threads(workers: int) -> int:
 def announce(repository: ModelRepository, sock: socket.socket, extra: str = "") -> None:
     # The one line on stdout: scripts and tests wait for it.
     print(f"Serving {', '.join(repository.names())}{extra} on {socket_url(sock)}", flush=True)
+    elsewhere = outside_url(sock)
+    if elsewhere is not None:
+        print(f"  listening on every interface: from another machine, {elsewhere}", flush=True)
 
 
 @dataclass

@@ -88,11 +88,35 @@ def check_port_free(host: str, port: int) -> None:
         bind_socket(host, port).close()
 
 
+WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
 def socket_url(sock: socket.socket) -> str:
+    """The URL a person on this machine opens: ``localhost`` for a wildcard bind (0.0.0.0 is an
+    address to listen on, not one to connect to)."""
     host, port = sock.getsockname()[:2]
-    if sock.family == socket.AF_INET6:
+    if host in WILDCARDS:
+        host = "localhost"
+    elif sock.family == socket.AF_INET6:
         host = f"[{host}]"
     return f"http://{host}:{port}/"
+
+
+def outside_url(sock: socket.socket) -> str | None:
+    """For a wildcard bind, the URL other machines may use: this machine's outgoing address
+    (no packet is sent to find it), else its host name; None for a bind to one address."""
+    host, port = sock.getsockname()[:2]
+    if host not in WILDCARDS:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the route, sends nothing
+            address = probe.getsockname()[0]
+    except OSError:
+        address = ""
+    if not address or address.startswith("127.") or address in WILDCARDS:
+        address = socket.gethostname()
+    return f"http://{address}:{port}/"
 
 
 async def _idle_watch(activity: Activity, killafter: float, shutdown: asyncio.Event) -> None:
@@ -103,6 +127,15 @@ async def _idle_watch(activity: Activity, killafter: float, shutdown: asyncio.Ev
             log.info("no requests for %.0fs (--killafter); shutting down", killafter)
             shutdown.set()
 
+
+def _not_hypercorn_banner(record: logging.LogRecord) -> bool:
+    # Hypercorn's own "Running on http://0.0.0.0:5000" names the address it listens on, which a
+    # browser cannot open; our "Serving ... on" line says where to go instead
+    return not str(record.msg).startswith("Running on")
+
+
+_HYPERCORN_LOG = logging.getLogger("hypercorn.error")
+_HYPERCORN_LOG.addFilter(_not_hypercorn_banner)
 
 HEADER_TIMEOUT = 5.0
 HEADER_LIMIT = 16 * 1024
@@ -129,7 +162,7 @@ def hypercorn_config(read_timeout: float = 0) -> Config:
     """
     config = Config()
     config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog = _HYPERCORN_LOG
     config.backlog = 1024
     config.keep_alive_timeout = min(HEADER_TIMEOUT, read_timeout) if read_timeout > 0 else HEADER_TIMEOUT
     config.h11_max_incomplete_size = HEADER_LIMIT

@@ -150,9 +150,13 @@ def test_port_is_honoured_with_and_without_wrapper(modeldir: Path, with_wrapper:
 
 def test_host_all_interfaces(modeldir: Path) -> None:
     with ServerProcess("exp", host="0.0.0.0") as running:
-        assert running.url.startswith("http://0.0.0.0:")
+        # a URL a person can open, not 0.0.0.0 (an address to listen on, not to connect to)
+        assert running.url.startswith("http://localhost:")
+        assert predict(running.url, {"a": np.ones(1)})["a"] == np.ones(1)
         port = running.url.rsplit(":", 1)[1].strip("/")
         assert predict(f"http://127.0.0.1:{port}/", {"a": np.ones(1)})["a"] == np.ones(1)
+        assert "listening on every interface: from another machine, http://" in running.output()
+        assert "0.0.0.0" not in running.output()
 
 
 def test_token_is_required_except_for_health(modeldir: Path) -> None:
