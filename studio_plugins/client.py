@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
+import os
 import urllib.error
 import urllib.request
 from typing import Any
@@ -37,6 +39,11 @@ def _error_from(status: int, body: bytes) -> PredictionError:
         return PredictionError(status, body[:500].decode("utf-8", "replace"))
 
 
+DEFAULT_TIMEOUT = 120.0
+"""Seconds ``predict`` waits for a reply unless told otherwise: a server that never answers
+must not hang its client."""
+
+
 def predict(
     url: str,
     data: dict[str, Any],
@@ -46,20 +53,29 @@ def predict(
 ) -> dict[str, Any]:
     """POST ``data`` (a dict of named arrays) to ``url`` and return the model's dict.
 
+    ``token`` defaults to ``$STUDIO_TOKEN``, as the server's ``--token`` does. ``timeout`` is in
+    seconds (default ``DEFAULT_TIMEOUT``; ``math.inf`` waits for ever).
+
     The reply is read as data by the same decoder the server uses on requests, never unpickled:
     a server that answers anything but plain data, or more than ``max_reply`` bytes of it
     (shared references counted each time), raises ``PredictionError``."""
     headers = {"Content-Type": PICKLE, "Accept": PICKLE}
+    if token is None:
+        token = os.environ.get("STUDIO_TOKEN")
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=dumps(data), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=None if math.isinf(timeout) else timeout) as response:
             body = response.read(max_reply + 1)
             if len(body) > max_reply:
                 raise PredictionError(200, f"the reply is larger than max_reply ({max_reply} bytes)")
     except urllib.error.HTTPError as exc:
         raise _error_from(exc.code, exc.read()) from None
+    except TimeoutError:
+        raise PredictionError(0, f"no reply from {url} within {timeout:g} s") from None
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as exc:
         raise PredictionError(0, f"cannot reach {url}: {exc}") from None
     try:

@@ -22,11 +22,15 @@ from tests.hostile_pickles import Reduce
 class HostileServer:
     def __init__(self) -> None:
         self.reply = b""
+        self.delay = 0.0
+        self.authorization: list[str | None] = []
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
+                owner.authorization.append(self.headers.get("Authorization"))
+                time.sleep(owner.delay)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/python-pickle")
                 self.send_header("Content-Length", str(len(owner.reply)))
@@ -77,3 +81,28 @@ def test_a_reply_longer_than_max_reply_is_not_read_whole(server: HostileServer) 
     server.reply = pickle.dumps({"y": np.zeros(1 << 20)}, protocol=5)
     with pytest.raises(PredictionError, match="larger than max_reply"):
         predict(server.url, {"x": np.zeros(1)}, timeout=10, max_reply=1 << 20)
+
+
+def test_the_token_comes_from_studio_token_like_the_server_s(server: HostileServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    server.reply = pickle.dumps({"y": 1}, protocol=4)
+    monkeypatch.setenv("STUDIO_TOKEN", "s3cret")
+    predict(server.url, {"x": np.zeros(1)})
+    predict(server.url, {"x": np.zeros(1)}, token="given")
+    monkeypatch.delenv("STUDIO_TOKEN")
+    predict(server.url, {"x": np.zeros(1)})
+    assert server.authorization[-3:] == ["Bearer s3cret", "Bearer given", None]
+
+
+def test_a_server_that_never_answers_does_not_hang_the_client(server: HostileServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from studio_plugins import client
+
+    server.reply = pickle.dumps({"y": 1}, protocol=4)
+    server.delay = 3.0
+    monkeypatch.setattr(client, "DEFAULT_TIMEOUT", 0.5)  # the default applies with no timeout given
+    started = time.perf_counter()
+    with pytest.raises(PredictionError, match=r"no reply .* within 0.5 s"):
+        predict(server.url, {"x": np.zeros(1)})
+    assert time.perf_counter() - started < 2.5
+    server.delay = 0.0
