@@ -31,8 +31,19 @@ def _module_from_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise LoadError(f"wrapper {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        raise LoadError(f"wrapper {path} failed to import: {type(exc).__name__}: {exc}",
+                        hint=_missing_module_hint(exc)) from exc
     return module
+
+
+def _missing_module_hint(exc: Exception) -> str | None:
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    if top == "tensorflow":  # Keras 3 imports it when KERAS_BACKEND says so, or nothing set it
+        return ("Keras 3 uses TensorFlow unless KERAS_BACKEND says otherwise; the server runs it "
+                "on torch (KERAS_BACKEND=torch): unset KERAS_BACKEND or set it to torch")
+    return f"the wrapper imports {top}, which is not installed in this environment"
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -45,8 +45,13 @@ log = logging.getLogger("studio_plugins.loaders.keras")
 UNSAFE_HINT = "if you trust this checkpoint, serve it with --trust-checkpoint"
 
 
+# Keras 3 picks TensorFlow unless told otherwise, and the keras extra installs torch: set before
+# the first `import keras` anywhere in the server, so a --wrapper that imports keras at its top
+# runs on torch too (the host loads this plugin before it imports any wrapper)
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+
 def import_keras() -> ModuleType:
-    os.environ.setdefault("KERAS_BACKEND", "torch")  # must precede the first `import keras`
     with IMPORT_LOCK:  # parallel model loads: see torch_runtime.IMPORT_LOCK
         try:
             import keras

@@ -176,3 +176,39 @@ def test_a_modelpipe_wrapper_is_served_request_by_request(modeldir: Path, tmp_pa
     served = load_wrapper(make_host(), str(wrapper), modeldir)
     assert served.batchable is False  # each key is an item: requests must not be stacked together
     assert served.predict({"a": 1, "b": 2}) == {"a": 2, "b": 4}
+
+
+KERAS_AT_THE_TOP = """
+import keras
+
+
+def create_model(modeldir):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1, kernel_initializer="ones")(inputs))
+    backend = keras.backend.backend()
+    return lambda data: {"y": model.predict(data["x"], verbose=0), "backend": backend}
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_wrapper_importing_keras_runs_without_keras_backend_set(modeldir: Path, tmp_path: Path) -> None:
+    # Keras 3 defaults to TensorFlow, which is not installed: the server sets the torch backend
+    # before it imports a wrapper (issue 14)
+    wrapper = write(tmp_path / "keras_wrapper.py", KERAS_AT_THE_TOP)
+    server = ServerProcess("exp", "--wrapper", str(wrapper))
+    server.env.pop("KERAS_BACKEND", None)
+    with server:
+        reply = predict(server.url, {"x": np.ones((2, 3), "f4")})
+        assert reply["y"].tolist() == [[3.0], [3.0]] and reply["backend"] == "torch"
+
+
+@pytest.mark.parametrize(
+    ("source", "hint"),
+    [("import tensorflow\n", "KERAS_BACKEND"),
+     ("import no_such_module_here\n", "imports no_such_module_here")],
+)
+def test_a_wrapper_whose_import_is_missing_says_what_to_do(tmp_path: Path, source: str, hint: str) -> None:
+    wrapper = write(tmp_path / "missing.py", source + "def create_model(modeldir):\n    return dict\n")
+    with pytest.raises(LoadError) as refused:
+        resolve_wrapper(make_host(), str(wrapper))
+    assert refused.value.hint is not None and hint in refused.value.hint
