@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigurationError, ExperimentError, LoadError, StudioError
-from core.experiments import open_store, validate_key
+from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
 from core.types import Loader, LoadOptions, ModelSpec, ServedModel, ServeOptions
 from core.wrappers import load_wrapper
@@ -106,7 +106,7 @@ def load_model(
     # logs name the model, and its experiment when that differs
     name = key if spec is None or spec.name == key else f"{spec.name} (experiment {key})"
     store = open_store(host, options.store_url)
-    modeldir = store.modeldir(key)
+    modeldir = find_modeldir(store, key)
     started = time.perf_counter()
     if wrapper:
         model = load_wrapper(host, wrapper, modeldir)

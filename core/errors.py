@@ -42,6 +42,11 @@ class ExperimentError(StudioError):
     status = 404
 
 
+class UnknownExperiment(ExperimentError):
+    """The store has no experiment of that key (stores raise it; the caller may suggest a
+    near one)."""
+
+
 class StoreError(StudioError):
     """The experiment store cannot be reached or refused us."""
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.errors import ConfigurationError, ExperimentError
+from core.errors import ConfigurationError, ExperimentError, StudioError, UnknownExperiment
 from core.host import PluginHost
 from core.types import ExperimentStore
 
@@ -37,6 +38,22 @@ def studio_home() -> Path:
 
 def default_store_url() -> str:
     return os.environ.get(STORE_ENV) or studio_home().resolve().as_uri()
+
+
+def find_modeldir(store: ExperimentStore, key: str) -> Path:
+    """``store.modeldir(key)``; when the key is unknown, the error names the nearest key the store
+    has (a typo is the usual cause)."""
+    try:
+        return store.modeldir(key)
+    except UnknownExperiment as missing:
+        try:
+            keys = [info.key for info in store.experiments()]
+        except StudioError:  # the listing failing too says nothing more
+            raise missing from None
+        near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        if not near:
+            raise
+        raise UnknownExperiment(f"{missing.message}; did you mean {near[0]!r}?", hint=missing.hint) from None
 
 
 def open_store(host: PluginHost, url: str | None = None) -> ExperimentStore:

@@ -22,6 +22,7 @@ from core.errors import (
     PayloadTooLarge,
     StoreError,
     StudioError,
+    UnknownExperiment,
 )
 from core.experiments import studio_home, validate_key
 from core.hookspecs import hookimpl
@@ -98,6 +99,7 @@ __all__ = [
     "StoreFactory",
     "StudioError",
     "TensorSpec",
+    "UnknownExperiment",
     "__version__",
     "decode_off_loop",
     "get_model_directory",

@@ -18,6 +18,7 @@ from studio_plugins import (
     FileInfo,
     StoreError,
     StoreFactory,
+    UnknownExperiment,
     hookimpl,
     validate_key,
 )
@@ -65,7 +66,7 @@ class LocalStore(ExperimentStore):
                     f"the store directory {self.root} does not exist",
                     hint="check --store / STUDIO_STORE / STUDIOML_HOME",
                 )
-            raise ExperimentError(
+            raise UnknownExperiment(
                 f"no experiment {key!r} in {self.root}",
                 hint=f"create it with `studio-plug experiments push {key} DIR` "
                 "or get_model_directory() in your training script",

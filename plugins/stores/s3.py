@@ -31,6 +31,7 @@ from studio_plugins import (
     FileInfo,
     StoreError,
     StoreFactory,
+    UnknownExperiment,
     hookimpl,
     studio_home,
     validate_key,
@@ -172,7 +173,7 @@ class S3Store(ExperimentStore):
         return ModeldirCache(root / "experiments" / validate_key(key))
 
     def _missing(self, key: str) -> ExperimentError:
-        return ExperimentError(
+        return UnknownExperiment(
             f"no experiment {key!r} in {self.url}",
             hint=f"push it with `studio-plug experiments push {key} DIR --store {self.url}`",
         )

@@ -74,6 +74,18 @@ def test_unknown_experiment_is_a_clear_error(studio_home: Path) -> None:
     assert "experiments push nope" in (caught.value.hint or "")
 
 
+def test_a_typo_in_the_key_suggests_the_nearest_one(studio_home: Path) -> None:
+    for key in ("mnist-cnn", "cifar10"):
+        (studio_home / "experiments" / key / "modeldir").mkdir(parents=True)
+    with pytest.raises(ExperimentError, match=r"no experiment 'mnist-cn' .*; did you mean 'mnist-cnn'") \
+            as caught:
+        load_model(make_host(), ServeOptions(keys=("mnist-cn",)), "mnist-cn")
+    assert "experiments push mnist-cn" in (caught.value.hint or "")
+    with pytest.raises(ExperimentError) as unrelated:  # nothing near: no suggestion
+        load_model(make_host(), ServeOptions(keys=("resnet",)), "resnet")
+    assert "did you mean" not in unrelated.value.message
+
+
 def test_empty_modeldir_serves_identity_and_says_so(
     modeldir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
