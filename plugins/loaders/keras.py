@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -94,6 +95,12 @@ def _explain(checkpoint: Path, exc: Exception) -> LoadError:
             f"{checkpoint.name} holds weights only, not a model",
             hint="save the whole model (model.save), serve it with a --wrapper that builds the "
             "model, or pick another file with --checkpoint NAME",
+        )
+    if checkpoint.suffix == ".keras" and not zipfile.is_zipfile(checkpoint):
+        # Keras says "file not found" (or worse) for a .keras zip cut short
+        return LoadError(
+            f"{checkpoint.name} is corrupt or truncated: a .keras file is a zip archive, this is not",
+            hint="was it still being written? save it again, or pick another with --checkpoint NAME",
         )
     first_line = text.splitlines()[0][:300]
     return LoadError(

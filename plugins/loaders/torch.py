@@ -123,6 +123,14 @@ def _scripted(torch: ModuleType, path: Path, device: str) -> tuple[Any, list[Exp
 
 def _pickled(torch: ModuleType, path: Path, options: LoadOptions, device: str) -> Any:
     """A ``torch.save`` file: refuse a state_dict; a pickled module only when trusted."""
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    # torch.save writes a zip (PK), its legacy format a pickle (PROTO, 0x80); torch's own error
+    # for anything else says "Weights only load failed", which reads like a pickled module
+    if head != b"PK" and head[:1] != b"\x80":
+        raise LoadError(f"{path.name} is not a TorchScript, torch.export or torch.save file "
+                        f"(it starts with {head!r})",
+                        hint="is it the right file? pick another with --checkpoint NAME")
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:

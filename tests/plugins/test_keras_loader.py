@@ -131,6 +131,15 @@ def test_corrupt_and_weights_only_files(tmp_path: Path) -> None:
     assert not keras_loader().recognises(tmp_path / "epoch1.weights.h5")
 
 
+def test_a_truncated_keras_file_says_so(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.keras"
+    scaler(2.0).save(whole)
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(LoadError, match=r"cut\.keras is corrupt or truncated"):
+        keras_loader().load(cut, LoadOptions())
+
+
 def test_missing_keras_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "keras", None)  # `import keras` now raises ImportError
     with pytest.raises(MissingDependencyError) as missing:

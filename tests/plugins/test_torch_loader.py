@@ -154,6 +154,14 @@ def test_corrupt_files_are_clear_errors(tmp_path: Path) -> None:
             torch_loader().load(tmp_path / name, LoadOptions())
 
 
+def test_a_text_file_named_like_a_checkpoint_is_not_called_a_pickle(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_text("not a model at all\n")
+    with pytest.raises(LoadError, match=r"model\.pt is not a TorchScript, torch.export or torch.save file") \
+            as error:
+        torch_loader().load(tmp_path / "model.pt", LoadOptions())
+    assert "pickled" not in error.value.message
+
+
 def test_gpus_without_cuda_fall_back_to_cpu(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
