@@ -99,9 +99,17 @@ def prepare(expected: Expected | None, value: Any, key: str) -> np.ndarray:
     if array.dtype.kind not in "biufc":
         raise BadRequest(f"input {key!r} is not a numeric array (dtype {array.dtype})")
     if expected is not None and expected.shape is not None and not _fits(array.shape, expected.shape):
+        takes = _shape_text(expected.shape)
+        if expected.shape and expected.shape[0] >= 0:  # saved with a fixed batch: say so, and how
+            raise BadRequest(
+                f"input {key!r} has shape {tuple(array.shape)}; the model's input {expected.name!r} "
+                f"takes exactly {takes}: it was saved with a fixed batch size of {expected.shape[0]}",
+                hint="save it with a dynamic first axis to take any batch (torch.export: "
+                "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})",
+            )
         raise BadRequest(
             f"input {key!r} has shape {tuple(array.shape)}; the model's input {expected.name!r} "
-            f"takes {_shape_text(expected.shape)} (N: any size; the first axis is the batch)"
+            f"takes {takes} (N: any size; the first axis is the batch)"
         )
     # Frameworks want to own writable memory (torch warns on read-only numpy views).
     if not array.flags.writeable or not array.flags.c_contiguous:

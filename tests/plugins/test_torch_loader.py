@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from studio_plugins import LoadError, LoadOptions, MissingDependencyError
+from studio_plugins import BadRequest, LoadError, LoadOptions, MissingDependencyError
 from studio_plugins.client import predict
 from studio_plugins.testing import ServerProcess, make_host
 
@@ -93,6 +93,17 @@ def test_exported_program_with_dynamic_batch(tmp_path: Path) -> None:
     for size in (1, 7):
         batch = X[:1].repeat(size, axis=0)
         np.testing.assert_allclose(model.predict({"k": batch})["k"], expected(module, batch), rtol=1e-5)
+
+
+def test_an_exported_program_with_a_fixed_batch_says_how_to_export_it(tmp_path: Path) -> None:
+    program = torch.export.export(Affine(seed=3).eval(), (torch.ones(4, 3),))  # no dynamic_shapes
+    torch.export.save(program, str(tmp_path / "fixed.pt2"))
+    model = torch_loader().load(tmp_path / "fixed.pt2", LoadOptions())
+    fixed = r"takes exactly \(4, 3\): it was saved with a fixed batch size of 4"
+    with pytest.raises(BadRequest, match=fixed) as refused:
+        model.predict({"k": X[:2]})
+    assert "N: any size" not in refused.value.message and "dynamic_shapes" in (refused.value.hint or "")
+    assert model.predict({"k": X[:1].repeat(4, axis=0)})["k"].shape == (4, 2)  # its own batch works
 
 
 def test_exported_program_with_two_named_inputs(tmp_path: Path) -> None:
