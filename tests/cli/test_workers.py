@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from studio_plugins.client import predict
+from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess
 from tests.cli.test_dataplane import metric
 from tests.cli.test_serve import get
@@ -166,12 +166,21 @@ def test_watch_reloads_every_worker(modeldir: Path) -> None:
         scaler(7.0, temp)
         temp.rename(modeldir / "b.keras")
         deadline = time.monotonic() + 60
+        closed = 0
         while time.monotonic() < deadline:
-            values = {float(predict(server.url, {"v": x})["v"][0, 0]) for _ in range(20)}
+            values = set()
+            for _ in range(20):
+                try:
+                    values.add(float(predict(server.url, {"v": x})["v"][0, 0]))
+                except PredictionError as error:
+                    # a connection a draining worker accepted in the instant it stopped is closed
+                    # by Hypercorn's graceful shutdown unanswered (seen once in CI); not a wrong answer
+                    assert error.status == 0, error
+                    closed += 1
             if values == {7.0}:
                 break
             time.sleep(0.2)
-        assert values == {7.0}
+        assert values == {7.0} and closed <= 2
         assert any("workers now serve the new model" in line for line in server.stderr_lines)
 
 
