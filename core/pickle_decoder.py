@@ -368,11 +368,7 @@ class _Decoder:
                 elif op == 0x75:  # SETITEMS 'u'
                     items = stack
                     stack = marks.pop()
-                    target = stack[-1]
-                    if type(target) is not dict or len(items) % 2:
-                        raise PickleRefused("SETITEMS needs a dict and pairs")
-                    for index in range(0, len(items), 2):
-                        _set_item(target, items[index], items[index + 1])
+                    _set_items(stack[-1], items)
                 elif op == 0x61:  # APPEND 'a'
                     value = stack.pop()
                     _list(stack[-1]).append(value)
@@ -448,10 +444,7 @@ class _Decoder:
                     items = stack
                     stack = marks.pop()
                     made: dict[Any, Any] = {}
-                    if len(items) % 2:
-                        raise PickleRefused("DICT needs pairs")
-                    for index in range(0, len(items), 2):
-                        _set_item(made, items[index], items[index + 1])
+                    _set_items(made, items)
                     stack.append(made)
                 elif op == 0x30:  # POP '0'
                     if stack:
@@ -565,6 +558,14 @@ def _set_item(target: Any, key: Any, value: Any) -> None:
     if type(key) not in _KEY_TYPES or (type(key) is int and not -_HASH_MODULUS < key < _HASH_MODULUS):
         raise PickleRefused(_KEYS_ALLOWED.format("dict keys"))
     target[key] = value
+
+
+def _set_items(target: Any, items: list[Any]) -> None:
+    """SETITEMS and DICT: ``items`` are key, value, key, value ..."""
+    if type(target) is not dict or len(items) % 2:
+        raise PickleRefused("SETITEMS and DICT need a dict and key-value pairs")
+    for index in range(0, len(items), 2):
+        _set_item(target, items[index], items[index + 1])
 
 
 def _keys(items: list[Any]) -> list[Any]:
