@@ -71,4 +71,6 @@ def test_nothing_to_do_while_frozen() -> None:
     keeper.freeze()
     count = frozen_objects()
     assert not keeper.refreeze_if_due()
-    assert frozen_objects() == count
+    # A frozen object that dies leaves the count (another thread may drop one meanwhile); a
+    # refreeze would add the whole heap, so the count must not grow.
+    assert frozen_objects() <= count
