@@ -52,11 +52,18 @@ class Pending:
 
 
 def split_rows(result: Payload, sizes: list[int]) -> list[Payload]:
-    """Cut a batched reply back into one reply per request (axis 0, in order)."""
+    """Cut a batched reply back into one reply per request (axis 0, in order).
+
+    A key answered with a dict (a model with several outputs, under the seed's contract) is cut
+    the same way, output by output, so a batched reply has the shape of an unbatched one."""
     total = sum(sizes)
     bounds = np.cumsum([0, *sizes])
     parts: list[Payload] = [{} for _ in sizes]
     for key, value in result.items():
+        if isinstance(value, dict):
+            for part, nested in zip(parts, split_rows(value, sizes), strict=True):
+                part[key] = nested
+            continue
         array = np.asarray(value)
         if array.ndim == 0 or array.shape[0] != total:
             raise ModelError(

@@ -29,6 +29,15 @@ def test_split_rows_checks_the_row_count() -> None:
         split_rows({"y": np.arange(4)}, [2, 3])
 
 
+def test_split_rows_cuts_a_key_answered_with_several_outputs() -> None:
+    # the seed's contract for a model with two outputs: {key: {output: rows}}
+    parts = split_rows({"k": {"p": np.arange(5), "q": np.arange(5) * 10}}, [2, 3])
+    assert [{name: v.tolist() for name, v in p["k"].items()} for p in parts] == [
+        {"p": [0, 1], "q": [0, 10]}, {"p": [2, 3, 4], "q": [20, 30, 40]}]
+    with pytest.raises(ModelError, match="'q' has shape"):
+        split_rows({"k": {"p": np.arange(5), "q": np.arange(4)}}, [2, 3])
+
+
 class Recorder:
     def __init__(self, fail: bool = False) -> None:
         self.calls: list[int] = []
