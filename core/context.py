@@ -50,19 +50,20 @@ class ServerContext:
             raise NotReady(f"model {name!r} is not ready ({slot.state}){reason}")
         return model
 
-    async def infer(self, name: str, payload: Payload, receive: Receive | None = None
-                    ) -> tuple[Payload, int]:
-        return await self.run(self.ready_model(name), name, payload, receive)
+    async def infer(self, name: str, payload: Payload, receive: Receive | None = None, *,
+                    named: bool = False) -> tuple[Payload, int]:
+        return await self.run(self.ready_model(name), name, payload, receive, named=named)
 
-    async def run(self, model: ServedModel, name: str, payload: Payload, receive: Receive | None = None
-                  ) -> tuple[Payload, int]:
+    async def run(self, model: ServedModel, name: str, payload: Payload, receive: Receive | None = None,
+                  *, named: bool = False) -> tuple[Payload, int]:
         """``model``'s reply through the data plane and the rows of its call. Given the request's
-        ``receive``, a client that disconnects meanwhile cancels it: ``ClientGone`` is raised."""
+        ``receive``, a client that disconnects meanwhile cancels it: ``ClientGone`` is raised.
+        ``named``: call ``model.predict_named`` (V2's named tensors) rather than ``predict``."""
         if receive is None:
-            return await self.dataplane.infer(model, payload, name)
+            return await self.dataplane.infer(model, payload, name, named=named)
         task = self.disconnects.enter(receive)
         try:
-            return await self.dataplane.infer(model, payload, name)
+            return await self.dataplane.infer(model, payload, name, named=named)
         except asyncio.CancelledError:
             if not self.disconnects.absorb(task):
                 raise

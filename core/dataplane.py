@@ -21,7 +21,7 @@ from typing import Any
 from core.batching import Batcher
 from core.errors import DeadlineExceeded, ModelError, Overloaded, StudioError
 from core.metrics import Metrics
-from core.types import Payload, ServedModel
+from core.types import ModelFn, Payload, ServedModel
 
 log = logging.getLogger("studio_plugins.dataplane")
 
@@ -53,8 +53,10 @@ class DataPlane:
         self.metrics = metrics
         self.admitted = 0
         self._executor: ThreadPoolExecutor | None = None
-        self._batchers: dict[int, Batcher] = {}
-        self._invokers: dict[int, Callable[[Payload], Awaitable[Any]]] = {}  # by model identity
+        # by model identity, and whether it is called with named tensors (predict_named)
+        self._batchers: dict[tuple[int, bool], Batcher] = {}
+        self._invokers: dict[tuple[int, bool], Callable[[Payload], Awaitable[Any]]] = {}
+        self._limits: dict[int, asyncio.Semaphore] = {}  # model.concurrency, whichever way it is called
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -64,8 +66,12 @@ class DataPlane:
             )
         return self._executor
 
-    async def infer(self, model: ServedModel, payload: Payload, name: str = "") -> tuple[Payload, int]:
-        """The model's reply and the number of rows of the call that produced it."""
+    async def infer(self, model: ServedModel, payload: Payload, name: str = "", *, named: bool = False
+                    ) -> tuple[Payload, int]:
+        """The model's reply and the number of rows of the call that produced it.
+
+        ``named``: through ``model.predict_named`` (where it has one), in batches of its own."""
+        named = named and model.predict_named is not None
         limit = self.options.max_queue
         if limit and self.admitted >= limit:
             raise Overloaded(f"{self.admitted} requests queued (--max-queue {limit}); retry shortly")
@@ -75,9 +81,10 @@ class DataPlane:
             self.metrics.queue_depth.inc()  # type: ignore[union-attr]
         try:
             if self.options.timeout is None:
-                return await self._dispatch(model, payload, name)
+                return await self._dispatch(model, payload, name, named)
             try:
-                return await asyncio.wait_for(self._dispatch(model, payload, name), self.options.timeout)
+                return await asyncio.wait_for(self._dispatch(model, payload, name, named),
+                                              self.options.timeout)
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"no answer within {self.options.timeout:g}s (--timeout)"
@@ -87,23 +94,24 @@ class DataPlane:
             if counted:
                 self.metrics.queue_depth.dec()  # type: ignore[union-attr]
 
-    async def _dispatch(self, model: ServedModel, payload: Payload, name: str) -> tuple[Payload, int]:
+    async def _dispatch(self, model: ServedModel, payload: Payload, name: str, named: bool
+                        ) -> tuple[Payload, int]:
         if self.options.max_batch_size > 1 and model.batchable:
-            batched = await self._batcher(model, name).submit(payload)
+            batched = await self._batcher(model, name, named).submit(payload)
             if batched is not None:
                 return batched
-        result = await self.call(model, payload)
+        result = await self.call(model, payload, named)
         rows = payload_rows(payload)
         if self.metrics is not None:
             self.metrics.observe_batch(name, rows)
         return result, rows
 
-    def _batcher(self, model: ServedModel, name: str) -> Batcher:
-        batcher = self._batchers.get(id(model))
+    def _batcher(self, model: ServedModel, name: str, named: bool) -> Batcher:
+        batcher = self._batchers.get((id(model), named))
         if batcher is None:
 
             async def run(payload: Payload) -> Payload:
-                return await self.call(model, payload)
+                return await self.call(model, payload, named)
 
             def observe(rows: int) -> None:
                 if self.metrics is not None:
@@ -111,14 +119,14 @@ class DataPlane:
 
             batcher = Batcher(run, self.options.max_batch_size, self.options.max_batch_delay, observe)
             # Keyed by identity: a model swapped in later gets batches of its own.
-            self._batchers[id(model)] = batcher
+            self._batchers[(id(model), named)] = batcher
         return batcher
 
-    async def call(self, model: ServedModel, payload: Payload) -> Payload:
+    async def call(self, model: ServedModel, payload: Payload, named: bool = False) -> Payload:
         """One model call, sync models in the thread pool; errors become ``ModelError``."""
-        invoke = self._invokers.get(id(model))
+        invoke = self._invokers.get((id(model), named))
         if invoke is None:
-            invoke = self._invokers[id(model)] = self._invoker(model)
+            invoke = self._invokers[(id(model), named)] = self._invoker(model, named)
         try:
             result: Any = await invoke(payload)
         except StudioError:
@@ -132,30 +140,35 @@ class DataPlane:
             raise ModelError(f"model returned {type(result).__name__}, expected a dict")
         return dict(result)
 
-    def _invoker(self, model: ServedModel) -> Callable[[Payload], Awaitable[Any]]:
+    def _invoker(self, model: ServedModel, named: bool) -> Callable[[Payload], Awaitable[Any]]:
         """How to call ``model``, decided once per model: inspecting it per request is slow."""
-        if _is_async(model.predict):
-            return model.predict  # type: ignore[return-value]
+        predict = model.predict_named if named and model.predict_named is not None else model.predict
+        if _is_async(predict):
+            return predict  # type: ignore[return-value]
         if not model.concurrency:
-            return partial(self._in_thread, model)
-        limit = asyncio.Semaphore(model.concurrency)
+            return partial(self._in_thread, predict)
+        limit = self._limits.get(id(model))
+        if limit is None:
+            limit = self._limits[id(model)] = asyncio.Semaphore(model.concurrency)
 
         async def limited(payload: Payload) -> Any:
             async with limit:
-                return await self._in_thread(model, payload)
+                return await self._in_thread(predict, payload)
 
         return limited
 
-    async def _in_thread(self, model: ServedModel, payload: Payload) -> Any:
-        result = await asyncio.get_running_loop().run_in_executor(self.executor, model.predict, payload)
+    async def _in_thread(self, predict: ModelFn, payload: Payload) -> Any:
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, predict, payload)
         if inspect.isawaitable(result):
             result = await result
         return result
 
     def forget(self, model: ServedModel) -> None:
         """Drop the batcher of a model that was swapped out (batches in flight finish)."""
-        self._batchers.pop(id(model), None)
-        self._invokers.pop(id(model), None)
+        for named in (False, True):
+            self._batchers.pop((id(model), named), None)
+            self._invokers.pop((id(model), named), None)
+        self._limits.pop(id(model), None)
 
     def close(self) -> None:
         if self._executor is not None:

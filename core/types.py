@@ -44,6 +44,7 @@ class ServedModel:
     """A model ready to serve, with what is known about where it came from."""
 
     predict: ModelFn
+    """The seed's contract (``POST /``): each request key answered under the same key."""
     platform: str
     """The loader (or ``wrapper``) that produced it: ``identity``, ``keras``, ``torch``, ..."""
     checkpoint: Path | None = None
@@ -55,6 +56,9 @@ class ServedModel:
     """Calls at once at most (None: ``--threads``), for a model that must not run concurrently.
     (The Keras and torch loaders leave it unset: measured on the Keras MLP at 16 connections,
     one call at a time gave 1,079 req/s against 1,498 with four.)"""
+    predict_named: ModelFn | None = None
+    """The same model for protocols whose tensors have names (V2): the request's keys are the
+    model's input names, the reply's its output names. None: ``predict`` serves both."""
 
 
 @dataclass(frozen=True)
@@ -217,11 +221,14 @@ class ServingContext(Protocol):
         """The model's state; raises ``NotFound`` for a name the server does not have."""
         ...
 
-    async def infer(self, name: str, payload: Payload, receive: Any = None) -> tuple[Payload, int]:
+    async def infer(self, name: str, payload: Payload, receive: Any = None, *, named: bool = False
+                    ) -> tuple[Payload, int]:
         """Run model ``name`` on the data plane (queue, deadline, batching, metrics apply):
         its reply and the rows of the call that produced it. Raises ``StudioError``s. Given the
         request's ASGI ``receive``, a client that disconnects meanwhile cancels the request and
-        ``ClientGone`` is raised (answer nothing: no one is listening)."""
+        ``ClientGone`` is raised (answer nothing: no one is listening). ``named``: the payload's
+        keys are the model's input names and the reply is keyed by its output names
+        (``ServedModel.predict_named``), rather than the seed's key-for-key contract."""
         ...
 
     async def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:

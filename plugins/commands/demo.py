@@ -90,7 +90,7 @@ def studio_register_commands(cli: click.Group) -> None:
                 click.echo(f"hint: {exc.hint}", err=True)
             ctx.exit(1)
         click.echo(f"{'wrote' if written else 'using'} {path}")
-        click.echo("try it (the answer is x doubled, under the output's name, `double`):")
+        click.echo("try it (the answer is x doubled, under the key it was sent with, `x`):")
         click.echo(f"  {curl_example(bind_host, port, os.environ.get('STUDIO_TOKEN'))}")
         if not port:
             click.echo("  (PORT: the port on the 'Serving' line below)")

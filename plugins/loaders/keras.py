@@ -180,6 +180,7 @@ class KerasLoader(Loader):
             served.prime()
         return ServedModel(
             predict=served,
+            predict_named=served.named,
             platform="keras",
             checkpoint=checkpoint,
             inputs=tuple(expected.spec for expected in inputs),

@@ -1,11 +1,14 @@
 """How a request dict meets a framework model's named inputs and outputs (Keras, torch, ...).
 
-Two rules, the seed's and a named one:
+Two calling conventions, one model:
 
-- each key of the request is an input batch, run through the model and answered under the
-  same key (a model with several outputs answers that key with a dict of them);
-- when the request's keys are exactly the model's named inputs, the model is called once with
-  all of them and answers with its named outputs.
+- ``POST /`` (the seed's contract): each key of the request is an input batch, run through the
+  model and answered under the same key, whatever the key is. A model with several inputs is
+  called once with keys that are exactly its input names, and answers with its named outputs; so
+  does a model with several outputs sent under its input's name (any other key is answered with
+  a dict of the outputs).
+- ``named`` (V2, whose tensors have names): the keys are the model's input names, the model is
+  called once and answers with its named outputs.
 
 Inputs are cast to the dtype the model declares and their shapes checked against it, so a
 wrong request is a 400 that says what the model takes, not a framework traceback.
@@ -126,19 +129,37 @@ class TensorModel:
         self.input_names = frozenset(expected.name for expected in self.inputs)
 
     def __call__(self, data: Payload) -> Payload:
-        if self.input_names and data.keys() == self.input_names:
-            return dict(self.run({e.name: prepare(e, data[e.name], e.name) for e in self.inputs}))
-        if len(self.inputs) > 1:
-            raise BadRequest(
-                f"the model takes the inputs {', '.join(e.name for e in self.inputs)}: send "
-                f"exactly those keys (got {', '.join(map(repr, data)) or 'none'})"
-            )
+        """The seed's contract (``POST /``): each key's answer under that key."""
+        if len(self.inputs) > 1:  # the seed's shape cannot say which key is which input
+            return self.named(data)
         expected = self.inputs[0] if self.inputs else None
         reply: Payload = {}
         for key, value in data.items():
             outputs = self.run({expected.name if expected else key: prepare(expected, value, key)})
-            reply[key] = next(iter(outputs.values())) if len(outputs) == 1 else outputs
+            if len(outputs) == 1:
+                reply[key] = next(iter(outputs.values()))
+            elif len(data) == 1 and expected is not None and key == expected.name:
+                return dict(outputs)  # several outputs, asked for by the input's name
+            else:
+                reply[key] = outputs
         return reply
+
+    def named(self, data: Payload) -> Payload:
+        """Named inputs in, named outputs out (V2): the keys are the model's input names."""
+        if not self.inputs:  # not declared: the model's one input, whatever its name
+            if len(data) != 1:
+                raise BadRequest(
+                    f"the model does not declare its inputs: send one (got {len(data)})")
+            (key, value), = data.items()
+            return dict(self.run({key: prepare(None, value, key)}))
+        if data.keys() != self.input_names:
+            raise BadRequest(
+                f"the model takes the input{'s' if len(self.inputs) > 1 else ''} "
+                f"{', '.join(e.name for e in self.inputs)}: send exactly "
+                f"{'those keys' if len(self.inputs) > 1 else 'that key'} "
+                f"(got {', '.join(map(repr, data)) or 'none'})"
+            )
+        return dict(self.run({e.name: prepare(e, data[e.name], e.name) for e in self.inputs}))
 
     def prime(self) -> bool:
         """One call with a batch of zeros, so the first request does not pay for warm-up.

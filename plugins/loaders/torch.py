@@ -222,6 +222,7 @@ class TorchLoader(Loader):
         log.info("torch model on %s", device)
         return ServedModel(
             predict=served,
+            predict_named=served.named,
             platform="torch",
             checkpoint=checkpoint,
             inputs=tuple(expected.spec for expected in inputs),

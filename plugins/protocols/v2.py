@@ -1,7 +1,9 @@
 """The Open Inference Protocol (V2, KServe/Triton/MLServer) as routes on the server's data plane.
 
 Everything goes through the ``ServingContext``: inference takes the same queue, deadlines,
-batching, auth and metrics as ``POST /``. ``/v2/health/live|ready`` belong to the core app.
+batching, auth and metrics as ``POST /``, but in the model's named inputs and outputs
+(``named=True``: ``ServedModel.predict_named``) where ``POST /`` keeps the seed's key-for-key
+contract. ``/v2/health/live|ready`` belong to the core app.
 
 Versions: a model is served in one version at a time, named ``"1"``; a reload replaces it in
 place (the served checkpoint is in the metadata's ``parameters``). ``/versions/1/...`` is the
@@ -28,14 +30,19 @@ from studio_plugins import (
     ClientGone,
     ModelState,
     NotFound,
+    Payload,
     RouteFactory,
+    ServedModel,
     ServingContext,
     StudioError,
+    TensorSpec,
     decode_off_loop,
     hookimpl,
 )
 
+from .v2_limits import short
 from .v2_messages import encode_response, header_length, parse_request
+from .v2_tensors import DATATYPES
 
 log = logging.getLogger("studio_plugins.v2")
 
@@ -47,6 +54,8 @@ REPOSITORY_STATES = {
 }
 JSON_TYPE = b"application/json"
 BINARY_TYPE = b"application/octet-stream"
+# a tensor's datatype as the protocol (and Triton's BF16) names it; loaders may say UNKNOWN
+METADATA_DATATYPES = frozenset((*DATATYPES, "BF16"))
 
 
 def json_response(content: Any, status: int = 200) -> Response:
@@ -63,6 +72,28 @@ def error_body(exc: StudioError) -> bytes:
 def check_version(name: str, version: str | None) -> None:
     if version is not None and version != VERSION:
         raise NotFound(f"model {name!r} has no version {version!r}; it serves version {VERSION}")
+
+
+def check_inputs(name: str, model: ServedModel | None, inputs: Payload) -> None:
+    """Where the model declares its inputs, one it does not have (or one it needs and was not
+    sent) is a 400 that names them all, as Triton and MLServer answer: not a model failure."""
+    if model is None or not model.inputs:
+        return
+    declared = [spec.name for spec in model.inputs]
+    unknown = [key for key in inputs if key not in declared]
+    missing = [key for key in declared if key not in inputs]
+    if not unknown and not missing:
+        return
+    takes = ", ".join(_takes(spec) for spec in model.inputs)
+    if unknown:
+        raise BadRequest(f"model {name!r} has no input {short(unknown[0])}; its inputs: {takes}")
+    raise BadRequest(f"model {name!r} needs input {missing[0]!r} too; its inputs: {takes}")
+
+
+def _takes(spec: TensorSpec) -> str:
+    if spec.datatype not in METADATA_DATATYPES:
+        return repr(spec.name)
+    return f"{spec.name!r} ({spec.datatype} {list(spec.shape)})"
 
 
 class InferEndpoint:
@@ -87,7 +118,8 @@ class InferEndpoint:
             json_length = header_length(headers.get(b"inference-header-content-length"))
             request = await decode_off_loop(
                 lambda data, limit: parse_request(data, json_length, limit=limit), body, context.max_body)
-            result, rows = await context.infer(name, request.inputs, receive)
+            check_inputs(name, context.state(name).model, request.inputs)
+            result, rows = await context.infer(name, request.inputs, receive, named=True)
             context.record(scope, name, rows)
             reply, json_length = encode_response(name, VERSION, request, result)
         except StudioError as exc:

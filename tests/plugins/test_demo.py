@@ -46,9 +46,9 @@ def test_demo_serves_the_doubling_model_and_prints_a_curl_line(studio_home: Path
         request = urllib.request.Request(demo.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as response:
-            assert json.loads(response.read()) == {"double": [[2.0, 4.0, 6.0]]}
+            assert json.loads(response.read()) == {"x": [[2.0, 4.0, 6.0]]}  # the key sent
         x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
-        np.testing.assert_allclose(predict(demo.url, {"x": x})["double"], 2 * x, rtol=1e-6)
+        np.testing.assert_allclose(predict(demo.url, {"x": x})["x"], 2 * x, rtol=1e-6)
         np.testing.assert_allclose(predict(demo.url, {"any": x})["any"], 2 * x, rtol=1e-6)
     output = "\n".join(demo.stdout_lines)
     assert f"wrote {studio_home / 'experiments' / 'demo' / 'modeldir' / 'demo.keras'}" in output

@@ -59,11 +59,15 @@ def test_each_checkpoint_format_loads_and_doubles(tmp_path: Path, name: str) -> 
     assert loader.recognises(path)
     model = loader.load(path, LoadOptions())
     assert model.platform == "keras" and model.checkpoint == path
-    # the request's keys are exactly the model's inputs: one call, named outputs
-    named = model.predict({"x": X})
+    # the seed's contract: each key is an input batch answered under the same key, the model's
+    # own input name included; named outputs are V2's (predict_named)
+    reply = model.predict({"x": X})
+    assert set(reply) == {"x"}
+    np.testing.assert_allclose(reply["x"], 2 * X, rtol=1e-6)
+    assert model.predict_named is not None
+    named = model.predict_named({"x": X})
     assert set(named) == {"scale"}
     np.testing.assert_allclose(named["scale"], 2 * X, rtol=1e-6)
-    # any other key is an input batch answered under the same key (the seed's contract)
     per_key = model.predict({"a": X, "b": X[:1] * 10})
     np.testing.assert_allclose(per_key["a"], 2 * X, rtol=1e-6)
     np.testing.assert_allclose(per_key["b"], 20 * X[:1], rtol=1e-6)
@@ -156,10 +160,10 @@ def test_the_newest_checkpoint_answers_and_checkpoint_option_picks_another(model
     host = make_host()
     model = load_model(host, ServeOptions(keys=("exp",)), "exp")
     assert model.checkpoint is not None and model.checkpoint.name == "checkpoint.02-0.40.keras"
-    np.testing.assert_allclose(model.predict({"x": X})["scale"], 3 * X, rtol=1e-6)
+    np.testing.assert_allclose(model.predict({"x": X})["x"], 3 * X, rtol=1e-6)
 
     older = load_model(host, ServeOptions(keys=("exp",), checkpoint="checkpoint.01-0.90.hdf"), "exp")
-    np.testing.assert_allclose(older.predict({"x": X})["scale"], 2 * X, rtol=1e-6)
+    np.testing.assert_allclose(older.predict({"x": X})["x"], 2 * X, rtol=1e-6)
 
     # touching the older one makes it the newest
     os.utime(modeldir / "checkpoint.01-0.90.hdf", (1_700_000_200, 1_700_000_200))
@@ -211,7 +215,7 @@ def test_served_keras_model_answers_like_the_model(keras_server: ServerProcess) 
     batch = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
     expected = scaler(3.0)(batch).detach().numpy()
     result = predict(keras_server.url, {"x": batch})
-    np.testing.assert_allclose(result["scale"], expected, rtol=1e-5)
+    np.testing.assert_allclose(result["x"], expected, rtol=1e-5)
     result = predict(keras_server.url, {"first": batch, "second": batch[:2]})
     np.testing.assert_allclose(result["first"], 3 * batch, rtol=1e-5)
     np.testing.assert_allclose(result["second"], 3 * batch[:2], rtol=1e-5)
@@ -223,7 +227,7 @@ def test_served_keras_model_refuses_a_wrong_shape_with_400(keras_server: ServerP
     with pytest.raises(PredictionError) as error:
         predict(keras_server.url, {"x": np.ones((2, 4), np.float32)})
     assert error.value.status == 400 and "takes (N, 3)" in error.value.server_message
-    np.testing.assert_allclose(predict(keras_server.url, {"x": X})["scale"], 3 * X, rtol=1e-6)
+    np.testing.assert_allclose(predict(keras_server.url, {"x": X})["x"], 3 * X, rtol=1e-6)
 
 
 def run_cli(*args: str, home: Path, code: str = "") -> subprocess.CompletedProcess[str]:

@@ -49,20 +49,58 @@ def test_prepare_casts_checks_and_copies_read_only_arrays() -> None:
         prepare(None, {"nested": 1}, "x")
 
 
-def test_named_inputs_are_one_call_other_keys_one_call_each() -> None:
+def test_each_key_is_answered_under_itself_even_the_input_name() -> None:
     run = Recorder()
     model = TensorModel(run, [Expected("x", np.dtype("float32"), (-1, 1))])
-    assert set(model({"x": np.ones((1, 1))})) == {"out_x"}  # the model's own output names
+    # the seed's contract: a key that happens to be the model's input name is no exception
+    reply = model({"x": np.ones((1, 1))})
+    assert set(reply) == {"x"} and reply["x"].tolist() == [[2.0]]
     reply = model({"a": np.ones((2, 1)), "b": np.zeros((3, 1))})
     assert set(reply) == {"a", "b"} and reply["a"].shape == (2, 1)
     assert [list(call) for call in run.calls] == [["x"], ["x"], ["x"]]
 
 
+def test_named_calls_take_input_names_and_answer_with_output_names() -> None:
+    run = Recorder()
+    model = TensorModel(run, [Expected("x", np.dtype("float32"), (-1, 1))])
+    assert set(model.named({"x": np.ones((1, 1))})) == {"out_x"}  # the model's own output names
+    with pytest.raises(BadRequest, match=r"takes the input x: send exactly that key \(got 'a'\)"):
+        model.named({"a": np.ones((1, 1))})
+    with pytest.raises(BadRequest, match="takes the input x"):
+        model.named({"x": np.ones((1, 1)), "y": np.ones((1, 1))})
+    assert len(run.calls) == 1
+
+
+class TwoOutputs(Recorder):
+    def __call__(self, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(named)
+        (value,) = named.values()
+        return {"double": value * 2, "triple": value * 3}
+
+
+def test_several_outputs_are_named_under_the_input_name_else_a_dict_per_key() -> None:
+    model = TensorModel(TwoOutputs(), [Expected("x", np.dtype("float32"), (-1, 1))])
+    assert set(model({"x": np.ones((1, 1))})) == {"double", "triple"}
+    reply = model({"k": np.ones((1, 1)), "x": np.ones((2, 1))})
+    assert set(reply) == {"k", "x"} and set(reply["k"]) == {"double", "triple"}
+    assert reply["x"]["triple"].tolist() == [[3.0], [3.0]]
+
+
 def test_several_inputs_need_exactly_their_names() -> None:
     model = TensorModel(Recorder(), [Expected("a"), Expected("b")])
     assert set(model({"b": np.ones(1), "a": np.ones(1)})) == {"out_a", "out_b"}
+    assert set(model.named({"b": np.ones(1), "a": np.ones(1)})) == {"out_a", "out_b"}
     with pytest.raises(BadRequest, match="takes the inputs a, b"):
         model({"a": np.ones(1)})
+
+
+def test_undeclared_inputs_take_one_key_when_named() -> None:
+    run = Recorder()
+    model = TensorModel(run, [])
+    assert set(model({"p": np.ones(1), "q": np.ones(1)})) == {"p", "q"}  # one call per key
+    assert set(model.named({"p": np.ones(1)})) == {"out_p"}
+    with pytest.raises(BadRequest, match="does not declare its inputs: send one"):
+        model.named({"p": np.ones(1), "q": np.ones(1)})
 
 
 def test_prime_runs_one_batch_of_zeros_when_inputs_are_declared() -> None:

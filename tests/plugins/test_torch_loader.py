@@ -76,7 +76,9 @@ def test_torchscript_answers_like_the_module(tmp_path: Path, name: str, trace: b
     path = save_script(module, tmp_path / name, trace=trace)
     model = torch_loader().load(path, LoadOptions())
     assert model.platform == "torch" and [s.name for s in model.inputs] == ["x"]
-    np.testing.assert_allclose(model.predict({"x": X})["output_0"], expected(module, X), rtol=1e-5)
+    # the seed's contract: under the key sent, even the input's own name; V2's call names outputs
+    np.testing.assert_allclose(model.predict({"x": X})["x"], expected(module, X), rtol=1e-5)
+    np.testing.assert_allclose(model.predict_named({"x": X})["output_0"], expected(module, X), rtol=1e-5)
     # per key, and a JSON-style float64 batch is cast to the weights' float32
     reply = model.predict({"a": X, "b": X[:1].astype(np.float64)})
     np.testing.assert_allclose(reply["a"], expected(module, X), rtol=1e-5)
@@ -180,7 +182,7 @@ def test_gpus_without_cuda_fall_back_to_cpu(tmp_path: Path, caplog: pytest.LogCa
     with caplog.at_level(logging.WARNING):
         model = torch_loader().load(save_script(module, tmp_path / "m.pt"), LoadOptions(gpus=1))
     assert "no CUDA device" in caplog.text
-    np.testing.assert_allclose(model.predict({"x": X})["output_0"], expected(module, X), rtol=1e-5)
+    np.testing.assert_allclose(model.predict({"x": X})["x"], expected(module, X), rtol=1e-5)
 
 
 def test_missing_torch_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,9 +220,9 @@ def test_torchscript_and_exported_served_end_to_end(tmp_path: Path) -> None:
     with ServerProcess("scripted", "exported", env=env) as server:
         batch = np.random.default_rng(5).normal(size=(6, 3)).astype(np.float32)
         reply = predict(server.url, {"x": batch})  # POST / : the first key
-        np.testing.assert_allclose(reply["output_0"], expected(scripted, batch), rtol=1e-5)
+        np.testing.assert_allclose(reply["x"], expected(scripted, batch), rtol=1e-5)
         reply = predict(server.url + "models/exported", {"x": batch})
-        np.testing.assert_allclose(reply["output_0"], expected(exported, batch), rtol=1e-5)
+        np.testing.assert_allclose(reply["x"], expected(exported, batch), rtol=1e-5)
         reply = predict(server.url + "models/exported", {"one": batch[:1], "all": batch})
         np.testing.assert_allclose(reply["one"], expected(exported, batch[:1]), rtol=1e-5)
         np.testing.assert_allclose(reply["all"], expected(exported, batch), rtol=1e-5)
