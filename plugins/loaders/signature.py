@@ -61,21 +61,41 @@ class Expected:
     name: str
     dtype: np.dtype | None = None
     shape: tuple[int, ...] | None = None
-    """-1: any size on that axis (the first is the batch)."""
+    """-1: any size on that axis (the first is the batch). Requests are checked against it."""
+    example: tuple[int, ...] | None = None
+    """A shape the model is known to take where it declares none (TorchScript: the one it was
+    traced with): for priming and metadata, never to refuse a request."""
 
     @property
     def spec(self) -> TensorSpec:
-        return TensorSpec(
-            self.name,
-            datatype_of(self.dtype) if self.dtype is not None else "UNKNOWN",
-            self.shape if self.shape is not None else (-1,),
-        )
+        """``UNKNOWN`` (which protocols must not show) unless both dtype and shape are known."""
+        shape = self.shape if self.shape is not None else (
+            batch_free(self.example) if self.example is not None else None)
+        datatype = datatype_of(self.dtype) if self.dtype is not None else "UNKNOWN"
+        if shape is None or datatype == "UNKNOWN":
+            return TensorSpec(self.name)
+        return TensorSpec(self.name, datatype, shape)
 
     def zeros(self) -> np.ndarray | None:
         """A batch of one, all zeros, to prime the model with (None: shape or dtype unknown)."""
-        if self.shape is None or self.dtype is None or not self.shape:
+        shape = self.shape if self.shape is not None else self.example
+        if shape is None or self.dtype is None or not shape:
             return None
-        return np.zeros(tuple(1 if size < 0 else size for size in self.shape), self.dtype)
+        return np.zeros(tuple(1 if size < 0 else size for size in shape), self.dtype)
+
+
+def batch_free(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An example's shape with its first axis (the batch) as -1."""
+    return (-1, *shape[1:]) if shape else shape
+
+
+def output_specs(outputs: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+    """What one call's outputs say about every call's: dtypes, and shapes with any batch."""
+    specs = []
+    for name, value in outputs.items():
+        array = np.asarray(value)
+        specs.append(TensorSpec(name, datatype_of(array.dtype), batch_free(array.shape)))
+    return tuple(specs)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -161,22 +181,22 @@ class TensorModel:
             )
         return dict(self.run({e.name: prepare(e, data[e.name], e.name) for e in self.inputs}))
 
-    def prime(self) -> bool:
-        """One call with a batch of zeros, so the first request does not pay for warm-up.
+    def prime(self) -> dict[str, np.ndarray] | None:
+        """One call with a batch of zeros, so the first request does not pay for warm-up; its
+        outputs (which say what the model answers, where it does not declare that).
 
-        False when the inputs are not fully declared or the model refuses zeros (it may still
+        None when the inputs are not fully declared or the model refuses zeros (it may still
         serve real requests: that is logged, not raised)."""
         batch = {expected.name: expected.zeros() for expected in self.inputs}
         if not batch or any(value is None for value in batch.values()):
             log.info("model inputs not fully declared; not primed (the first request is slower)")
-            return False
+            return None
         try:
-            self.run(batch)  # type: ignore[arg-type]
+            return self.run(batch)  # type: ignore[arg-type]
         except Exception as exc:
             log.warning("priming with zeros failed (%s: %s); the first request is slower",
                         type(exc).__name__, exc)
-            return False
-        return True
+            return None
 
 
 def name_outputs(

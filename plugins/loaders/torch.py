@@ -29,6 +29,7 @@ from plugins.loaders.signature import (
     datatype_of,
     name_outputs,
     numpy_dtype,
+    output_specs,
 )
 from plugins.loaders.torch_runtime import (
     choose_device,
@@ -55,13 +56,19 @@ WRAPPER_HINT = (
 )
 
 
-def is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zips with a ``code/`` folder; ``torch.save`` output has none."""
+def _archive_folders(path: Path) -> set[str]:
+    """The entries one level into a zip archive (``code``, ``traced_inputs.pkl``, ...)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+            return {parts[1] for parts in (name.split("/") for name in archive.namelist())
+                    if len(parts) > 1}
     except (zipfile.BadZipFile, OSError):
-        return False
+        return set()
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with a ``code/`` folder; ``torch.save`` output has none."""
+    return "code" in _archive_folders(path)
 
 
 def _shape_of(value: Any) -> tuple[int, ...] | None:
@@ -103,22 +110,56 @@ def _exported(
     return program.module(), inputs, outputs
 
 
-def _scripted(torch: ModuleType, path: Path, device: str) -> tuple[Any, list[Expected]]:
+def _jit_load(torch: ModuleType, path: Path, device: str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "torch.jit.load is deprecated"
+        if "traced_inputs.pkl" in _archive_folders(path):
+            # A traced module keeps the inputs it was traced with (torch >= 2.0); torch's
+            # (private) switch puts their dtypes and shapes on the graph's inputs. Without it,
+            # or should it fail, the module loads as a scripted one would: names only.
+            try:
+                return torch.jit.load(str(path), map_location=device, _restore_shapes=True)
+            except Exception as exc:
+                log.debug("%s: traced input shapes not restored (%s)", path.name, exc)
         try:
-            module = torch.jit.load(str(path), map_location=device)
+            return torch.jit.load(str(path), map_location=device)
         except Exception as exc:
             raise LoadError(f"{path.name} is not a TorchScript archive torch can read ({exc})",
                             hint="is it complete? pick another file with --checkpoint NAME") from exc
+
+
+def _scripted(torch: ModuleType, path: Path, device: str) -> tuple[Any, list[Expected]]:
+    module = _jit_load(torch, path, device)
     module.eval()
     try:
         arguments = module.forward.schema.arguments[1:]  # [0] is self
+        graph_inputs = list(module.graph.inputs())[1:]
     except (AttributeError, RuntimeError):
         return module, []
-    # TorchScript knows argument names, not shapes or dtypes
-    return module, [Expected(argument.name) for argument in arguments
-                    if argument.default_value is None]
+    # TorchScript knows argument names; dtypes and shapes only where it was traced (an example
+    # shape, not a limit: a traced convolution may take other image sizes)
+    inputs = []
+    for argument, value in zip(arguments, graph_inputs, strict=False):
+        if argument.default_value is not None:
+            continue
+        kind = value.type()
+        if isinstance(kind, torch.TensorType) and kind.dtype() is not None and kind.sizes() is not None:
+            dtype = numpy_dtype(datatype_of(kind.dtype()))
+            inputs.append(Expected(argument.name, dtype, example=tuple(kind.sizes())))
+        else:
+            inputs.append(Expected(argument.name))
+    return module, inputs
+
+
+def _declared_outputs(module: Any) -> tuple[TensorSpec, ...]:
+    """Output names from a TorchScript schema (one for a pickled module, which has none), their
+    dtypes and shapes unknown (``UNKNOWN``): for a module that could not be primed."""
+    try:
+        returned = module.forward.schema.returns[0].type
+        count = len(returned.elements()) if returned.kind() == "TupleType" else 1
+    except (AttributeError, IndexError, RuntimeError):
+        count = 1
+    return tuple(TensorSpec(f"output_{index}") for index in range(count))
 
 
 def _pickled(torch: ModuleType, path: Path, options: LoadOptions, device: str) -> Any:
@@ -205,10 +246,11 @@ class TorchLoader(Loader):
             raise LoadError("the torch loader needs a checkpoint file")
         torch = import_torch()
         device = choose_device(torch, options.gpus)
-        outputs: list[TensorSpec] = []
+        outputs: tuple[TensorSpec, ...] | None = None
         with single_threaded(torch):
             if checkpoint.suffix == ".pt2":
-                module, inputs, outputs = _exported(torch, checkpoint, options)
+                module, inputs, exported = _exported(torch, checkpoint, options)
+                outputs = tuple(exported)
                 if device != "cpu":
                     module = module.to(device)
             elif is_torchscript(checkpoint):
@@ -218,7 +260,9 @@ class TorchLoader(Loader):
             declared = bool(inputs) and all(expected.dtype is not None for expected in inputs)
             float_dtype = None if declared else _float_dtype(torch, module)
             served = TensorModel(_runner(torch, module, device, float_dtype), inputs)
-            served.prime()
+            primed = served.prime()
+        if outputs is None:  # TorchScript and pickled modules: the priming call says what they answer
+            outputs = output_specs(primed) if primed else _declared_outputs(module)
         log.info("torch model on %s", device)
         return ServedModel(
             predict=served,
@@ -226,7 +270,7 @@ class TorchLoader(Loader):
             platform="torch",
             checkpoint=checkpoint,
             inputs=tuple(expected.spec for expected in inputs),
-            outputs=tuple(outputs),
+            outputs=outputs,
         )
 
 

@@ -211,13 +211,22 @@ class V2Routes:
     async def model_metadata(self, request: Request) -> Response:
         state = self._state(request)
         model = state.model
+        inputs = _tensors(model.inputs) if model is not None else []
+        outputs = _tensors(model.outputs) if model is not None else []
+        parameters = _describe(state)
+        # a tensor needs a datatype and a shape: where the model does not say them (a scripted
+        # TorchScript module), its list is empty and the parameters say it is unknown
+        if inputs is None:
+            parameters["inputs_known"] = False
+        if outputs is None:
+            parameters["outputs_known"] = False
         metadata: dict[str, Any] = {
             "name": state.name,
             "versions": [VERSION],
             "platform": model.platform if model is not None else "",
-            "inputs": [_spec(s) for s in model.inputs] if model is not None else [],
-            "outputs": [_spec(s) for s in model.outputs] if model is not None else [],
-            "parameters": _describe(state),
+            "inputs": inputs or [],
+            "outputs": outputs or [],
+            "parameters": parameters,
         }
         return json_response(metadata)
 
@@ -270,8 +279,11 @@ class V2Routes:
         return json_response({"name": name, "state": REPOSITORY_STATES[state.state], **_describe(state)})
 
 
-def _spec(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+def _tensors(specs: Sequence[TensorSpec]) -> list[dict[str, Any]] | None:
+    """Metadata tensors, or None when one of them is not known (no V2 datatype)."""
+    if any(spec.datatype not in METADATA_DATATYPES for spec in specs):
+        return None
+    return [{"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)} for spec in specs]
 
 
 def _describe(state: ModelState) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The seed's contract end to end: each key is answered under that key, the model's own input name
 included, for Keras, TorchScript (scripted and traced) and torch.export models; named inputs and
-outputs only for models with several; V2 keeps named tensors and refuses an input the model does
-not have.
+outputs only for models with several; V2 keeps named tensors, refuses an input the model does not
+have, and describes every model with valid metadata.
 
 One real server for the module, with batching on (``--max-batch-size``), so that concurrent
 requests are stacked into one model call and cut apart again: its answers must be the same.
@@ -31,6 +31,11 @@ httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
+
+# every datatype the Open Inference Protocol names (Triton's BF16 too)
+V2_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                "FP16", "FP32", "FP64", "BF16", "BYTES"}
+
 
 class Affine(torch.nn.Module):
     def __init__(self, seed: int) -> None:
@@ -241,3 +246,24 @@ def test_v2_an_input_the_model_does_not_have_is_a_400_naming_its_inputs(
         served.client().infer(model, tensors)
     assert refused.value.status() == "400" and fragment in refused.value.message()
     assert served.client().is_model_ready(model)  # a bad request, not a broken model
+
+
+@pytest.mark.parametrize("model", ["kone", "ktwo", "kfork", "tscript", "ttrace", "texport"])
+def test_v2_metadata_is_valid_for_every_model(served: Served, model: str) -> None:
+    metadata = served.client().get_model_metadata(model)
+    for tensor in metadata["inputs"] + metadata["outputs"]:
+        assert set(tensor) == {"name", "datatype", "shape"}, tensor
+        assert tensor["datatype"] in V2_DATATYPES, tensor
+        assert all(isinstance(size, int) and size >= -1 for size in tensor["shape"]), tensor
+
+
+def test_v2_metadata_of_torchscript_what_it_knows_and_what_it_does_not(served: Served) -> None:
+    client = served.client()
+    traced = client.get_model_metadata("ttrace")  # traced with a (1, 3) float32 example
+    assert traced["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
+    assert traced["outputs"] == [{"name": "output_0", "datatype": "FP32", "shape": [-1, 2]}]
+    assert "inputs_known" not in traced["parameters"] and "outputs_known" not in traced["parameters"]
+    scripted = client.get_model_metadata("tscript")  # TorchScript records names only
+    assert scripted["inputs"] == [] and scripted["outputs"] == []
+    assert scripted["parameters"]["inputs_known"] is False
+    assert scripted["parameters"]["outputs_known"] is False

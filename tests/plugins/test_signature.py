@@ -11,10 +11,11 @@ from plugins.loaders.signature import (
     datatype_of,
     name_outputs,
     numpy_dtype,
+    output_specs,
     prepare,
     unique_names,
 )
-from studio_plugins import BadRequest
+from studio_plugins import BadRequest, TensorSpec
 
 
 class Recorder:
@@ -105,11 +106,23 @@ def test_undeclared_inputs_take_one_key_when_named() -> None:
 
 def test_prime_runs_one_batch_of_zeros_when_inputs_are_declared() -> None:
     run = Recorder()
-    assert TensorModel(run, [Expected("x", np.dtype("float32"), (-1, 3, -1))]).prime()
+    primed = TensorModel(run, [Expected("x", np.dtype("float32"), (-1, 3, -1))]).prime()
     (call,) = run.calls
     assert call["x"].shape == (1, 3, 1) and call["x"].dtype == np.float32 and not call["x"].any()
-    assert not TensorModel(run, [Expected("x")]).prime()  # nothing known: nothing to prime with
+    assert primed is not None and set(primed) == {"out_x"}  # what it answers
+    assert TensorModel(run, [Expected("x")]).prime() is None  # nothing known: nothing to prime with
     assert len(run.calls) == 1
+
+
+def test_an_example_shape_primes_and_describes_but_never_refuses() -> None:
+    traced = Expected("x", np.dtype("float32"), example=(2, 3, 8))
+    assert traced.zeros().shape == (2, 3, 8)
+    assert traced.spec == TensorSpec("x", "FP32", (-1, 3, 8))
+    assert prepare(traced, np.ones((5, 3, 16)), "x").shape == (5, 3, 16)
+    assert Expected("x").spec.datatype == "UNKNOWN"
+    assert Expected("x", np.dtype("float32")).spec.datatype == "UNKNOWN"  # no shape: not described
+    specs = output_specs({"p": np.ones((1, 2), np.float32), "n": np.int64(3)})
+    assert specs == (TensorSpec("p", "FP32", (-1, 2)), TensorSpec("n", "INT64", ()))
 
 
 def test_output_naming() -> None:

@@ -86,6 +86,30 @@ def test_torchscript_answers_like_the_module(tmp_path: Path, name: str, trace: b
     assert reply["b"].dtype == np.float32
 
 
+def test_torchscript_signature_traced_is_known_and_primed_scripted_is_unknown(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    module = Affine().eval()
+    with caplog.at_level(logging.INFO, logger="studio_plugins.loaders"):
+        traced = torch_loader().load(save_script(module, tmp_path / "t.pt", trace=True), LoadOptions())
+    # traced with a (1, 3) float32 example: that dtype and shape, any batch; the priming call
+    # says what it answers
+    assert [(s.name, s.datatype, s.shape) for s in traced.inputs] == [("x", "FP32", (-1, 3))]
+    assert [(s.name, s.datatype, s.shape) for s in traced.outputs] == [("output_0", "FP32", (-1, 2))]
+    assert "not primed" not in caplog.text
+    # an example, not a limit: integers are cast to its float32, and any batch size goes
+    reply = traced.predict({"k": np.arange(12).reshape(4, 3)})
+    np.testing.assert_allclose(reply["k"], expected(module, np.arange(12, dtype=np.float32).reshape(4, 3)),
+                               rtol=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="studio_plugins.loaders"):
+        scripted = torch_loader().load(save_script(Pair(), tmp_path / "s.pt"), LoadOptions())
+    # scripted: names from the schema, nothing else: not primed, dtypes and shapes unknown
+    assert [(s.name, s.datatype) for s in scripted.inputs] == [("a", "UNKNOWN"), ("b", "UNKNOWN")]
+    assert [(s.name, s.datatype) for s in scripted.outputs] == [("output_0", "UNKNOWN"),
+                                                                ("output_1", "UNKNOWN")]
+    assert "not primed" in caplog.text
+
+
 def test_exported_program_with_dynamic_batch(tmp_path: Path) -> None:
     module = Affine(seed=3).eval()
     path = save_exported(module, tmp_path / "model.pt2", torch.ones(2, 3))
