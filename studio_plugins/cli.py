@@ -174,8 +174,9 @@ def _serve_command(host: PluginHost) -> click.Command:
         """Serve the newest checkpoint of EXPERIMENT_KEY over HTTP.
 
         Finds the experiment's modeldir in the store, loads its newest checkpoint with the
-        loader that recognises it (identity model when there is none), or builds the model with
-        --wrapper, and serves it: POST / takes a pickled (or JSON, or npz) dict of named arrays
+        loader that recognises it (the identity model for an empty modeldir; files no loader
+        serves, such as weights alone, are an error), or builds the model with --wrapper, and
+        serves it: POST / takes a pickled (or JSON, or npz) dict of named arrays
         and answers a dict of results. Several keys serve several models (POST /models/KEY).
         """
         setup_logging(params["debug"])
