@@ -104,7 +104,7 @@ class Launch:
                 settings.in_worker = True
                 app = build_app(repository, settings, routes)
                 return run_server(app, sock, activity, killafter=0,
-                                  read_timeout=options.read_timeout)
+                                  read_timeout=options.read_timeout, worker=True)
 
             plan = WorkerPlan(
                 workers=options.workers,
