@@ -128,7 +128,8 @@ class ExperimentStore(ABC):
 
     @abstractmethod
     def push(self, key: str, source: Path) -> int:
-        """Copy the files of ``source`` into the experiment's modeldir; returns the file count."""
+        """Copy the files of the directory ``source`` (or the one file ``source``) into the
+        experiment's modeldir; returns the file count."""
 
     def fingerprint(self, key: str) -> str:
         """A cheap token that changes when the modeldir changes (mtimes, ETags): for reloads."""

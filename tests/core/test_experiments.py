@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.assembly import load_model
-from core.errors import ConfigurationError, ExperimentError, LoadError
+from core.errors import ConfigurationError, ExperimentError, LoadError, StoreError
 from core.experiments import open_store, studio_home, validate_key
 from core.types import ServeOptions
 from studio_plugins import get_model_directory
@@ -52,6 +52,17 @@ def test_push_copies_files_and_keeps_mtimes(studio_home: Path, tmp_path: Path) -
     assert copied.read_bytes() == b"1" and copied.stat().st_mtime == 1_000_000
     [info] = store.experiments()
     assert info.key == "exp" and [f.name for f in info.files] == ["a.h5"]
+
+
+def test_push_takes_a_single_file(studio_home: Path, tmp_path: Path) -> None:
+    (tmp_path / "b.h5").write_bytes(b"2")
+    os.utime(tmp_path / "b.h5", (2_000_000, 2_000_000))
+    store = open_store(make_host())
+    assert store.push("exp", tmp_path / "b.h5") == 1
+    copied = studio_home / "experiments" / "exp" / "modeldir" / "b.h5"
+    assert copied.read_bytes() == b"2" and copied.stat().st_mtime == 2_000_000
+    with pytest.raises(StoreError, match="neither a file nor a directory"):
+        store.push("exp", tmp_path / "missing.h5")
 
 
 def test_store_url_picks_the_store_by_scheme(tmp_path: Path, studio_home: Path) -> None:
