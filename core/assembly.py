@@ -1,5 +1,8 @@
 """Assembly: experiment key -> modeldir -> the model to serve (wrapper, newest checkpoint, identity).
 
+Identity only for a modeldir with nothing in it (or ``--loader identity``): one with files of
+which no loader can serve any is an error that names them.
+
 Runs once at ``serve``, before the port is bound; every failure is a ``StudioError`` with a hint.
 """
 
@@ -46,6 +49,70 @@ def find_checkpoints(modeldir: Path, loaders: dict[str, Loader]) -> list[Candida
     return candidates
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A file (or folder) of a modeldir, as ``serve`` sees it."""
+
+    path: Path
+    loader: str | None
+    """The loader that recognises it; None: none does."""
+    kind: str | None
+    """What it is when no loader serves it (a loader's ``describe``, or ``unrecognised``)."""
+    size: int
+    mtime: float
+    served: bool = False
+    """The checkpoint ``serve`` loads: the newest a loader recognises."""
+
+
+def survey(modeldir: Path, loaders: dict[str, Loader]) -> list[Entry]:
+    """Every entry of ``modeldir`` but hidden ones, newest first, each with the loader that
+    recognises it or what it is; the one ``serve`` would load is marked (``find_checkpoints``
+    decides, so this never disagrees with it)."""
+    if not modeldir.is_dir():
+        return []
+    candidates = {c.path: c for c in find_checkpoints(modeldir, loaders)}
+    newest = next(iter(candidates), None)
+    entries = []
+    for path in modeldir.iterdir():
+        if path.name.startswith("."):
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed while we looked
+            continue
+        candidate = candidates.get(path)
+        entries.append(Entry(
+            path,
+            candidate.loader.name if candidate else None,
+            None if candidate else _kind(path, loaders),
+            stat.st_size if path.is_file() else 0,
+            stat.st_mtime,
+            served=path == newest,
+        ))
+    entries.sort(key=lambda e: (-e.mtime, e.path.name))
+    return entries
+
+
+def _kind(path: Path, loaders: dict[str, Loader]) -> str:
+    if path.is_dir():
+        return "a folder"
+    for loader in loaders.values():
+        kind = loader.describe(path)
+        if kind:
+            return kind
+    return "unrecognised"
+
+
+WRAPPER_NEEDED = "serve it with --wrapper FILE whose create_model(modeldir) builds the model"
+WRAPPER_HINT = ("a whole saved model needs no wrapper (Keras model.save, torch.jit.save or "
+                "torch.export.save); --loader identity serves the echo model instead")
+
+
+def _found(entries: list[Entry], most: int = 8) -> str:
+    named = ", ".join(f"{e.path.name} ({e.kind})" for e in entries[:most])
+    return named + (f" and {len(entries) - most} more" if len(entries) > most else "")
+
+
 def _pick_loader(loaders: dict[str, Loader], name: str) -> Loader:
     if name not in loaders:
         known = ", ".join(sorted(loaders)) or "none"
@@ -69,6 +136,9 @@ def choose(
         for loader in loaders.values():
             if loader.patterns and loader.recognises(path):
                 return loader, path
+        kind = _kind(path, loaders)
+        if kind != "unrecognised":
+            raise LoadError(f"{path.name} is {kind}; {WRAPPER_NEEDED}", hint=WRAPPER_HINT)
         raise LoadError(
             f"no loader recognises {path.name}", hint="pass --loader NAME to choose one"
         )
@@ -78,20 +148,22 @@ def choose(
             return loader, None
         candidates = find_checkpoints(modeldir, {loader_name: loader})
         if not candidates:
+            own = [e for e in survey(modeldir, {loader_name: loader}) if e.kind != "unrecognised"]
+            if own:
+                raise LoadError(f"no checkpoint for loader {loader_name!r} in {modeldir}: it "
+                                f"holds {_found(own)}; {WRAPPER_NEEDED}", hint=WRAPPER_HINT)
             raise ExperimentError(f"no checkpoint for loader {loader_name!r} in {modeldir}")
         return loader, candidates[0].path
     candidates = find_checkpoints(modeldir, loaders)
     if candidates:
         return candidates[0].loader, candidates[0].path
-    seen = sorted(p.name for p in modeldir.iterdir()) if modeldir.is_dir() else []
-    if seen:
-        log.warning(
-            "no checkpoint recognised in %s (files seen: %s); serving the identity model",
-            modeldir,
-            ", ".join(seen[:20]) + (" ..." if len(seen) > 20 else ""),
-        )
-    else:
-        log.warning("no checkpoints in %s; serving the identity model", modeldir)
+    # Files but no model: the identity model would answer every request with its input, a 200
+    # that hides the mistake (weights saved without the model, most often)
+    entries = survey(modeldir, loaders)
+    if entries:
+        raise LoadError(f"no model to serve in {modeldir}: it holds {_found(entries)}; "
+                        f"{WRAPPER_NEEDED}", hint=WRAPPER_HINT)
+    log.warning("no checkpoints in %s; serving the identity model", modeldir)
     return _pick_loader(loaders, IDENTITY), None
 
 

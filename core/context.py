@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -15,6 +16,8 @@ from core.errors import Conflict, NotReady
 from core.repository import ModelRepository
 from core.types import ModelState, Payload, ServedModel
 from core.version import __version__
+
+log = logging.getLogger("studio_plugins.repository")
 
 
 class ServerContext:
@@ -80,7 +83,9 @@ class ServerContext:
             )
 
     async def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:
-        self._refuse_in_worker()
+        self._refuse_in_worker()  # before the log line: a refused load must not read as started
+        log.info("loading model %s%s%s", name, f" from experiment {key}" if key else "",
+                 f", checkpoint {checkpoint}" if checkpoint else "")
         return await asyncio.to_thread(self.repository.load, name, key, checkpoint)
 
     async def unload(self, name: str) -> ModelState:

@@ -21,6 +21,7 @@ from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
 from core.heap import HeapKeeper
 from core.host import PluginHost
+from core.interrupt import exit_on_interrupt
 from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
 from core.repository import ModelRepository
 from core.serving import bind_socket, check_port_free, outside_url, run_server, socket_url, tune_malloc
@@ -56,10 +57,12 @@ class Launch:
     host: PluginHost
     options: ServeOptions
 
-    def assemble(self) -> ModelRepository:
-        """Every model, loaded in parallel threads (errors name the model that failed)."""
+    def assemble(self, cleanup: Callable[[], None] | None = None) -> ModelRepository:
+        """Every model, loaded in parallel threads (errors name the model that failed). Ctrl-C
+        or SIGTERM meanwhile exits 0 at once, after ``cleanup``: core/interrupt.py."""
         repository = ModelRepository(self.host, self.options)
-        repository.load_all()
+        with exit_on_interrupt("loading models", cleanup):
+            repository.load_all()
         return repository
 
     def serve_here(self) -> int:
@@ -89,7 +92,10 @@ class Launch:
             metrics_dir = tempfile.mkdtemp(prefix="studio-metrics-")
             os.environ[MULTIPROCESS_ENV] = metrics_dir  # before prometheus_client is imported
         try:
-            repository = self.assemble()
+            repository = self.assemble(
+                cleanup=(lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir
+                else None
+            )
             sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
             routes = self.host.route_factories()
 
@@ -98,7 +104,7 @@ class Launch:
                 settings.in_worker = True
                 app = build_app(repository, settings, routes)
                 return run_server(app, sock, activity, killafter=0,
-                                  read_timeout=options.read_timeout)
+                                  read_timeout=options.read_timeout, worker=True)
 
             plan = WorkerPlan(
                 workers=options.workers,

@@ -178,8 +178,12 @@ def run_server(
     killafter: float = 0,
     graceful_timeout: float = 30.0,
     read_timeout: float = 0,
+    worker: bool = False,
 ) -> int:
-    """Serve ``app`` on ``sock`` until a signal or idleness; returns the exit status (0)."""
+    """Serve ``app`` on ``sock`` until a signal or idleness; returns the exit status (0).
+    ``worker``: a forked worker, whose signal comes from its supervisor (a drain, or its planned
+    replacement in a rolling reload): its lines name the worker, not the server."""
+    who = f"worker {os.getpid()}" if worker else "server"
     config = hypercorn_config(read_timeout)
     # Hypercorn takes ownership of the descriptor it is given (and closes it): give it a copy.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
@@ -190,8 +194,8 @@ def run_server(
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: int) -> None:
-            log.info("%s received; finishing %d request(s) in flight", signal.Signals(signum).name,
-                     activity.in_flight)
+            log.info("%s%s received; finishing %d request(s) in flight",
+                     f"{who}: " if worker else "", signal.Signals(signum).name, activity.in_flight)
             activity.draining = True
             shutdown.set()
 
@@ -211,5 +215,5 @@ def run_server(
                 loop.remove_signal_handler(signum)
 
     asyncio.run(main())
-    log.info("server stopped")
+    log.info("%s stopped", who)
     return 0

@@ -84,6 +84,13 @@ class Loader(ABC):
     def recognises(self, path: Path) -> bool:
         return any(fnmatch.fnmatch(path.name, pattern) for pattern in self.patterns)
 
+    def describe(self, path: Path) -> str | None:
+        """What ``path`` is when it is this framework's file but not a model this loader serves
+        (weights saved without the model's code, say), e.g. ``"Keras weights"``: named when a
+        modeldir holds nothing to serve, so the error says what was found. None: not such a
+        file. Decide from names and headers; never run anything from the file."""
+        return None
+
     @abstractmethod
     def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
         """Load ``checkpoint`` (None only for loaders with no patterns, like identity)."""
@@ -125,7 +132,8 @@ class ExperimentStore(ABC):
 
     @abstractmethod
     def push(self, key: str, source: Path) -> int:
-        """Copy the files of ``source`` into the experiment's modeldir; returns the file count."""
+        """Copy the files of the directory ``source`` (or the one file ``source``) into the
+        experiment's modeldir; returns the file count."""
 
     def fingerprint(self, key: str) -> str:
         """A cheap token that changes when the modeldir changes (mtimes, ETags): for reloads."""

@@ -12,7 +12,8 @@ fork): its slot is re-forked after a delay that doubles from 0.5 s up to 16 s, s
 costs little, and after 5 such deaths in a row before the worker took a single request the
 server exits 1 with one line saying so. A worker that dies *while serving* is backed off the
 same way but never counts toward that exit: a request must not be able to stop the server.
-A rolling reload's replaced workers are drained by the supervisor itself, never counted.
+A rolling reload's replaced workers are drained by the supervisor itself, never counted, and
+logged at INFO as the planned replacements they are (a death is a WARNING: "exited (...)").
 
 Fork rule (measured): after a framework has run a multi-threaded op in a process, a forked child
 that runs it with more than one thread hangs (OpenMP's pool is not fork-safe). So the parent
@@ -247,7 +248,10 @@ class Supervisor:
         drained gracefully, so the socket always has workers accepting."""
         for slot in sorted(self.pids):
             old = self.pids[slot]
-            self._fork(slot)  # the new worker takes the slot; the old one drains
+            new = self._fork(slot)  # the new worker takes the slot; the old one drains
+            # planned, not a crash: said at INFO, in words unlike a death's ("exited (...)")
+            log.info("rolling reload: worker %d replaces worker %d, which finishes its requests "
+                     "and stops", new, old)
             os.kill(old, signal.SIGTERM)
             self._wait_for(old, self.plan.graceful_timeout + 5)
         log.info("workers now serve the new model (pids %s)",
@@ -265,6 +269,7 @@ class Supervisor:
                     self.on_worker_exit(pid)
                 return
             time.sleep(0.05)
+        log.warning("worker %d did not stop within %.0fs; killed", pid, timeout)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 

@@ -7,18 +7,19 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
-from datetime import UTC
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from core.assembly import survey
 from core.errors import ConfigurationError, StudioError
-from core.experiments import open_store, validate_key
+from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
 from core.launch import launch, usable_cores
-from core.types import ModelSpec, ServeOptions
+from core.types import ExperimentStore, ModelSpec, ServeOptions
 from core.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -174,8 +175,9 @@ def _serve_command(host: PluginHost) -> click.Command:
         """Serve the newest checkpoint of EXPERIMENT_KEY over HTTP.
 
         Finds the experiment's modeldir in the store, loads its newest checkpoint with the
-        loader that recognises it (identity model when there is none), or builds the model with
-        --wrapper, and serves it: POST / takes a pickled (or JSON, or npz) dict of named arrays
+        loader that recognises it (the identity model for an empty modeldir; files no loader
+        serves, such as weights alone, are an error), or builds the model with --wrapper, and
+        serves it: POST / takes a pickled (or JSON, or npz) dict of named arrays
         and answers a dict of results. Several keys serve several models (POST /models/KEY).
         """
         setup_logging(params["debug"])
@@ -250,11 +252,16 @@ def _experiments_group(host: PluginHost) -> click.Group:
         """List experiments in a store and push checkpoints into it."""
 
     @experiments.command("ls")
+    @click.argument("key", required=False)
     @store_option
     @report_errors
-    def ls(store_url: str | None) -> None:
-        """List experiments with their newest checkpoint and its time."""
+    def ls(key: str | None, store_url: str | None) -> None:
+        """List experiments with their newest checkpoint and its time; with KEY, the files of
+        that experiment's modeldir, the one `serve KEY` loads marked *."""
         store = open_store(host, store_url)
+        if key is not None:
+            list_checkpoints(store, validate_key(key))
+            return
         loaders = host.loaders()
         infos = store.experiments()
         if not infos:
@@ -274,24 +281,66 @@ def _experiments_group(host: PluginHost) -> click.Group:
                              mtime.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
                              str(len(info.files))))
             else:
-                rows.append((info.key, "-", "identity", "-", str(len(info.files))))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+                # identity only when empty: files no loader serves make `serve` fail
+                rows.append((info.key, "-", "none" if info.files else "identity", "-",
+                             str(len(info.files))))
+        echo_table(rows)
+
+    def list_checkpoints(store: ExperimentStore, key: str) -> None:
+        # the local modeldir (a remote store fetches it into its cache, as serve does), so that
+        # loaders can look inside files: a state_dict is told from a model by its contents
+        modeldir = find_modeldir(store, key)
+        entries = survey(modeldir, host.loaders())
+        if not entries:
+            click.echo(f"experiment {key} has no files: `studio-plug serve {key}` serves the "
+                       "identity model", err=True)
+            return
+        rows = [("", "FILE", "LOADER", "SIZE", "MODIFIED (UTC)", "")]
+        for entry in entries:
+            modified = datetime.fromtimestamp(entry.mtime, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            rows.append(("*" if entry.served else "", entry.path.name, entry.loader or "none",
+                         "-" if entry.path.is_dir() else human_size(entry.size), modified,
+                         entry.kind or ""))
+        echo_table(rows)
+        if any(entry.served for entry in entries):
+            click.echo(f"* the newest checkpoint a loader recognises: what `studio-plug serve "
+                       f"{key}` loads", err=True)
+        else:
+            click.echo(f"no file a loader can serve: `studio-plug serve {key}` needs --wrapper "
+                       "FILE whose create_model(modeldir) builds the model", err=True)
 
     @experiments.command("push")
     @click.argument("key")
-    @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @click.argument("source", metavar="DIRECTORY|FILE",
+                    type=click.Path(exists=True, path_type=Path))
     @store_option
     @report_errors
-    def push(key: str, directory: Path, store_url: str | None) -> None:
-        """Copy the files of DIRECTORY into experiment KEY's modeldir."""
+    def push(key: str, source: Path, store_url: str | None) -> None:
+        """Copy the files of DIRECTORY, or one FILE, into experiment KEY's modeldir."""
         validate_key(key)
         store = open_store(host, store_url)
-        count = store.push(key, directory)
+        count = store.push(key, source)
         click.echo(f"pushed {count} file(s) to {key} in {store.url}")
 
     return experiments
+
+
+def echo_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def human_size(size: int) -> str:
+    """Decimal units, as the store's progress bars count (1.5 MB = 1,500,000 bytes)."""
+    if size < 1000:
+        return f"{size} B"
+    value = size / 1000
+    for unit in ("KB", "MB"):
+        if value < 1000:
+            return f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
 
 
 def _plugins_command(host: PluginHost) -> click.Command:
@@ -323,7 +372,7 @@ def build_cli(host: PluginHost) -> click.Group:
 
         \b
         studio-plug serve KEY              serve experiment KEY on http://127.0.0.1:5000/
-        studio-plug experiments ls         list experiments in the store
+        studio-plug experiments ls [KEY]   list experiments, or one experiment's files
         studio-plug plugins --all          list loaders, stores, codecs, backends
         """
 

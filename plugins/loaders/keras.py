@@ -80,6 +80,27 @@ def readable_name(checkpoint: Path) -> Iterator[Path]:
         yield alias
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _h5_without_model(path: Path) -> bool:
+    """An HDF5 file with no ``model_config`` attribute holds weights only (Keras 2's
+    ``save_weights``, or ``ModelCheckpoint(save_weights_only=True)`` to a ``.h5``/``.hdf5``
+    name). Reads the header only; False whenever that cannot be told (no h5py, a file still
+    being written), so the load decides as before."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                return False
+        with IMPORT_LOCK:  # parallel model loads: see torch_runtime.IMPORT_LOCK
+            import h5py
+        # no lock: a training script saving its next checkpoint must not find the file locked
+        with h5py.File(path, "r", locking=False) as h5:
+            return "model_config" not in h5.attrs
+    except Exception:  # ImportError, OSError, whatever a half-written file makes h5py raise
+        return False
+
+
 def _explain(checkpoint: Path, exc: Exception) -> LoadError:
     if isinstance(exc, ImportError):  # h5py, for .h5 files
         return MissingDependencyError(exc.name or "h5py", "keras")
@@ -157,7 +178,14 @@ class KerasLoader(Loader):
 
     def recognises(self, path: Path) -> bool:
         # `model.save_weights` files hold no architecture: they cannot be served on their own.
-        return super().recognises(path) and not path.name.endswith(".weights.h5")
+        return super().recognises(path) and self.describe(path) is None
+
+    def describe(self, path: Path) -> str | None:
+        if path.name.endswith(".weights.h5"):
+            return "Keras weights saved by save_weights, no model"
+        if super().recognises(path) and path.suffix != ".keras" and _h5_without_model(path):
+            return "Keras weights in HDF5, no model config"
+        return None
 
     def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
         if checkpoint is None:

@@ -2,8 +2,9 @@
 (``*.pt2``).
 
 A ``.pt``/``.pth`` written by ``torch.save`` (a ``state_dict`` or a pickled module) is not a
-model without its Python class: it is refused with a pointer to ``--wrapper``. A pickled module
-is loaded (``weights_only=False``, which runs code from the file) only with
+model without its Python class: it is refused with a pointer to ``--wrapper``, and a state_dict
+(told from its pickle's opcodes, never run: torch_pickle.py) is not even picked as a checkpoint.
+A pickled module is loaded (``weights_only=False``, which runs code from the file) only with
 ``--trust-checkpoint``; every other ``torch.load`` here, including those inside
 ``torch.export.load``, runs with ``weights_only=True``.
 """
@@ -31,6 +32,7 @@ from plugins.loaders.signature import (
     numpy_dtype,
     output_specs,
 )
+from plugins.loaders.torch_pickle import saved_tensors_only
 from plugins.loaders.torch_runtime import (
     choose_device,
     import_torch,
@@ -240,6 +242,15 @@ class TorchLoader(Loader):
     name = "torch"
     patterns = ("*.pt", "*.pth", "*.pt2")
     extra = "torch"
+
+    def recognises(self, path: Path) -> bool:
+        # a state_dict is weights without the model's class: never picked as a checkpoint
+        return super().recognises(path) and self.describe(path) is None
+
+    def describe(self, path: Path) -> str | None:
+        if path.suffix in (".pt", ".pth") and not is_torchscript(path) and saved_tensors_only(path):
+            return "a torch state_dict: weights without the model's class"
+        return None
 
     def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
         if checkpoint is None:

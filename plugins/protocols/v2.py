@@ -267,7 +267,6 @@ class V2Routes:
         for label, value in (("key", key), ("checkpoint", checkpoint)):
             if value is not None and not isinstance(value, str):
                 raise BadRequest(f"load parameter {label!r} must be a string")
-        log.info("V2 repository: loading %s%s", name, f" from {key}" if key else "")
         state = await self.context.load(name, key, checkpoint)
         return json_response({"name": name, "state": REPOSITORY_STATES[state.state], **_describe(state)})
 

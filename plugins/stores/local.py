@@ -47,6 +47,17 @@ def list_files(directory: Path) -> tuple[FileInfo, ...]:
     return tuple(files)
 
 
+def files_to_push(source: Path) -> list[tuple[Path, str]]:
+    """(file, its path in the modeldir) for each file under the directory ``source``, or for
+    the one file ``source``."""
+    if source.is_file():
+        return [(source, source.name)]
+    if not source.is_dir():
+        raise StoreError(f"{source} is neither a file nor a directory")
+    return [(path, path.relative_to(source).as_posix())
+            for path in sorted(source.rglob("*")) if path.is_file()]
+
+
 class LocalStore(ExperimentStore):
     def __init__(self, root: Path, url: str) -> None:
         self.root = root
@@ -102,17 +113,14 @@ class LocalStore(ExperimentStore):
         ]
 
     def push(self, key: str, source: Path) -> int:
-        if not source.is_dir():
-            raise StoreError(f"{source} is not a directory")
         target = self._modeldir(key)
         target.mkdir(parents=True, exist_ok=True)
         count = 0
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                destination = target / path.relative_to(source)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, destination)  # keeps mtimes: "newest" stays the newest
-                count += 1
+        for path, relative in files_to_push(source):
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, destination)  # keeps mtimes: "newest" stays the newest
+            count += 1
         return count
 
 

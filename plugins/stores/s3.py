@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from plugins.aws import aws_errors, client
 from plugins.progress import Progress
+from plugins.stores.local import files_to_push
 from plugins.stores.s3_cache import ModeldirCache, RemoteState
 from plugins.stores.safe_tar import extract_archive
 from studio_plugins import (
@@ -226,16 +227,13 @@ class S3Store(ExperimentStore):
         return infos
 
     def push(self, key: str, source: Path) -> int:
-        if not source.is_dir():
-            raise StoreError(f"{source} is not a directory")
         validate_key(key)
-        paths = [p for p in source.rglob("*") if p.is_file()]
+        files = files_to_push(source)
         # oldest first: upload times (what listings show) then order files as their mtimes do
-        paths.sort(key=lambda p: (p.stat().st_mtime, str(p)))
-        for path in paths:
-            relative = path.relative_to(source).as_posix()
+        files.sort(key=lambda file: (file[0].stat().st_mtime, file[1]))
+        for path, relative in files:
             self.upload(path, self.location.key("experiments", key, "modeldir", relative))
-        return len(paths)
+        return len(files)
 
     def exists(self, key: str) -> bool:
         return self._experiment(key) is not None

@@ -351,6 +351,8 @@ def test_repository_index_load_another_experiment_unload_and_load(served: Served
                            json.dumps({"parameters": {"key": "triple"}}).encode(), "application/json")
     assert status == 200 and json.loads(body)["experiment"] == "triple", body
     assert scale_of(client) == 3.0
+    assert any(line.endswith("loading model swap from experiment triple")
+               for line in served.server.stderr_lines), served.server.output()
     assert client.get_model_metadata("swap")["parameters"]["experiment"] == "triple"
 
     client.unload_model("swap")

@@ -182,6 +182,15 @@ def test_watch_reloads_every_worker(modeldir: Path) -> None:
             time.sleep(0.2)
         assert values == {7.0} and closed <= 2
         assert any("workers now serve the new model" in line for line in server.stderr_lines)
+    # the replacement reads as planned: one INFO line per worker, and nothing like a death
+    lines = server.stderr_lines
+    replaced = [line for line in lines if "rolling reload: worker" in line]
+    assert len(replaced) == 2 and all(" INFO " in line for line in replaced), server.output()
+    assert all(line.endswith("which finishes its requests and stops") for line in replaced)
+    assert not [line for line in lines if " WARNING " in line or " ERROR " in line
+                or "exited" in line or "died" in line], server.output()
+    # the old workers' own lines name the worker, not "server stopped"
+    assert not any(line.endswith("server stopped") for line in lines), server.output()
 
 
 def test_repository_load_is_refused_in_workers(modeldir: Path) -> None:
@@ -192,6 +201,12 @@ def test_repository_load_is_refused_in_workers(modeldir: Path) -> None:
         status, _, body = post(server.url + "v2/repository/models/exp/load", b"{}",
                                "application/json")
         assert status == 409 and b"--watch" in body
+        status, _, _ = post(server.url + "v2/repository/models/exp/unload", b"{}",
+                            "application/json")
+        assert status == 409
+    # refused, so nothing was loading (or unloaded): the log must not say so
+    assert not any("loading" in line or "unloaded" in line for line in server.stderr_lines), \
+        server.output()
 
 
 @pytest.mark.timeout(60)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.assembly import load_model
-from core.errors import ConfigurationError, ExperimentError
+from core.errors import ConfigurationError, ExperimentError, LoadError, StoreError
 from core.experiments import open_store, studio_home, validate_key
 from core.types import ServeOptions
 from studio_plugins import get_model_directory
@@ -54,6 +54,17 @@ def test_push_copies_files_and_keeps_mtimes(studio_home: Path, tmp_path: Path) -
     assert info.key == "exp" and [f.name for f in info.files] == ["a.h5"]
 
 
+def test_push_takes_a_single_file(studio_home: Path, tmp_path: Path) -> None:
+    (tmp_path / "b.h5").write_bytes(b"2")
+    os.utime(tmp_path / "b.h5", (2_000_000, 2_000_000))
+    store = open_store(make_host())
+    assert store.push("exp", tmp_path / "b.h5") == 1
+    copied = studio_home / "experiments" / "exp" / "modeldir" / "b.h5"
+    assert copied.read_bytes() == b"2" and copied.stat().st_mtime == 2_000_000
+    with pytest.raises(StoreError, match="neither a file nor a directory"):
+        store.push("exp", tmp_path / "missing.h5")
+
+
 def test_store_url_picks_the_store_by_scheme(tmp_path: Path, studio_home: Path) -> None:
     other = tmp_path / "elsewhere"
     store = open_store(make_host(), other.as_uri())
@@ -94,13 +105,34 @@ def test_empty_modeldir_serves_identity_and_says_so(
     assert "no checkpoints" in caplog.text and "identity" in caplog.text
 
 
-def test_unrecognised_files_are_named_in_the_log(
-    modeldir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_files_no_loader_serves_are_an_error_that_names_them(modeldir: Path) -> None:
+    # the identity model would echo every request with a 200 and hide the mistake
     (modeldir / "notes.txt").write_text("hi")
-    model = load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
-    assert model.platform == "identity"
-    assert "notes.txt" in caplog.text and "no checkpoint recognised" in caplog.text
+    (modeldir / "logs").mkdir()
+    (modeldir / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(LoadError) as nothing:
+        load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
+    message = nothing.value.message
+    assert message.startswith(f"no model to serve in {modeldir}: it holds ")
+    assert "notes.txt (unrecognised)" in message and "logs (a folder)" in message
+    assert ".DS_Store" not in message
+    assert "--wrapper FILE whose create_model(modeldir) builds the model" in message
+    assert "--loader identity" in (nothing.value.hint or "")
+    # asked for, the identity model is still there
+    forced = load_model(make_host(), ServeOptions(keys=("exp",), loader="identity"), "exp")
+    assert forced.platform == "identity"
+
+
+def test_only_hidden_files_still_serve_identity(modeldir: Path) -> None:
+    (modeldir / ".gitkeep").write_bytes(b"")
+    assert load_model(make_host(), ServeOptions(keys=("exp",)), "exp").platform == "identity"
+
+
+def test_a_long_list_of_files_is_cut_short(modeldir: Path) -> None:
+    for index in range(12):
+        (modeldir / f"f{index:02d}.txt").write_text("x")
+    with pytest.raises(LoadError, match=r"\(unrecognised\) and 4 more; serve it with --wrapper"):
+        load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
 
 
 def test_a_missing_store_directory_is_named(tmp_path: Path, studio_home: Path) -> None:

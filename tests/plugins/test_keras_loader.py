@@ -171,16 +171,24 @@ def test_the_newest_checkpoint_answers_and_checkpoint_option_picks_another(model
     assert (loader.name, path and path.name) == ("keras", "checkpoint.01-0.90.hdf")
 
 
-def test_unrecognised_files_serve_identity_and_say_what_was_seen(
-    modeldir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    (modeldir / "notes.txt").write_text("hello")
-    (modeldir / "epoch3.weights.h5").write_bytes(b"")
-    with caplog.at_level(logging.INFO):
-        model = load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
-    assert model.platform == "identity"
-    assert "files seen: epoch3.weights.h5, notes.txt" in caplog.text
-    assert "no checkpoint file, with loader identity" in caplog.text
+def test_weights_only_files_are_never_picked_and_are_named(modeldir: Path) -> None:
+    scaler(2.0).save_weights(modeldir / "epoch3.weights.h5")
+    scaler(3.0).save_weights(modeldir / "legacy.weights.h5")
+    (modeldir / "legacy.weights.h5").rename(modeldir / "epoch4.hdf5")  # Keras 2 style: weights in .hdf5
+    save(scaler(4.0), modeldir / "old.h5", mtime=1_700_000_000)  # a whole model, older
+    loader, path = choose(modeldir, make_host().loaders(), None, None)
+    assert (loader.name, path and path.name) == ("keras", "old.h5")
+    (modeldir / "old.h5").unlink()
+    with pytest.raises(LoadError) as nothing:
+        load_model(make_host(), ServeOptions(keys=("exp",)), "exp")
+    message = nothing.value.message
+    assert "epoch3.weights.h5 (Keras weights saved by save_weights, no model)" in message
+    assert "epoch4.hdf5 (Keras weights in HDF5, no model config)" in message
+    assert "--wrapper FILE whose create_model(modeldir) builds the model" in message
+    # named with --checkpoint, a weights file says what it is too
+    with pytest.raises(LoadError, match=r"epoch4\.hdf5 is Keras weights in HDF5, no model config; "
+                                        r"serve it with --wrapper"):
+        load_model(make_host(), ServeOptions(keys=("exp",), checkpoint="epoch4.hdf5"), "exp")
 
 
 def test_an_empty_modeldir_serves_identity(modeldir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -100,6 +100,17 @@ def test_push_and_ls_through_the_cli(s3, tmp_path: Path) -> None:
     assert lines[0].split()[:2] == ["KEY", "NEWEST"]
     assert lines[1].split()[0] == "exp1" and " 3" in lines[1]
 
+    # one file pushed on its own; one experiment's files, fetched into the cache as serve does
+    single = write_files(tmp_path / "more", {"later.pt": b"not torch"}, mtime=1_500_000_000)
+    code, out, err = cli("experiments", "push", "exp1", str(single / "later.pt"), "--store", STORE)
+    assert code == 0 and f"pushed 1 file(s) to exp1 in {STORE}" in out, err
+    code, out, err = cli("experiments", "ls", "exp1", "--store", STORE)
+    assert code == 0, err
+    rows = {line.lstrip("* ").split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"new.keras", "notes.txt", "old.h5", "later.pt"}
+    assert rows["new.keras"].startswith("*") and "2020-09-13 12:26:40" in rows["old.h5"]
+    assert "2017-07-14 02:40:00" in rows["later.pt"]
+
 
 def test_unchanged_remote_is_not_downloaded_again_and_a_change_always_is(s3, aws, tmp_path: Path) -> None:
     source = write_files(tmp_path / "v1", {"a.bin": b"A1", "b.bin": b"B1", "sub/c.bin": b"C1"},

@@ -115,9 +115,10 @@ def test_serve_uses_the_third_party_loader_for_its_file_type(site: Path, acme_ex
 
 
 @pytest.mark.timeout(150)
-def test_serve_without_it_falls_back_to_identity(site: Path, acme_experiment: Path) -> None:
-    env = {"PYTHONPATH": str(site), "STUDIO_PLUGINS_DISABLE": "acme"}
-    with ServerProcess("exp", env=env) as server:
-        np.testing.assert_array_equal(predict(server.url, {"x": np.arange(3.0)})["x"], [0.0, 1.0, 2.0])
-    log = "\n".join(server.stderr_lines)
-    assert "files seen: model.acme" in log and "with loader identity" in log
+def test_serve_without_it_names_the_file_no_loader_serves(site: Path, acme_experiment: Path) -> None:
+    # not the identity model: echoing every request with a 200 would hide the missing plugin
+    refused = cli(site, "serve", "exp", "--port", "0", STUDIO_PLUGINS_DISABLE="acme")
+    assert refused.returncode == 1 and refused.stdout == "", refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.acme (unrecognised)" in errors[0], refused.stderr
+    assert "Traceback" not in refused.stderr

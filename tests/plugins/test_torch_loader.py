@@ -159,6 +159,53 @@ def test_a_state_dict_needs_its_class(tmp_path: Path) -> None:
     assert "--wrapper" in (error.value.hint or "")
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 2: torch.save's default; 4+: STACK_GLOBAL
+def test_weights_are_told_from_a_model_without_unpickling(tmp_path: Path, protocol: int) -> None:
+    def saved(name: str, content: object) -> Path:
+        torch.save(content, tmp_path / name, pickle_protocol=protocol)
+        return tmp_path / name
+
+    module = Affine()
+    optimizer = torch.optim.Adam(module.parameters())
+    weights = [
+        saved("state.pt", module.state_dict()),
+        saved("training.pth", {"epoch": 3, "model": module.state_dict(), "step": torch.tensor(7),
+                               "optimizer": optimizer.state_dict(), "dtype": torch.float16,
+                               "size": torch.Size([2]), "device": torch.device("cpu"),
+                               "loss": np.float64(0.25), "history": np.ones(3)}),
+        saved("parameter.pt", torch.nn.Parameter(torch.ones(2))),
+    ]
+    for path in weights:
+        assert not torch_loader().recognises(path), path.name
+        assert torch_loader().describe(path) == "a torch state_dict: weights without the model's class"
+    # a pickled module names its class: still recognised (and refused at load unless trusted)
+    whole = saved("whole.pt", module)
+    assert torch_loader().recognises(whole) and torch_loader().describe(whole) is None
+    script = save_script(Affine(), tmp_path / "script.pt")
+    assert torch_loader().recognises(script) and torch_loader().describe(script) is None
+
+
+def test_deciding_runs_nothing_from_the_file(tmp_path: Path) -> None:
+    # a pickle that would run code: told apart by reading its opcodes, never executing them
+    class Boom:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"weight": torch.ones(2), "boom": Boom()}, tmp_path / "evil.pt")
+    from plugins.loaders.torch_pickle import saved_tensors_only
+
+    assert saved_tensors_only(tmp_path / "evil.pt") is False
+    assert torch_loader().recognises(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
+    # not a zip, or cut short: undecided, so the load decides (and says what is wrong)
+    (tmp_path / "text.pt").write_text("hello")
+    truncated = tmp_path / "cut.pt"
+    torch.save(Affine().state_dict(), tmp_path / "whole-state.pt")
+    truncated.write_bytes((tmp_path / "whole-state.pt").read_bytes()[:200])
+    for path in (tmp_path / "text.pt", truncated):
+        assert saved_tensors_only(path) is None and torch_loader().recognises(path)
+
+
 def test_a_pickled_module_is_refused_unless_trusted(tmp_path: Path) -> None:
     path = tmp_path / "whole.pth"
     module = Affine().eval()
