@@ -28,10 +28,12 @@ from studio_plugins import (
     ClientGone,
     ModelState,
     NotFound,
+    Reply,
     RouteFactory,
     ServingContext,
     StudioError,
     decode_off_loop,
+    failed_headers,
     hookimpl,
 )
 
@@ -110,12 +112,13 @@ class InferEndpoint:
             await _send(send, 500, error_body(error), [(b"content-type", JSON_TYPE)])
             return
         if json_length is None:
-            await _send(send, 200, reply, [(b"content-type", JSON_TYPE)])
+            reply_headers = [(b"content-type", JSON_TYPE)]
         else:
-            await _send(send, 200, reply, [
-                (b"content-type", BINARY_TYPE),
-                (b"inference-header-content-length", str(json_length).encode()),
-            ])
+            reply_headers = [(b"content-type", BINARY_TYPE),
+                             (b"inference-header-content-length", str(json_length).encode())]
+        if isinstance(result, Reply) and result.failed:  # the outputs left out, and why
+            reply_headers += failed_headers(result.failed)
+        await _send(send, 200, reply, reply_headers)
 
 
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
