@@ -4,10 +4,11 @@ Bounded: values nest at most ``MAX_DEPTH`` deep, and the arrays built hold at mo
 bytes in all (``--max-body``; a JSON number becomes 8 bytes, so a body of numbers can ask for
 about 4x its size: past the limit it is a 413, refused before numpy allocates).
 
-Replies are strict JSON (RFC 8259), which has no NaN or infinity: those are written as
-``null``, as MLServer, JavaScript's ``JSON.stringify`` and our V2 replies (orjson) write them,
-so ``JSON.parse``, Go and jq read every reply. (Python's ``json`` writes ``NaN``, which they
-refuse.) numpy reads ``null`` back as NaN: ``np.array(values, float)``."""
+A body is an object of named inputs (the seed's dict); an array or any other value is a 400
+that says so. Replies are strict JSON (RFC 8259), which has no NaN or infinity: those are
+written as ``null``, as MLServer, JavaScript's ``JSON.stringify`` and our V2 replies (orjson)
+write them, so ``JSON.parse``, Go and jq read every reply. (Python's ``json`` writes ``NaN``,
+which they refuse.) numpy reads ``null`` back as NaN: ``np.array(values, float)``."""
 
 from __future__ import annotations
 
@@ -143,12 +144,18 @@ def _finite_default(value: Any) -> Any:
     return _finite(_default(value))
 
 
+_NOT_AN_OBJECT = {list: "an array", str: "a string", int: "a number", float: "a number",
+                  bool: "true or false", type(None): "null"}
+
+
 class JsonCodec(Codec):
     name = "json"
     media_types = ("application/json",)
 
     def sniff(self, head: bytes) -> bool:
-        return head.lstrip()[:1] == b"{"
+        """An object or an array, after any whitespace or byte-order mark: other JSON values
+        (``3``, ``"a"``, ``null``) look like plain text, which is no format of ours."""
+        return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
 
     def decode(self, body: bytes, limit: int) -> Payload:
         try:
@@ -156,7 +163,14 @@ class JsonCodec(Codec):
         except (ValueError, RecursionError) as exc:  # json.loads recurses: ~1000 levels at most
             raise BadRequest(f"invalid JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
-            raise BadRequest("the JSON body must be an object of named inputs")
+            # An array could be taken as one unnamed input, but a model's inputs have names
+            # (a Keras model's, a pipe's keys) and its reply would be an object all the same.
+            raise BadRequest(
+                f"the JSON body is {_NOT_AN_OBJECT.get(type(value), 'a value')}; it must be an "
+                "object of named inputs",
+                hint='name each input: {"x": [[1, 2, 3]]}; GET /v2/models/NAME lists a model\'s '
+                "input names",
+            )
         budget = [limit]
         payload: Payload = {}
         for key, item in value.items():

@@ -119,3 +119,14 @@ def test_an_unencodable_reply_still_raises() -> None:
     circular.append(circular)
     with pytest.raises((ValueError, RecursionError)):
         codec.encode({"c": circular})
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    (b"[1, 2]", "an array"), (b"3.5", "a number"), (b'"x"', "a string"), (b"null", "null"),
+    (b"true", "true or false"),
+])
+def test_a_body_that_is_not_an_object_says_what_it_is_and_what_to_send(body: bytes, kind: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        codec.decode(body, LIMIT)
+    assert caught.value.message == f"the JSON body is {kind}; it must be an object of named inputs"
+    assert caught.value.hint is not None and '{"x": [[1, 2, 3]]}' in caught.value.hint

@@ -1,6 +1,7 @@
 """JSON as strict parsers see it, through the app in process (ASGI) serving the identity model:
 replies holding NaN or infinities parse with ``parse_constant`` refused (JavaScript's
-``JSON.parse``, Go and jq refuse ``NaN``), on ``POST /`` and V2."""
+``JSON.parse``, Go and jq refuse ``NaN``), on ``POST /`` and V2; a top-level JSON array sent
+without a Content-Type is recognised as JSON and answered with a JSON 400 that says what to send."""
 
 from __future__ import annotations
 
@@ -73,3 +74,18 @@ def test_non_finite_floats_are_null_in_a_v2_json_reply(app: Any, datatype: str) 
     assert status == 200, body
     [output] = strict(body)["outputs"]
     assert output["datatype"] == datatype and output["data"] == [1.5, None, None, None]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "application/json"])
+@pytest.mark.parametrize("body", [b"[[1, 2, 3]]", b'\n  [{"x": [1]}]', b"\xef\xbb\xbf[1]"])
+def test_a_top_level_array_is_json_and_a_clear_400(app: Any, content_type: str | None, body: bytes) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, reply_headers, reply = call(app, "POST", "/", body, headers)
+    assert status == 400 and reply_headers["content-type"] == "application/json"
+    error = strict(reply)
+    assert error["type"] == "BadRequest"
+    assert error["error"] == "the JSON body is an array; it must be an object of named inputs"
+    assert '{"x": [[1, 2, 3]]}' in error["hint"]
+    # the same body as an object is answered
+    status, _, reply = call(app, "POST", "/", b'{"x": [[1, 2, 3]]}', headers)
+    assert status == 200 and strict(reply) == {"x": [[1, 2, 3]]}
