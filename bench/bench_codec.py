@@ -5,10 +5,13 @@ at protocols 2, 4 and 5), side by side in one run: ``restricted_loads`` (what th
 core/fast_pickle.py, else the data-only decoder), the data-only decoder alone
 (core/pickle_decoder.py), the restricted unpickler it replaced (bench/legacy_unpickler.py, the
 baseline of issue 13's "at most 2x") and plain ``pickle.loads`` (unsafe: the floor); for replies,
-``dumps`` (what the server does) against ``pickle.dumps``. Microseconds per call, the best of
-``--repeat`` timings of ``--number`` calls each. With ``--callgrind``, the mixed dict's decode by the
-data-only decoder and by the legacy unpickler in instructions (valgrind; each counted at two call
-counts in a fresh process and the difference divided): the same figure however busy the machine.
+``dumps`` (what the server does) against ``pickle.dumps``, and the JSON codec's strict encoding
+(NaN and infinities as ``null``) against Python's ``json.dumps`` as it was called before (which
+writes ``NaN``), with one NaN last in an array for the re-encoding it costs (JSON: a tenth of the
+calls). Microseconds per call, the best of ``--repeat`` timings of ``--number`` calls each. With
+``--callgrind``, the mixed dict's decode by the data-only decoder and by the legacy unpickler in
+instructions (valgrind; each counted at two call counts in a fresh process and the difference
+divided): the same figure however busy the machine.
 
     python -m bench.bench_codec
     python -m bench.bench_codec --callgrind      # ~2 min
@@ -17,6 +20,7 @@ counts in a fresh process and the difference divided): the same figure however b
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 import timeit
@@ -29,6 +33,7 @@ import numpy as np
 from bench.harness import callgrind_instructions, describe_machine, print_table, quiet_env
 from bench.legacy_unpickler import unpickle_restricted
 from core.safe_pickle import decode_general, dumps, restricted_loads
+from plugins.codecs.json import JsonCodec, _default
 
 
 def micros(call: Callable[[], Any], number: int, repeat: int) -> float:
@@ -70,11 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         ours = micros(partial(dumps, payload), args.number, args.repeat)
         theirs = micros(partial(pickle.dumps, payload, protocol=5), args.number, args.repeat)
         rows.append([f"encode {name}", ours, "-", "-", theirs, f"{ours / theirs:.2f}x"])
+    with_nan = rng.random((1, 784), dtype=np.float32)
+    with_nan[0, -1] = np.nan
+    json_payloads = {name: payloads[name] for name in ("10 float64", "1x784 float32", "1x64x64x3 uint8")}
+    json_payloads["1x784 float32, a NaN last"] = {"x": with_nan}
+    codec = JsonCodec()
+    for name, payload in json_payloads.items():
+        ours = micros(partial(codec.encode, payload), args.number // 10, args.repeat)
+        before = micros(partial(json_dumps_before, payload), args.number // 10, args.repeat)
+        rows.append([f"encode {name}, JSON", ours, "-", "-", before, f"{ours / before:.2f}x"])
     print_table(rows, ["body", "served us", "decoder us", "legacy unpickler us", "plain pickle us",
                        "ratio"])
-    print("\nserved: restricted_loads / dumps as the server runs them; ratio: the data-only decoder "
-          "against the legacy restricted unpickler (decode), our dumps against pickle.dumps (encode)")
+    print("\nserved: restricted_loads / dumps / the JSON codec as the server runs them; ratio: the "
+          "data-only decoder against the legacy restricted unpickler (decode), our dumps against "
+          "pickle.dumps (encode), the JSON codec against json.dumps as called before (JSON: in the "
+          "plain pickle column)")
     return 0
+
+
+def json_dumps_before(payload: dict[str, Any]) -> bytes:
+    """The JSON codec's encode before replies were strict: NaN written as ``NaN``."""
+    return json.dumps(payload, default=_default, allow_nan=True).encode()
 
 
 DECODERS: dict[str, Callable[[bytes], Any]] = {"decoder": decode_general, "legacy": unpickle_restricted}

@@ -5,6 +5,7 @@ Admission is bounded (``--max-queue``: beyond it, 503 at once); each request has
 (``--threads``) so the event loop never blocks; compatible concurrent requests may be batched
 (``--max-batch-size``). A model that raises or returns something other than a dict becomes a
 ``ModelError`` (500) for exactly the requests it was asked about, and the server keeps serving.
+A ``Reply`` (a ``ModelPipe``'s) keeps the keys it failed on, counted in the metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from core.batching import Batcher
 from core.errors import DeadlineExceeded, ModelError, Overloaded, StudioError
 from core.metrics import Metrics
-from core.types import ModelFn, Payload, ServedModel
+from core.types import ModelFn, Payload, Reply, ServedModel
 
 log = logging.getLogger("studio_plugins.dataplane")
 
@@ -104,6 +105,8 @@ class DataPlane:
         rows = payload_rows(payload)
         if self.metrics is not None:
             self.metrics.observe_batch(name, rows)
+            if type(result) is Reply and result.failed:
+                self.metrics.observe_failed(name, len(result.failed))
         return result, rows
 
     def _batcher(self, model: ServedModel, name: str, named: bool) -> Batcher:
@@ -134,10 +137,12 @@ class DataPlane:
         except Exception as exc:
             log.exception("model raised")
             raise ModelError(f"model failed: {type(exc).__name__}: {exc}") from exc
-        if type(result) is dict:
+        if type(result) is dict or type(result) is Reply:
             return result
         if not isinstance(result, Mapping):
             raise ModelError(f"model returned {type(result).__name__}, expected a dict")
+        if isinstance(result, Reply):  # a subclass: keep what failed, drop the rest
+            return Reply(result, result.failed)
         return dict(result)
 
     def _invoker(self, model: ServedModel, named: bool) -> Callable[[Payload], Awaitable[Any]]:

@@ -19,8 +19,9 @@ from core.body import ClientGone
 from core.codecs import CodecSet
 from core.context import ServerContext
 from core.errors import BadRequest, MethodNotAllowed, ModelError, Overloaded, StudioError
+from core.failed_keys import failed_headers
 from core.offload import decode_off_loop
-from core.types import Codec, Payload
+from core.types import Codec, Payload, Reply
 
 log = logging.getLogger("studio_plugins.app")
 
@@ -92,6 +93,11 @@ class InferenceEndpoint:
             result, info["batch"] = await self.context.run(model, name, payload, receive)
             accept = headers.get(b"accept")
             reply_codec = codec if accept is None else self.codecs.for_reply(accept.decode("latin-1"), codec)
+            failed: tuple[object, ...] = ()
+            if type(result) is Reply:
+                failed = result.failed
+                if not failed:  # a plain dict: the pickle codec's fast path takes only those
+                    result = dict(result)
             reply = self.encode(reply_codec, result)
         except StudioError as exc:
             if exc.status >= 500:
@@ -108,7 +114,10 @@ class InferenceEndpoint:
             wrapped.__cause__ = exc
             await send_reply(send, 500, error_body(wrapped, self.debug), error_headers(wrapped), info)
             return
-        await send_reply(send, 200, reply, [(b"content-type", self.codecs.content_type(reply_codec))], info)
+        reply_headers = [(b"content-type", self.codecs.content_type(reply_codec))]
+        if failed:  # which Nones are failures: core/failed_keys.py
+            reply_headers += failed_headers(failed)
+        await send_reply(send, 200, reply, reply_headers, info)
 
     @staticmethod
     def encode(codec: Codec, result: Payload) -> bytes:

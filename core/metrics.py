@@ -41,6 +41,7 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
             self.batch_size = Histogram(BATCH[0], BATCH[1], ["model"], buckets=BATCH_BUCKETS,
                                         registry=r)
+            self.failed_items = Counter(FAILED[0], FAILED[1], ["model"], registry=r)
         else:
             # one process: plain counts kept by the event loop, exported at scrape time (no lock
             # and no label lookup per request)
@@ -48,6 +49,7 @@ class Metrics:
             r.register(self.tally)
             self.observe_request = self.tally.observe_request  # type: ignore[method-assign]
             self.observe_batch = self.tally.observe_batch  # type: ignore[method-assign]
+            self.observe_failed = self.tally.observe_failed  # type: ignore[method-assign]
         self.in_flight = Gauge(
             "studio_requests_in_flight", "Inference requests being handled", registry=r,
             multiprocess_mode="liveall",
@@ -86,6 +88,9 @@ class Metrics:
             child = self._batch_children[model] = self.batch_size.labels(model)
         child.observe(rows)
 
+    def observe_failed(self, model: str, items: int) -> None:
+        self.failed_items.labels(model).inc(items)
+
     def describe_model(self, name: str, key: str, model: ServedModel, load_seconds: float) -> None:
         self.load_seconds.labels(name).set(load_seconds)
         labels = (model.checkpoint.name if model.checkpoint else "", key, model.platform, name)
@@ -110,6 +115,8 @@ class Metrics:
 REQUESTS = ("studio_requests", "Inference requests by route, model and status")
 LATENCY = ("studio_request_duration_seconds", "Inference request latency")
 BATCH = ("studio_batch_size", "Rows per model call")
+FAILED = ("studio_failed_items", "Keys a model answered None for because they failed (a ModelPipe's "
+          "items that raised or passed their deadline)")
 
 
 class Tally:
@@ -121,6 +128,7 @@ class Tally:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[tuple[str, str], list[float]] = {}
         self.batches: dict[str, list[float]] = {}
+        self.failed: dict[str, int] = {}
 
     @staticmethod
     def _observe(table: dict[Any, list[float]], key: Any, bounds: tuple[float, ...],
@@ -138,6 +146,9 @@ class Tally:
 
     def observe_batch(self, model: str, rows: int) -> None:
         self._observe(self.batches, model, BATCH_BUCKETS, rows)
+
+    def observe_failed(self, model: str, items: int) -> None:
+        self.failed[model] = self.failed.get(model, 0) + items
 
     @staticmethod
     def _histogram(name: str, doc: str, labels: list[str], table: dict[Any, list[float]],
@@ -165,6 +176,10 @@ class Tally:
         yield self._histogram(LATENCY[0], LATENCY[1], ["route", "model"], self.latency,
                               LATENCY_BUCKETS)
         yield self._histogram(BATCH[0], BATCH[1], ["model"], self.batches, BATCH_BUCKETS)
+        failed = CounterMetricFamily(FAILED[0], FAILED[1], labels=["model"])
+        for model, count in sorted(self.failed.items()):
+            failed.add_metric([model], count)
+        yield failed
 
     def describe(self) -> list[Any]:
         return list(self.collect())

@@ -3,7 +3,9 @@
 A pipe is a list of stages. A stage is a chain of functions applied to one item (or, batched, a
 head function applied to a batch and the rest applied per item) with its own options. A call
 runs every item of its input through the stages and answers in input order: one result per
-item, ``None`` where a stage failed, rejected the item or passed its deadline.
+item, ``None`` where a stage failed, rejected the item or passed its deadline. A dict's answer
+is a ``Reply`` whose ``failed`` names the keys that are ``None`` because a stage failed on them
+(raised or passed its deadline), not because a stage answered or filtered them to ``None``.
 
 How a call runs. The calling thread is the scheduler: it hands items to stages, collects
 results from a per-call event queue that workers post to, and sleeps on that queue until the
@@ -36,6 +38,7 @@ from enum import Enum
 from typing import Any, Self
 
 from core.errors import ConfigurationError
+from core.types import Reply
 
 log = logging.getLogger("studio_plugins.pipe")
 
@@ -175,8 +178,7 @@ class _Pool:
             try:
                 results = task.run()
             except BaseException as exc:  # stage errors are caught per item; this is the rest
-                log.error("pipe worker %s: %s: %s", self.name, type(exc).__name__, exc)
-                results = [None] * len(task.items)
+                results = [_Failure(f"worker {self.name} raised", exc)] * len(task.items)
             with self._lock:
                 if task.state is _State.ABANDONED:
                     return  # our slot was handed on when the caller gave up on us
@@ -195,6 +197,8 @@ class _Item:
     key: Hashable
     value: Any
     done: bool = False
+    failed: bool = False
+    """A stage failed on it (raised, or passed its deadline): its ``None`` is a failure."""
 
 
 @dataclass(eq=False)
@@ -303,10 +307,15 @@ class Pipe:
 
     def __call__(self, data: Any) -> Any:
         if isinstance(data, Mapping):
-            keys = list(data)
-            return dict(zip(keys, self._run(iter(data.items()), None), strict=True))
+            reply, failed = Reply(), []
+            for item in self._run(iter(data.items()), None):
+                reply[item.key] = item.value
+                if item.failed and item.value is None:  # a later stage may have recovered it
+                    failed.append(item.key)
+            reply.failed, reply.failed_count = tuple(failed), len(failed)
+            return reply
         if isinstance(data, list | tuple):
-            return list(self._run(enumerate(data), None))
+            return [item.value for item in self._run(enumerate(data), None)]
         if isinstance(data, Iterator):
             return self._stream(data)
         raise TypeError(
@@ -318,9 +327,10 @@ class Pipe:
         widest = max((stage.options.num_workers for stage in stages), default=1)
         largest = max((stage.options.batch_size for stage in stages), default=1)
         window = max(64, 4 * widest, 2 * largest)  # items in flight: bounded memory, full batches
-        yield from self._run(enumerate(data), window)
+        for item in self._run(enumerate(data), window):
+            yield item.value
 
-    def _run(self, items: Iterator[tuple[Hashable, Any]], window: int | None) -> Iterator[Any]:
+    def _run(self, items: Iterator[tuple[Hashable, Any]], window: int | None) -> Iterator[_Item]:
         run = _Run(self._stages, items, window)
         try:
             yield from run.results()
@@ -350,13 +360,13 @@ class _Run:
         self.counter = itertools.count()
         self.position = itertools.count()
 
-    def results(self) -> Iterator[Any]:
+    def results(self) -> Iterator[_Item]:
         while True:
             self._pull()
             self._flush()
             yielded = False
             while self.in_flight and self.in_flight[0].done:
-                yield self.in_flight.popleft().value
+                yield self.in_flight.popleft()
                 yielded = True
             if self.exhausted and not self.in_flight:
                 return
@@ -386,12 +396,12 @@ class _Run:
         while index < len(self.stages):
             stage = self.stages[index]
             if stage.inline:
-                item.value = self._settle(stage, stage.run_one(item)[0], set())
+                item.value = self._settle(stage, item, stage.run_one(item)[0], set())
                 index += 1
                 continue
             passes = stage.passes(item.value, item.key)
             if passes is not True:
-                self._settle(stage, passes, set())
+                self._settle(stage, item, passes, set())
                 item.value = None  # rejected: this stage yields nothing for it
                 index += 1
                 continue
@@ -456,9 +466,10 @@ class _Run:
         self._finish(task, task.results)
 
     @staticmethod
-    def _settle(stage: _Stage, value: Any, logged: set[int]) -> Any:
-        """``value``, or None (logged once) for a failure."""
+    def _settle(stage: _Stage, item: _Item, value: Any, logged: set[int]) -> Any:
+        """``value``, or None (logged once) for a failure, which marks ``item`` failed."""
         if isinstance(value, _Failure):
+            item.failed = True
             if id(value) not in logged:  # a failed batch is one failure shared by its items
                 logged.add(id(value))
                 value.log(stage)
@@ -470,7 +481,7 @@ class _Run:
         self.at_stage[task.stage] -= len(task.items)
         stage, logged = self.stages[task.stage], set[int]()
         for item, value in zip(task.items, results, strict=True):
-            item.value = self._settle(stage, value, logged)
+            item.value = self._settle(stage, item, value, logged)
             self._advance(item, task.stage + 1)
 
     def _time_out(self, stage: _Stage, task: _Task) -> None:
@@ -478,6 +489,8 @@ class _Run:
         log.warning("pipe stage %s: key%s %s took longer than %gs; result%s None", stage.label,
                     "s" if len(keys) > 1 else "", ", ".join(map(repr, keys)), stage.options.timeout,
                     "s are" if len(keys) > 1 else " is")
+        for item in task.items:
+            item.failed = True
         self._finish(task, [None] * len(task.items))
 
     def _expire(self) -> None:

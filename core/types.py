@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,24 @@ ModelFn = Callable[[Payload], Payload | Awaitable[Payload]]
 
 CreateModel = Callable[[str], ModelFn]
 """A wrapper's ``create_model(modeldir)``."""
+
+
+class Reply(dict[Any, Any]):
+    """A model's reply that names the keys it failed on: their values are ``None``, and
+    ``failed`` lists them in input order, so a failure can be told from a model that answered
+    ``None``.
+
+    ``ModelPipe`` answers one for a dict; any model may. The server names the failed keys in
+    the reply's ``X-Studio-Failed-Keys`` header (core/failed_keys.py), and the client's
+    ``predict`` returns one with them. ``failed_count`` is ``len(failed)``, or more in a
+    client's when the server left keys off that header (more than 4 KiB of them)."""
+
+    __slots__ = ("failed", "failed_count")
+
+    def __init__(self, items: Any = (), failed: Iterable[Any] = (), failed_count: int | None = None) -> None:
+        super().__init__(items)
+        self.failed: tuple[Any, ...] = tuple(failed)
+        self.failed_count: int = len(self.failed) if failed_count is None else failed_count
 
 
 # --- models -------------------------------------------------------------------------------

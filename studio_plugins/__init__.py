@@ -25,6 +25,7 @@ from core.errors import (
     UnknownExperiment,
 )
 from core.experiments import studio_home, validate_key
+from core.failed_keys import failed_headers
 from core.hookspecs import hookimpl
 from core.offload import decode_off_loop
 from core.safe_pickle import dumps as pickle_dumps
@@ -43,6 +44,7 @@ from core.types import (
     ModelSpec,
     ModelState,
     Payload,
+    Reply,
     RouteFactory,
     ServedModel,
     ServeOptions,
@@ -90,6 +92,7 @@ __all__ = [
     "Overloaded",
     "Payload",
     "PayloadTooLarge",
+    "Reply",
     "RouteFactory",
     "ServeOptions",
     "ServedModel",
@@ -102,6 +105,7 @@ __all__ = [
     "UnknownExperiment",
     "__version__",
     "decode_off_loop",
+    "failed_headers",
     "get_model_directory",
     "hookimpl",
     "pickle_dumps",

@@ -15,7 +15,9 @@ import urllib.request
 from typing import Any
 
 from core.errors import StudioError
+from core.failed_keys import FAILED_COUNT, FAILED_KEYS, parse_failed
 from core.safe_pickle import dumps, restricted_loads
+from core.types import Reply
 
 PICKLE = "application/python-pickle"
 
@@ -50,8 +52,13 @@ def predict(
     token: str | None = None,
     timeout: float | None = None,
     max_reply: int = 1 << 30,
-) -> dict[str, Any]:
+) -> Reply:
     """POST ``data`` (a dict of named arrays) to ``url`` and return the model's dict.
+
+    It is a ``Reply``: ``failed`` names the keys whose ``None`` is a failure (a ``ModelPipe``
+    item that raised or passed its deadline), from the reply's ``X-Studio-Failed-Keys``
+    header; ``failed_count`` is how many failed, more than ``len(failed)`` only when the
+    server left keys off a header of over 4 KiB.
 
     ``token`` defaults to ``$STUDIO_TOKEN``, as the server's ``--token`` does. ``timeout`` is in
     seconds (default ``DEFAULT_TIMEOUT``; ``math.inf`` waits for ever).
@@ -72,6 +79,8 @@ def predict(
             body = response.read(max_reply + 1)
             if len(body) > max_reply:
                 raise PredictionError(200, f"the reply is larger than max_reply ({max_reply} bytes)")
+            failed, failed_count = parse_failed(response.headers.get(FAILED_KEYS.decode()),
+                                                response.headers.get(FAILED_COUNT.decode()))
     except urllib.error.HTTPError as exc:
         raise _error_from(exc.code, exc.read()) from None
     except TimeoutError:
@@ -84,4 +93,4 @@ def predict(
         raise PredictionError(200, f"the server's reply is not plain data: {exc.message}") from None
     if not isinstance(result, dict):
         raise PredictionError(200, f"the server answered a {type(result).__name__}, not a dict")
-    return result
+    return Reply(result, failed, failed_count)

@@ -2,12 +2,19 @@
 
 Bounded: values nest at most ``MAX_DEPTH`` deep, and the arrays built hold at most ``limit``
 bytes in all (``--max-body``; a JSON number becomes 8 bytes, so a body of numbers can ask for
-about 4x its size: past the limit it is a 413, refused before numpy allocates)."""
+about 4x its size: past the limit it is a 413, refused before numpy allocates).
+
+A body is an object of named inputs (the seed's dict); an array or any other value is a 400
+that says so. Replies are strict JSON (RFC 8259), which has no NaN or infinity: those are
+written as ``null``, as MLServer, JavaScript's ``JSON.stringify`` and our V2 replies (orjson)
+write them, so ``JSON.parse``, Go and jq read every reply. (Python's ``json`` writes ``NaN``,
+which they refuse.) numpy reads ``null`` back as NaN: ``np.array(values, float)``."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -105,12 +112,50 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity in it as ``None`` (JSON's ``null``): in floats,
+    numpy floats and arrays, dicts, lists and tuples; anything else is left to ``_default``.
+    Only a reply that holds one pays for this walk."""
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        return [_finite(item) for item in value]
+    if isinstance(value, np.ndarray | np.generic):
+        if value.dtype.kind == "f":
+            finite = np.isfinite(value)
+            if finite.all():
+                return value.tolist()
+            if isinstance(value, np.generic):
+                return None
+            values = value.astype(object)  # Python floats, written as the finite path writes them
+            values[~finite] = None
+            return values.tolist()
+        items = value.tolist()
+        return _finite(items) if value.dtype.kind == "O" else items  # no floats in the others
+    return value
+
+
+def _finite_default(value: Any) -> Any:
+    if hasattr(value, "__array__"):  # a torch tensor: through numpy, not element by element
+        return _finite(np.asarray(value))
+    return _finite(_default(value))
+
+
+_NOT_AN_OBJECT = {list: "an array", str: "a string", int: "a number", float: "a number",
+                  bool: "true or false", type(None): "null"}
+
+
 class JsonCodec(Codec):
     name = "json"
     media_types = ("application/json",)
 
     def sniff(self, head: bytes) -> bool:
-        return head.lstrip()[:1] == b"{"
+        """An object or an array, after any whitespace or byte-order mark: other JSON values
+        (``3``, ``"a"``, ``null``) look like plain text, which is no format of ours."""
+        return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")
 
     def decode(self, body: bytes, limit: int) -> Payload:
         try:
@@ -118,7 +163,14 @@ class JsonCodec(Codec):
         except (ValueError, RecursionError) as exc:  # json.loads recurses: ~1000 levels at most
             raise BadRequest(f"invalid JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
-            raise BadRequest("the JSON body must be an object of named inputs")
+            # An array could be taken as one unnamed input, but a model's inputs have names
+            # (a Keras model's, a pipe's keys) and its reply would be an object all the same.
+            raise BadRequest(
+                f"the JSON body is {_NOT_AN_OBJECT.get(type(value), 'a value')}; it must be an "
+                "object of named inputs",
+                hint='name each input: {"x": [[1, 2, 3]]}; GET /v2/models/NAME lists a model\'s '
+                "input names",
+            )
         budget = [limit]
         payload: Payload = {}
         for key, item in value.items():
@@ -129,7 +181,13 @@ class JsonCodec(Codec):
         return payload
 
     def encode(self, payload: Payload) -> bytes:
-        return json.dumps(payload, default=_default, allow_nan=True).encode()
+        try:
+            return json.dumps(payload, default=_default, allow_nan=False).encode()
+        except ValueError as exc:
+            if not str(exc).startswith("Out of range float"):
+                raise
+        # a NaN or an infinity somewhere: the rare reply, encoded again with them as null
+        return json.dumps(_finite(payload), default=_finite_default, allow_nan=False).encode()
 
 
 @hookimpl

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from studio_plugins import BadRequest, Codec, Payload, PayloadTooLarge, hookimpl
+from studio_plugins import BadRequest, Codec, Payload, PayloadTooLarge, Reply, hookimpl
 
 from .npz_header import ArrayHeader, read_header
 
@@ -132,10 +132,16 @@ class NpzCodec(Codec):
 
     def encode(self, payload: Payload) -> bytes:
         """What ``numpy.savez`` writes, without passing names as its keyword arguments: an
-        input named ``file`` (or ``allow_pickle``) echoed back made ``np.savez`` fail."""
+        input named ``file`` (or ``allow_pickle``) echoed back made ``np.savez`` fail.
+
+        A key the model failed on (a ``Reply``'s ``None``) is left out: an archive of arrays
+        cannot hold ``None``, and the reply's ``X-Studio-Failed-Keys`` header names it."""
+        failed = frozenset(payload.failed) if isinstance(payload, Reply) else frozenset()
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, value in payload.items():
+                if value is None and name in failed:
+                    continue
                 array = np.asarray(value)
                 if array.dtype.hasobject:
                     raise TypeError(f"output {name!r} is not an array of numbers or strings")

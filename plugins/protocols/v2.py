@@ -31,12 +31,14 @@ from studio_plugins import (
     ModelState,
     NotFound,
     Payload,
+    Reply,
     RouteFactory,
     ServedModel,
     ServingContext,
     StudioError,
     TensorSpec,
     decode_off_loop,
+    failed_headers,
     hookimpl,
 )
 
@@ -142,12 +144,13 @@ class InferEndpoint:
             await _send(send, 500, error_body(error), [(b"content-type", JSON_TYPE)])
             return
         if json_length is None:
-            await _send(send, 200, reply, [(b"content-type", JSON_TYPE)])
+            reply_headers = [(b"content-type", JSON_TYPE)]
         else:
-            await _send(send, 200, reply, [
-                (b"content-type", BINARY_TYPE),
-                (b"inference-header-content-length", str(json_length).encode()),
-            ])
+            reply_headers = [(b"content-type", BINARY_TYPE),
+                             (b"inference-header-content-length", str(json_length).encode())]
+        if isinstance(result, Reply) and result.failed:  # the outputs left out, and why
+            reply_headers += failed_headers(result.failed)
+        await _send(send, 200, reply, reply_headers)
 
 
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

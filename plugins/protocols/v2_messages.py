@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from studio_plugins import BadRequest, Payload
+from studio_plugins import BadRequest, Payload, Reply
 
 from .v2_limits import Budget, short
 from .v2_tensors import Tensor, decode_binary, decode_json, encode
@@ -168,14 +168,25 @@ def parse_request(body: bytes, json_length: int | None = None, *, limit: int) ->
     return InferRequest(inputs, request_id, outputs, binary_output, datatypes)
 
 
+def failed_outputs(result: Payload) -> frozenset[str]:
+    """The outputs ``result`` names as failed (they are ``None``)."""
+    if not isinstance(result, Reply) or not result.failed:
+        return frozenset()
+    return frozenset(key for key in result.failed if key in result and result[key] is None)
+
+
 def encode_response(
     model_name: str, model_version: str, request: InferRequest, result: Payload
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when some output is binary."""
+    """The response body, and the JSON header's length when some output is binary.
+
+    An output the model failed on (a ``Reply``'s ``None``: a ``ModelPipe`` item) is left out,
+    asked for or not: a tensor cannot be ``None``. The reply's headers name it (v2.py)."""
+    failed = failed_outputs(result)
     if request.outputs is None:
-        chosen = [RequestedOutput(name, request.binary_output) for name in result]
+        chosen = [RequestedOutput(name, request.binary_output) for name in result if name not in failed]
     else:
-        chosen = list(request.outputs)
+        chosen = [output for output in request.outputs if output.name not in failed]
         missing = [o.name for o in chosen if o.name not in result]
         if missing:
             raise BadRequest(

@@ -129,6 +129,7 @@ def test_a_404_and_a_url_that_never_answers_are_none_within_the_deadline(
     result = predict(seed_setup["server"].url, request, timeout=60)
     elapsed = time.monotonic() - started
     assert result["missing"] is None and result["silent"] is None
+    assert result.failed == ("missing", "silent")  # X-Studio-Failed-Keys: failures, not answers
     expected = expected_outputs(seed_setup, good)
     for index, key in enumerate(good):
         np.testing.assert_allclose(result[key], expected[index], rtol=1e-4, atol=1e-6)

@@ -178,6 +178,39 @@ def test_a_modelpipe_wrapper_is_served_request_by_request(modeldir: Path, tmp_pa
     assert served.predict({"a": 1, "b": 2}) == {"a": 2, "b": 4}
 
 
+FAILING_PIPE = """
+from studio_plugins.model_util import ModelPipe
+
+
+def stage(value):
+    if isinstance(value, str) and value == "raise":
+        raise ValueError("asked to fail")
+    return None if isinstance(value, str) and value == "none" else value
+
+
+def create_model(modeldir):
+    return ModelPipe().add(stage, num_workers=2)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_client_tells_a_failed_pipe_item_from_a_none_the_model_answered(
+    modeldir: Path, tmp_path: Path,
+) -> None:
+    wrapper = write(tmp_path / "failing_pipe.py", FAILING_PIPE)
+    hostile = "a, b\r\nX-Injected: 1 日本"
+    many = {f"bad-{index:04d}": "raise" for index in range(500)}  # 4.5 KB of keys: cut short
+    with ServerProcess("exp", "--wrapper", str(wrapper)) as server:
+        result = predict(server.url, {"ok": np.arange(3), hostile: "raise", "quiet": "none"})
+        assert result[hostile] is None and result["quiet"] is None and result["ok"].tolist() == [0, 1, 2]
+        assert result.failed == (hostile,) and result.failed_count == 1
+        assert predict(server.url, {"quiet": "none"}).failed == ()
+        cut = predict(server.url, {"ok": 1, **many})
+        assert cut.failed_count == 500 and 0 < len(cut.failed) < 500
+        assert cut.failed == tuple(many)[: len(cut.failed)]
+        assert "asked to fail" in server.output()  # each failure is logged with its key
+
+
 KERAS_AT_THE_TOP = """
 import keras
 

@@ -33,6 +33,8 @@ def npz_body() -> bytes:
         (pickle.dumps({"a": 1}, protocol=2), "pickle"),
         (pickle.dumps({"a": 1}, protocol=5), "pickle"),
         (b'  {"a": 1}', "json"),
+        (b"\n[[1, 2]]", "json"),  # an array: the codec answers what it means (a 400)
+        (b'\xef\xbb\xbf{"a": 1}', "json"),  # a byte-order mark, as some Windows tools write
         (npz_body(), "npz"),
     ],
 )
@@ -55,6 +57,8 @@ def test_unknown_content_type_is_415(codecs: CodecSet) -> None:
 def test_unsniffable_body_is_415_and_empty_is_400(codecs: CodecSet) -> None:
     with pytest.raises(UnsupportedMediaType):
         codecs.for_request("", b"hello")
+    with pytest.raises(UnsupportedMediaType):  # JSON scalars look like text: no format of ours
+        codecs.for_request("", b"42")
     with pytest.raises(BadRequest):
         codecs.for_request("", b"")
 

@@ -14,6 +14,7 @@ import pytest
 
 from core.errors import ConfigurationError
 from core.pipe import Pipe
+from core.types import Reply
 
 
 def pipe_threads() -> list[threading.Thread]:
@@ -194,6 +195,64 @@ def test_a_filterf_that_raises_rejects_the_item(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING, logger="studio_plugins.pipe"):
         assert pipe([1, 0]) == [1, None]
     assert any("filterf raised" in r.getMessage() for r in caplog.records)
+
+
+# --- which Nones are failures -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_dict_reply_names_the_keys_that_failed_not_those_answered_none() -> None:
+    release = threading.Event()
+
+    def stage(value: str) -> str | None:
+        if value == "raise":
+            raise ValueError("asked to")
+        if value == "hang":
+            release.wait(10)
+        return None if value == "none" else value.upper()
+
+    pipe = Pipe().add(stage, num_workers=4, timeout=0.3).add(lambda x: x + "!")
+    data = {"ok": "a", "boom": "raise", "quiet": "none", "late": "hang", "ok2": "b"}
+    try:
+        result = pipe(data)
+    finally:
+        release.set()
+    assert isinstance(result, Reply)
+    assert result == {"ok": "A!", "boom": None, "quiet": None, "late": None, "ok2": "B!"}
+    assert result.failed == ("boom", "late") and result.failed_count == 2  # in input order
+    assert Pipe().add(lambda x: x)({"a": 1}).failed == ()
+
+
+def test_failures_in_batches_filters_and_workers_are_named_and_rejections_are_not() -> None:
+    def model(batch: list[int]) -> list[int]:
+        if 13 in batch:
+            raise RuntimeError("unlucky batch")
+        return [x * 2 for x in batch]
+
+    def stage(x: int) -> int:
+        if x == 7:
+            raise SystemExit("not an Exception: caught by the worker itself")
+        return x
+
+    pipe = Pipe().add(stage, num_workers=2, filterf=lambda x: 1 / x > 0)  # 0: filterf raises
+    pipe.add(model, num_workers=1, batch_size=2)
+    result = pipe({"zero": 0, "neg": -1, "seven": 7, "a": 12, "b": 13, "c": 1})
+    assert result == {"zero": None, "neg": None, "seven": None, "a": None, "b": None, "c": 2}
+    # -1 was rejected by the filter (not a failure); 12 shared its batch with 13
+    assert result.failed == ("zero", "seven", "a", "b")
+
+
+def test_an_item_a_later_stage_recovers_is_not_named() -> None:
+    def fetch(url: str) -> str:
+        raise ConnectionError(url)
+
+    fallback = Pipe().add(fetch, num_workers=1).add(
+        lambda x: "placeholder" if x is None else x, num_workers=1, filterf=lambda x: True)
+    result = fallback({"a": "http://down/"})
+    assert result == {"a": "placeholder"} and result.failed == ()
+    # the default filterf skips it instead: it stays a failure through every later stage
+    skipped = Pipe().add(fetch, num_workers=1).add(lambda x: x, num_workers=1).add(lambda x: x)
+    assert skipped({"a": "http://down/"}).failed == ("a",)
 
 
 # --- deadlines --------------------------------------------------------------------------------

@@ -91,3 +91,42 @@ def test_lists_beside_values_are_kept() -> None:
     assert decode({"big": [1180, [2, 3]], "deeper": [[1, [2]], [3, 4]]}) == {
         "big": [1180, [2, 3]], "deeper": [[1, [2]], [3, 4]]
     }
+
+
+def test_replies_are_strict_json_with_non_finite_values_as_null() -> None:
+    torch = pytest.importorskip("torch")
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    nan, inf = float("nan"), float("inf")
+    reply = codec.encode({
+        "scalars": [np.float32(nan), np.float64(-inf), np.float16(1.5), nan], "tuple": (inf, 1),
+        "set": {inf}, "tensor": torch.tensor([[nan, 2.0]]), "objects": np.array([nan, "a"], object),
+        "deep": {"k": [[{"v": -inf}]]}, "ints": np.arange(2), "bytes": b"\xff",
+    })
+    assert json.loads(reply, parse_constant=refuse) == {
+        "scalars": [None, None, 1.5, None], "tuple": [None, 1], "set": [None],
+        "tensor": [[None, 2.0]], "objects": [None, "a"], "deep": {"k": [[{"v": None}]]},
+        "ints": [0, 1], "bytes": {"b64": "/w=="},
+    }
+
+
+def test_an_unencodable_reply_still_raises() -> None:
+    with pytest.raises(TypeError, match="complex"):
+        codec.encode({"z": np.array([1j, np.nan])})
+    circular: list[Any] = [float("nan")]
+    circular.append(circular)
+    with pytest.raises((ValueError, RecursionError)):
+        codec.encode({"c": circular})
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    (b"[1, 2]", "an array"), (b"3.5", "a number"), (b'"x"', "a string"), (b"null", "null"),
+    (b"true", "true or false"),
+])
+def test_a_body_that_is_not_an_object_says_what_it_is_and_what_to_send(body: bytes, kind: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        codec.decode(body, LIMIT)
+    assert caught.value.message == f"the JSON body is {kind}; it must be an object of named inputs"
+    assert caught.value.hint is not None and '{"x": [[1, 2, 3]]}' in caught.value.hint
