@@ -6,7 +6,7 @@ and on Starlette ``GET /metrics``, ``GET /v2/health/live``, ``GET /v2/health/rea
 (core/pages.py). Every error is JSON ``{"error", "type"}`` with a fitting status and never a
 traceback unless ``debug``. ``EdgeMiddleware`` (plain ASGI: Starlette's ``BaseHTTPMiddleware``
 costs a task per request) does request ids, auth, activity counting, metrics, the access log and
-the dispatch.
+the dispatch. ``--cors`` puts core/cors.py around it all.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from core.body import BodyReader
 from core.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, default_budget
 from core.codecs import CodecSet
 from core.context import ServerContext
+from core.cors import with_cors
 from core.dataplane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
 from core.heap import HeapKeeper
@@ -81,6 +82,8 @@ class AppSettings:
     heap: HeapKeeper | None = None
     """Refreezes the heap after a model swap (core/heap.py); None: the heap is left alone."""
     on_ready: Callable[[], None] | None = None
+    cors: tuple[str, ...] = ()
+    """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""
 
 
 def error_response(exc: StudioError, debug: bool = False) -> Response:
@@ -372,4 +375,5 @@ def build_app(
     document = DocumentBuilder(lambda: app.routes, settings.codecs, states, title=context.server_name,
                                version=__version__, token=settings.token is not None)
     endpoint = InferenceEndpoint(context, settings.codecs, settings.max_body, settings.debug)
-    return EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)
+    edge = EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)
+    return with_cors(edge, settings.cors) if settings.cors else edge
