@@ -1,10 +1,12 @@
 """The ASGI app for a mapping name -> model. ``POST /`` goes to the first (default) model.
 
 Routes: ``POST /``, ``POST /models/{name}`` (the hot path, core/inference.py, plain ASGI),
-and on Starlette ``GET /metrics``, ``GET /v2/health/live``, ``GET /v2/health/ready``. Every
-error is JSON ``{"error", "type"}`` with a fitting status and never a traceback unless
-``debug``. ``EdgeMiddleware`` (plain ASGI: Starlette's ``BaseHTTPMiddleware`` costs a task per
-request) does request ids, auth, activity counting, metrics, the access log and the dispatch.
+and on Starlette ``GET /metrics``, ``GET /v2/health/live``, ``GET /v2/health/ready``,
+``GET /openapi.json`` (core/openapi.py), ``GET /docs`` and, for a browser, ``GET /``
+(core/pages.py). Every error is JSON ``{"error", "type"}`` with a fitting status and never a
+traceback unless ``debug``. ``EdgeMiddleware`` (plain ASGI: Starlette's ``BaseHTTPMiddleware``
+costs a task per request) does request ids, auth, activity counting, metrics, the access log and
+the dispatch. ``--cors`` puts core/cors.py around it all.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,13 +35,17 @@ from core.body import BodyReader
 from core.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, default_budget
 from core.codecs import CodecSet
 from core.context import ServerContext
+from core.cors import with_cors
 from core.dataplane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
 from core.heap import HeapKeeper
 from core.inference import InferenceEndpoint, error_body, error_headers, send_reply
 from core.metrics import Metrics
+from core.openapi import DocumentBuilder
+from core.pages import DOCS_HEADERS, DOCS_PAGE, INDEX_HEADERS, UNAUTHORIZED_PAGE, index_page, prefers_html
 from core.repository import ModelRepository
-from core.types import RouteFactory, ServedModel
+from core.types import ModelState, RouteFactory, ServedModel
+from core.version import __version__
 
 log = logging.getLogger("studio_plugins.app")
 access_log = logging.getLogger("studio_plugins.access")
@@ -48,6 +54,10 @@ HEALTH_PREFIX = "/v2/health/"
 UNKNOWN_MODEL = ""
 """The model label of a request for a name the server does not have (labels stay bounded)."""
 UNCOUNTED = ("/v2/health/", "/metrics")
+PUBLIC_PATHS = frozenset({"/docs"})
+"""Answered without the token: a static page that holds no data of the server (it fetches
+/openapi.json, which needs the token, and asks the user for it)."""
+PAGES = frozenset({"/docs", "/openapi.json"})
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -72,6 +82,8 @@ class AppSettings:
     heap: HeapKeeper | None = None
     """Refreezes the heap after a model swap (core/heap.py); None: the heap is left alone."""
     on_ready: Callable[[], None] | None = None
+    cors: tuple[str, ...] = ()
+    """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""
 
 
 def error_response(exc: StudioError, debug: bool = False) -> Response:
@@ -91,8 +103,8 @@ def _route_of(path: str) -> str:
             ("/infer", "/ready")) else "/v2/models/{name}"
     if path.startswith("/v2/repository/"):
         return "/v2/repository"
-    if path == "/v2":
-        return "/v2"
+    if path == "/v2" or path in PAGES:
+        return path
     return "other"
 
 
@@ -141,8 +153,12 @@ class EdgeMiddleware:
         if path.startswith(HEALTH_PREFIX):
             await self._uncounted(scope, receive, self._with_id(send, request_id, [0]))
             return
-        if self.expected is not None and not self.authorized(headers.get(b"authorization", b"")):
-            response = error_response(Unauthorized("missing or wrong bearer token"))
+        if (self.expected is not None and path not in PUBLIC_PATHS
+                and not self.authorized(headers.get(b"authorization", b""))):
+            if self.for_browser(scope, path, headers):
+                response: Response = HTMLResponse(UNAUTHORIZED_PAGE, 401, headers=INDEX_HEADERS)
+            else:
+                response = error_response(Unauthorized("missing or wrong bearer token"))
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, self._with_id(send, request_id, [0]))
             return
@@ -171,7 +187,7 @@ class EdgeMiddleware:
                 # the hot path sends the request id itself: no wrapper around send
                 await self.endpoint(scope, receive, send, model_name, headers, info)
             else:
-                await self._other(scope, receive, send, path, model_name, info)
+                await self._other(scope, receive, send, path, model_name, info, headers)
         finally:
             if charged:
                 bodies.free += charged
@@ -188,14 +204,19 @@ class EdgeMiddleware:
             if self.bodies.grown:
                 self.bodies.release_grown(asyncio.current_task())
 
+    @staticmethod
+    def for_browser(scope: Scope, path: str, headers: dict[bytes, bytes]) -> bool:
+        """``GET /`` from a browser: the index page (anyone else gets the 405 of before)."""
+        return path == "/" and scope["method"] in ("GET", "HEAD") and prefers_html(headers.get(b"accept"))
+
     async def _other(self, scope: Scope, receive: Receive, send: Send, path: str,
-                     model_name: str | None, info: dict[str, Any]) -> None:
-        """A counted request off the hot path: route plugins (V2), or a wrong method."""
+                     model_name: str | None, info: dict[str, Any], headers: dict[bytes, bytes]) -> None:
+        """A counted request off the hot path: route plugins (V2), pages, or a wrong method."""
         scope["studio"] = info  # route plugins record the model and batch size here
         status_seen = [500]
         send = self._with_id(send, info["request_id"], status_seen)
         try:
-            if model_name is None:
+            if model_name is None or self.for_browser(scope, path, headers):
                 await self.app(scope, receive, send)
             else:
                 error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
@@ -288,10 +309,26 @@ def build_app(
         kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         message = f"{exc.detail}: {request.method} {request.url.path}"
         if exc.status_code == 404:
-            message += " (routes: POST /, POST /models/NAME, /v2/..., GET /metrics)"
+            message += " (routes: POST /, POST /models/NAME, /v2/..., GET /metrics; all: GET /docs)"
         # keeps Starlette's own headers: a 405 carries the route's Allow
         return JSONResponse({"error": message, "type": kind}, status_code=exc.status_code,
                             headers=exc.headers)
+
+    def states() -> list[ModelState]:
+        return [repository.state(name) for name in repository.names()]
+
+    async def index(request: Request) -> Response:
+        """The served models for a browser (EdgeMiddleware sends only those here)."""
+        formats = [codec.media_type for codec in settings.codecs.codecs]
+        page = index_page(states(), str(request.base_url), formats=formats,
+                          token=settings.token is not None, version=__version__)
+        return HTMLResponse(page, headers=INDEX_HEADERS)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document.document())
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE, headers=DOCS_HEADERS)
 
     async def studio_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StudioError)
@@ -321,6 +358,9 @@ def build_app(
     routes: list[BaseRoute] = [
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
     ]
     if metrics is not None:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
@@ -332,5 +372,8 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.ready = is_ready
+    document = DocumentBuilder(lambda: app.routes, settings.codecs, states, title=context.server_name,
+                               version=__version__, token=settings.token is not None)
     endpoint = InferenceEndpoint(context, settings.codecs, settings.max_body, settings.debug)
-    return EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)
+    edge = EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)
+    return with_cors(edge, settings.cors) if settings.cors else edge

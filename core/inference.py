@@ -26,6 +26,8 @@ from core.types import Codec, Payload, Reply
 log = logging.getLogger("studio_plugins.app")
 
 JSON = b"application/json"
+INFERENCE_ROUTES = (("/", "POST"), ("/models/{name}", "POST"))
+"""The routes answered here (see ``InferenceEndpoint.model_for``), for the OpenAPI document."""
 
 
 def error_body(exc: StudioError, debug: bool = False) -> bytes:

@@ -150,6 +150,7 @@ class Launch:
             watch=watch,
             activity=activity,
             on_ready=on_ready,
+            cors=options.cors,
         )
 
     def serve_argv(self) -> list[str]:
@@ -187,6 +188,8 @@ class Launch:
             argv.append("--no-metrics")
         if o.access_log:
             argv.append("--access-log")
+        for origin in o.cors:
+            argv += ["--cors", origin]
         for flag, value in (
             ("--store", o.store_url),
             ("--wrapper", o.wrapper),

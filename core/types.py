@@ -298,6 +298,8 @@ class ServeOptions:
     host: str = "localhost"
     killafter: float = 3600.0
     token: str | None = None
+    cors: tuple[str, ...] = ()
+    """``--cors ORIGIN``: origins (``*``: any) whose web pages may call the server."""
     wrapper: str | None = None
     checkpoint: str | None = None
     loader: str | None = None

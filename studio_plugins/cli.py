@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from core.assembly import survey
+from core.cors import check_origin
 from core.errors import ConfigurationError, StudioError
 from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
@@ -108,7 +109,11 @@ def _serve_command(host: PluginHost) -> click.Command:
     @click.option("--cloud", type=click.Choice(sorted(backends)), default="local",
                   help="Where to run the server.")
     @click.option("--token", envvar="STUDIO_TOKEN", show_envvar=True, default=None,
-                  help="Require 'Authorization: Bearer TOKEN' on every request but health checks.")
+                  help="Require 'Authorization: Bearer TOKEN' on every request but health checks "
+                  "and the /docs page.")
+    @click.option("--cors", multiple=True, metavar="ORIGIN",
+                  help="Let web pages from ORIGIN (scheme://host[:port], as in their Origin header; "
+                  "'*': any) call the server from a browser; repeatable. Default: no CORS headers.")
     @click.option("--wrapper", "wrapper_args", multiple=True,
                   help="A .py file, module or registered name with create_model(modeldir) "
                   "returning a dict -> dict callable. NAME=WRAPPER gives one model its own.")
@@ -192,6 +197,7 @@ def _serve_command(host: PluginHost) -> click.Command:
         wrapper, wrappers = parse_wrappers(params.pop("wrapper_args"), names)
         extra = {name: params.pop(name) for name in list(params) if name in backend_names}
         cloud = params.pop("cloud")
+        params["cors"] = tuple(check_origin(origin) for origin in params["cors"])
         budget = params["body_budget"]
         if budget and budget < params["max_body"]:
             raise ConfigurationError(

@@ -99,8 +99,12 @@ def _takes(spec: TensorSpec) -> str:
 
 
 class InferEndpoint:
-    """``POST /v2/models/{name}[/versions/{version}]/infer`` as plain ASGI (the hot path: no
-    Request object, a bounded body read, orjson both ways)."""
+    """Run a model on V2 input tensors (JSON, or binary with Inference-Header-Content-Length).
+    The reply has the model's outputs as V2 tensors, binary when the request asked for them so.
+
+    ``POST /v2/models/{name}[/versions/{version}]/infer`` as plain ASGI (the hot path: no Request
+    object, a bounded body read, orjson both ways). The first paragraph above is the route's
+    description in ``/openapi.json``."""
 
     def __init__(self, context: ServingContext) -> None:
         self.context = context
@@ -206,12 +210,14 @@ class V2Routes:
         return message
 
     async def server_metadata(self, request: Request) -> Response:
+        """Server metadata: name, version and the protocol extensions it supports."""
         context = self.context
         return json_response(
             {"name": context.server_name, "version": context.version, "extensions": list(EXTENSIONS)}
         )
 
     async def model_metadata(self, request: Request) -> Response:
+        """A model's metadata: platform, inputs and outputs (names, datatypes, shapes)."""
         state = self._state(request)
         model = state.model
         inputs = _tensors(model.inputs) if model is not None else []
@@ -234,11 +240,13 @@ class V2Routes:
         return json_response(metadata)
 
     async def model_ready(self, request: Request) -> Response:
+        """Whether the model is ready: 200 when it is, 400 when it is not."""
         state = self._state(request)
         # The protocol: 200 means ready, a 4xx means not.
         return json_response({"name": state.name, "ready": state.ready}, 200 if state.ready else 400)
 
     async def repository_index(self, request: Request) -> Response:
+        """The models and their states (``{"ready": true}``: the ready ones only)."""
         message = await self._json_body(request)
         only_ready = message.get("ready", False)
         if not isinstance(only_ready, bool):
@@ -255,6 +263,8 @@ class V2Routes:
         return json_response(index)
 
     async def load(self, request: Request) -> Response:
+        """(Re)load a model, optionally from another experiment key or checkpoint
+        ``{"parameters": {"key": K, "checkpoint": C}}``; swapped in once it is ready."""
         name = request.path_params["name"]
         self.context.state(name)  # 404 for an unknown name
         parameters = (await self._json_body(request)).get("parameters") or {}
@@ -274,6 +284,7 @@ class V2Routes:
         return json_response({"name": name, "state": REPOSITORY_STATES[state.state], **_describe(state)})
 
     async def unload(self, request: Request) -> Response:
+        """Unload a model: it answers 503 until it is loaded again."""
         name = request.path_params["name"]
         self.context.state(name)
         await self._json_body(request)  # unload_dependents and the like: nothing depends on a model

@@ -1,0 +1,127 @@
+"""The built app in process for the web tests (OpenAPI, pages, CORS): one request through ASGI,
+and a server whose models declare their inputs, loaded from ``*.toy`` checkpoints by a throwaway
+loader (a real Loader through the real host; the model is a real signature.TensorModel, so a
+request of the wrong shape is refused as a Keras or torch model's would be)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core.app import AppSettings, build_app
+from core.codecs import CodecSet
+from core.repository import ModelRepository
+from core.types import ServeOptions
+from plugins.loaders.signature import Expected, TensorModel, numpy_dtype
+from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl
+from studio_plugins.testing import make_host
+
+
+class ToyLoader(Loader):
+    """``*.toy``: a JSON file ``{"input": ["FP32", [-1, 3]], ...}`` (``null``: the input's datatype
+    and shape not declared, as TorchScript's are not); the model adds its inputs."""
+
+    name = "toy"
+    patterns = ("*.toy",)
+
+    def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
+        assert checkpoint is not None
+        declared = json.loads(checkpoint.read_text())
+        inputs = [Expected(name, numpy_dtype(spec[0]), tuple(spec[1])) if spec else Expected(name)
+                  for name, spec in declared.items()]
+
+        def run(named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"sum": sum(array.astype(np.float64) for array in named.values())}  # type: ignore[dict-item]
+
+        return ServedModel(TensorModel(run, inputs), "toy", checkpoint,
+                           inputs=tuple(e.spec for e in inputs))
+
+
+class ToyPlugin:
+    @staticmethod
+    @hookimpl
+    def studio_register_loaders(register: Any) -> None:
+        register(ToyLoader())
+
+
+def toy_app(home: Path, models: dict[str, tuple[str, dict[str, Any]] | None], *,
+            routes: bool = True, **settings: Any) -> Any:
+    """The app serving ``models`` (key -> (checkpoint file name, declared inputs), or None for an
+    empty modeldir: the identity model) from the store at ``home``; ``settings``: AppSettings."""
+    for key, model in models.items():
+        modeldir = home / "experiments" / key / "modeldir"
+        modeldir.mkdir(parents=True)
+        if model is not None:
+            (modeldir / model[0]).write_text(json.dumps(model[1]))
+    host = make_host(ToyPlugin())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STUDIOML_HOME", str(home))
+        for variable in ("STUDIO_STORE", "STUDIO_TOKEN", "STUDIO_PLUGINS_DISABLE", "STUDIO_PLUGINS_LOAD"):
+            patch.delenv(variable, raising=False)
+        repository = ModelRepository(host, ServeOptions(keys=tuple(models)))
+        repository.load_all()
+    app = build_app(repository, AppSettings(codecs=CodecSet(host.codecs()), **settings),
+                    host.route_factories() if routes else ())
+    app.repository = repository  # type: ignore[attr-defined]  # for tests that unload a model
+    return app
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    """Lower-case names; a repeated header's values joined with ", "."""
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers["content-type"].startswith("application/json"), self.headers
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def call(app: Any, method: str, path: str, headers: dict[str, str] | None = None,
+         body: bytes = b"") -> Reply:
+    """One request through the ASGI app, as Hypercorn would make it."""
+    headers = {"Host": "127.0.0.1:5000", **(headers or {})}
+    all_headers = [(b"content-length", str(len(body)).encode())]
+    all_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 1), "headers": all_headers}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    replies: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # the client waits for its answer
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        replies.append(message)
+
+    async def run() -> None:
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+
+    asyncio.run(run())
+    start = next(m for m in replies if m["type"] == "http.response.start")
+    reply_headers: dict[str, str] = {}
+    for name, value in start.get("headers", []):
+        key = name.decode().lower()
+        seen = reply_headers.get(key)
+        reply_headers[key] = value.decode() if seen is None else f"{seen}, {value.decode()}"
+    content = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
+    return Reply(start["status"], reply_headers, content)
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+"""What Chromium sends when it opens a page."""
