@@ -23,7 +23,8 @@ ANY = "*"
 METHODS = ("GET", "HEAD", "POST")
 ALLOWED_HEADERS = ("Authorization", "Content-Type", "Accept", "X-Request-Id",
                    "Inference-Header-Content-Length")
-EXPOSED_HEADERS = ("X-Request-Id", "Retry-After", "Inference-Header-Content-Length")
+EXPOSED_HEADERS = ("X-Request-Id", "Retry-After", "Inference-Header-Content-Length",
+                   "X-Studio-Failed-Count", "X-Studio-Failed-Keys")
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?")
 
 

@@ -28,6 +28,7 @@ _FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 # survive being imported by two threads at once ("torch.utils is not installed"), so the
 # frameworks are imported under one lock.
 IMPORT_LOCK = threading.RLock()
+LOAD_LOCK = threading.Lock()
 
 
 def import_torch(extra: str = "torch") -> ModuleType:
@@ -69,20 +70,23 @@ def weights_only_loads(trusted: bool) -> Iterator[None]:
 
     Some readers (``torch.export.load``) call ``torch.load(weights_only=False)`` on pickled parts
     of an archive; torch's own switch makes those refuse anything but tensors and containers.
+    One load at a time: the switch is process-wide, and ``torch.export.load`` keeps a global
+    deserializer (two overlapping loads failed with "_CURRENT_DESERIALIZER is already set").
     """
-    if trusted:
-        yield
-        return
-    saved = {name: os.environ.pop(name, None) for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
-    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with LOAD_LOCK:
+        if trusted:
+            yield
+            return
+        saved = {name: os.environ.pop(name, None) for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+        os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def to_numpy(value: Any) -> np.ndarray:
