@@ -5,9 +5,7 @@ request of the wrong shape is refused as a Keras or torch model's would be)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,9 @@ from core.types import ServeOptions
 from plugins.loaders.signature import Expected, TensorModel, numpy_dtype
 from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl
 from studio_plugins.testing import make_host
+from tests.asgi import Reply, call
+
+__all__ = ["BROWSER_ACCEPT", "Reply", "ToyLoader", "call", "toy_app"]
 
 
 class ToyLoader(Loader):
@@ -70,57 +71,6 @@ def toy_app(home: Path, models: dict[str, tuple[str, dict[str, Any]] | None], *,
                     host.route_factories() if routes else ())
     app.repository = repository  # type: ignore[attr-defined]  # for tests that unload a model
     return app
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    """Lower-case names; a repeated header's values joined with ", "."""
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.headers["content-type"].startswith("application/json"), self.headers
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-
-def call(app: Any, method: str, path: str, headers: dict[str, str] | None = None,
-         body: bytes = b"") -> Reply:
-    """One request through the ASGI app, as Hypercorn would make it."""
-    headers = {"Host": "127.0.0.1:5000", **(headers or {})}
-    all_headers = [(b"content-length", str(len(body)).encode())]
-    all_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
-             "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 1), "headers": all_headers}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    replies: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(3600)  # the client waits for its answer
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        replies.append(message)
-
-    async def run() -> None:
-        await asyncio.wait_for(app(scope, receive, send), timeout=30)
-
-    asyncio.run(run())
-    start = next(m for m in replies if m["type"] == "http.response.start")
-    reply_headers: dict[str, str] = {}
-    for name, value in start.get("headers", []):
-        key = name.decode().lower()
-        seen = reply_headers.get(key)
-        reply_headers[key] = value.decode() if seen is None else f"{seen}, {value.decode()}"
-    content = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
-    return Reply(start["status"], reply_headers, content)
 
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"

@@ -6,7 +6,6 @@ in tests/cli/test_wrapper.py and tests/cli/test_seed_pipeline.py."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import pickle
@@ -21,6 +20,7 @@ import pytest
 
 from core.failed_keys import MAX_KEYS_BYTES, failed_headers, parse_failed
 from core.safe_pickle import restricted_loads
+from tests import asgi
 
 # Each item's value says what the pipe does with it: a stage raises for "raise" and answers
 # None for "none"; anything else passes through.
@@ -72,30 +72,8 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def call(app: Any, method: str, path: str, body: bytes = b"",
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request through the ASGI app as Hypercorn makes it: status, headers (str), body."""
-    raw = [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
-             "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 1), "headers": raw}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    replies: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(3600)  # the client waits for its answer
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        replies.append(message)
-
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
-    start = next(m for m in replies if m["type"] == "http.response.start")
-    for name, value in start["headers"]:  # what h11 would refuse to send, ending the connection
-        assert b"\r" not in value and b"\n" not in value and value.isascii(), (name, value)
-    content = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, content
+    reply = asgi.call(app, method, path, headers, body)
+    return reply.status, reply.headers, reply.body
 
 
 def named(headers: dict[str, str]) -> tuple[tuple[str, ...], int]:

@@ -5,7 +5,6 @@ test_npz_codec.py and test_json_codec.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
+from tests import asgi
 from tests.npz_bodies import Member, npy, savez, zip_bytes
 
 MAX_BODY = 1 << 20
@@ -48,33 +48,10 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def post(app: Any, path: str, body: bytes, content_type: str,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One POST through the ASGI app: status, headers, body."""
-    all_headers = [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode()),
-                   (b"content-length", str(len(body)).encode())]
-    all_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
-             "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 1), "headers": all_headers}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    replies: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(3600)  # the client waits for its answer
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        replies.append(message)
-
-    async def call() -> None:
-        await asyncio.wait_for(app(scope, receive, send), timeout=30)
-
-    asyncio.run(call())
-    start = next(m for m in replies if m["type"] == "http.response.start")
-    content = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
-    return start["status"], dict(start["headers"]), content
+    reply = asgi.call(app, "POST", path, {"Content-Type": content_type, **(headers or {})}, body)
+    return reply.status, reply.headers, reply.body
 
 
 def tensor(name: str, datatype: str, shape: list[int], data: Any) -> dict[str, Any]:

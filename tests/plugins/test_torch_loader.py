@@ -311,7 +311,8 @@ def test_exported_programs_load_in_parallel_threads(tmp_path: Path) -> None:
     """Several models load in parallel threads at start-up; torch.export.load keeps a global
     deserializer and failed with "_CURRENT_DESERIALIZER is already set" when two overlapped."""
     modules = [Affine(seed=seed).eval() for seed in range(4)]
-    paths = [save_exported(module, tmp_path / f"m{i}.pt2", torch.ones(2, 3)) for i, module in enumerate(modules)]
+    paths = [save_exported(module, tmp_path / f"m{i}.pt2", torch.ones(2, 3))
+             for i, module in enumerate(modules)]
     with ThreadPoolExecutor(4) as pool:
         models = list(pool.map(lambda path: torch_loader().load(path, LoadOptions()), paths))
     for module, model in zip(modules, models, strict=True):
