@@ -144,7 +144,8 @@ def test_the_curl_line_of_the_page_runs_as_written(server: ServerProcess, tmp_pa
     exp = next(line for line in lines if "/models/exp " in line)
     done = subprocess.run(["bash", "-c", exp], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     reply = json.loads(done.stdout)
-    assert list(reply) == ["output_0"] and len(reply["output_0"][0]) == 2  # one row of 2 outputs
+    # one input, one output: the answer comes back under the key the line sent (one row of 2)
+    assert list(reply) == ["x"] and len(reply["x"]) == 1 and len(reply["x"][0]) == 2
 
 
 def test_cors_reaches_every_worker(server: ServerProcess) -> None:
@@ -164,7 +165,8 @@ def test_cors_reaches_every_worker(server: ServerProcess) -> None:
         answers = list(pool.map(ask, range(64)))
     assert len({pid for pid, _, _ in answers}) == 2  # both workers answered, each with CORS
     assert {(origin, exposed) for _, origin, exposed in answers} == {
-        (APP_ORIGIN, "X-Request-Id, Retry-After, Inference-Header-Content-Length")}
+        (APP_ORIGIN, "X-Request-Id, Retry-After, Inference-Header-Content-Length, X-Studio-Failed-Count, "
+                     "X-Studio-Failed-Keys")}
     status, headers, _ = fetch(server.url, {**preflight, "Origin": "http://other.example"}, "OPTIONS")
     assert status == 400 and "access-control-allow-origin" not in {h.lower() for h in headers}
 
