@@ -20,7 +20,7 @@ from core.errors import ConfigurationError, StudioError
 from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
 from core.launch import launch, usable_cores
-from core.types import ExperimentStore, ModelSpec, ServeOptions
+from core.types import ExperimentInfo, ExperimentStore, Loader, ModelSpec, ServeOptions
 from core.version import __version__
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -275,14 +275,9 @@ def _experiments_group(host: PluginHost) -> click.Group:
             return
         rows = [("KEY", "NEWEST CHECKPOINT", "LOADER", "MODIFIED (UTC)", "FILES")]
         for info in infos:
-            recognised = [
-                (f.mtime, f.name, loader.name)
-                for f in info.files
-                for loader in loaders.values()
-                if loader.patterns and loader.recognises(Path(f.name))
-            ]
-            if recognised:
-                mtime, name, loader_name = max(recognised)
+            newest = newest_by_name(info, loaders)
+            if newest:
+                mtime, name, loader_name = newest
                 rows.append((info.key, name, loader_name,
                              mtime.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
                              str(len(info.files))))
@@ -327,8 +322,23 @@ def _experiments_group(host: PluginHost) -> click.Group:
         store = open_store(host, store_url)
         count = store.push(key, source)
         click.echo(f"pushed {count} file(s) to {key} in {store.url}")
+        # push keeps modification times, so an older checkpoint pushed now is not the one served
+        info = next((info for info in store.experiments() if info.key == key), None)
+        newest = newest_by_name(info, host.loaders()) if info else None
+        if newest and source.is_file() and newest[1] != source.name:
+            click.echo(f"note: `studio-plug serve {key}` loads {newest[1]}, the newest checkpoint "
+                       f"(by modification time), not {source.name}; `serve --checkpoint "
+                       f"{source.name}` picks it", err=True)
 
     return experiments
+
+
+def newest_by_name(info: ExperimentInfo, loaders: dict[str, Loader]) -> tuple[datetime, str, str] | None:
+    """(mtime, name, loader) of the newest file a loader recognises by its name, or None: what
+    a store's listing tells without fetching files."""
+    recognised = [(f.mtime, f.name, loader.name) for f in info.files for loader in loaders.values()
+                  if loader.patterns and loader.recognises(Path(f.name))]
+    return max(recognised) if recognised else None
 
 
 def echo_table(rows: Sequence[tuple[str, ...]]) -> None:

@@ -124,3 +124,20 @@ def test_push_a_single_file_then_it_is_what_serve_loads(studio_home: Path, tmp_p
     assert code == 0 and rows(out)["best.keras"][:2] == ["*", "keras"], (out, err)
     code, _, err = cli("experiments", "push", "fresh", str(tmp_path / "missing.keras"))
     assert code == 2 and "does not exist" in err
+
+
+def test_pushing_an_older_checkpoint_says_which_one_serve_loads(studio_home: Path, tmp_path: Path) -> None:
+    """push keeps modification times: an older file pushed after a newer one is not served, and
+    push says so instead of leaving the user to find out from the answers."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    newer, older = tmp_path / "newer.keras", tmp_path / "best.keras"
+    model.save(newer)
+    model.save(older)
+    touch(newer, T0 + 60)
+    touch(older, T0)
+    code, _, err = cli("experiments", "push", "kept", str(newer))
+    assert code == 0 and "note:" not in err, err
+    code, out, err = cli("experiments", "push", "kept", str(older))
+    assert code == 0 and "pushed 1 file(s)" in out
+    assert "serve kept` loads newer.keras" in err and "--checkpoint best.keras" in err, err
