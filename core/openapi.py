@@ -179,8 +179,10 @@ def describe_model(state: ModelState, default: bool) -> dict[str, Any]:
         entry["loader"] = served.platform
         entry["checkpoint"] = served.checkpoint.name if served.checkpoint is not None else None
         for label, specs in (("inputs", served.inputs), ("outputs", served.outputs)):
+            # a tensor whose datatype the model does not declare has only its name: "UNKNOWN"
+            # is no datatype a client could send
             entry[label] = [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
-                            for s in specs]
+                            if declared(s) else {"name": s.name} for s in specs]
     return entry
 
 
@@ -221,8 +223,8 @@ class DocumentBuilder:
                 "hint": {"type": "string", "description": "what to do about it"},
             }},
             "Reply": {"type": "object", "additionalProperties": True,
-                      "description": "the model's named results (for a model with one input: "
-                      "under the request's keys)"},
+                      "description": "each key's result under that key (a model with several "
+                      "inputs or outputs: its named outputs)"},
         }
         for model in models:
             schemas[component_name(model.name)] = request_schema(model)
@@ -231,8 +233,8 @@ class DocumentBuilder:
             "info": {
                 "title": self.title,
                 "version": self.version,
-                "description": "Serves trained models: POST a dict of named arrays, get the "
-                "model's named results. Bodies: " + ", ".join(
+                "description": "Serves trained models: POST a dict of named arrays, get each "
+                "key's result back under that key. Bodies: " + ", ".join(
                     f"{codec.media_type} ({codec.name})" for codec in self.codecs.codecs) + ".",
             },
             "paths": paths,

@@ -130,7 +130,8 @@ def shape_text(spec: TensorSpec) -> str:
 
 
 def _rows(specs: Sequence[TensorSpec]) -> str:
-    return "".join(f"<tr><td>{html.escape(s.name)}</td><td>{html.escape(s.datatype)}</td>"
+    return "".join(f"<tr><td>{html.escape(s.name)}</td>"
+                   f"<td>{html.escape(s.datatype if declared(s) else 'any')}</td>"
                    f"<td>{html.escape(shape_text(s))}</td></tr>" for s in specs)
 
 

@@ -102,6 +102,8 @@ def test_the_models_part_names_loader_checkpoint_and_inputs(document: dict[str, 
                                         {"name": "flag", "datatype": "BOOL", "shape": [-1]}]
     assert models["plain"]["loader"] == "identity" and models["plain"]["checkpoint"] is None
     assert "/" not in json.dumps(document["x-studio-models"])  # file names, not server paths
+    # an input named but not typed (as TorchScript's): its name only, never a made-up datatype
+    assert models["named"]["inputs"] == [{"name": "x"}] and "UNKNOWN" not in json.dumps(document)
 
 
 @pytest.mark.parametrize("name", ["single", "pair"])
