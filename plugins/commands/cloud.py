@@ -2,7 +2,7 @@
 
 Both act only on instances tagged ``studio-plug:managed=true`` and on fleets' parts tagged
 ``studio-plug:managed=fleet``; ``stop`` then deletes our security groups that no instance uses
-any more. A fleet is stopped by name (``plugins/backends/ec2_fleet.py``).
+any more. A fleet is stopped by name (``plugins/backends/ec2/fleet_teardown.py``).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ region_option = click.option("--region", default=None,
 @report_errors
 def ls_command(region: str | None) -> None:
     """List the servers and fleets started with --cloud ec2: key, address, size, age."""
-    from plugins.backends.ec2_fleet import clients, fleets
-    from plugins.backends.ec2_instances import servers
+    from plugins.backends.ec2.fleet import clients
+    from plugins.backends.ec2.fleet_inventory import fleets
+    from plugins.backends.ec2.inventory import servers
 
     ec2 = _ec2(region)
     found = servers(ec2)
@@ -95,9 +96,10 @@ def stop_command(targets: tuple[str, ...], stop_all: bool, timeout: float,
                  region: str | None) -> None:
     """Terminate servers started with --cloud ec2 and remove fleets (by name), then delete our
     unused security groups. Safe to run again after a partial failure."""
-    from plugins.backends.ec2_fleet import clients, fleet_names
-    from plugins.backends.ec2_fleet_options import looks_like_instance_id
-    from plugins.backends.ec2_instances import delete_unused_groups, servers, terminate
+    from plugins.backends.ec2.fleet import clients
+    from plugins.backends.ec2.fleet_inventory import fleet_names
+    from plugins.backends.ec2.fleet_options import looks_like_instance_id
+    from plugins.backends.ec2.inventory import delete_unused_groups, servers, terminate
 
     if bool(targets) == stop_all:
         raise click.UsageError("name the instances to stop, or pass --all (not both)")
@@ -148,7 +150,7 @@ def _unfinished(what: list[str], command: str) -> None:
 def _stop_fleets(fleet_clients: Any, names: list[str], timeout: float) -> list[str]:
     """Stop each fleet; returns the fleets not completely gone yet. A name that only other
     things (not a fleet's parts) carry is refused."""
-    from plugins.backends.ec2_fleet import stop_fleet
+    from plugins.backends.ec2.fleet_teardown import stop_fleet
 
     unfinished, not_ours = [], []
     for name in names:

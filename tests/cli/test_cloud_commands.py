@@ -108,7 +108,7 @@ def test_stop_needs_ids_or_all(ec2) -> None:
 
 
 def test_stop_all_removes_groups_left_behind(ec2) -> None:
-    from plugins.backends.ec2_firewall import ensure_group, vpc_for, wanted_rules
+    from plugins.backends.ec2.firewall import ensure_group, vpc_for, wanted_rules
 
     rules = wanted_rules(9000, "0.0.0.0/0", False)
     group_id, created = ensure_group(ec2, vpc_for(ec2, None), 9000, rules, {})

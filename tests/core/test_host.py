@@ -131,6 +131,15 @@ def test_disable_removes_a_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "codecs.json" not in {info.name for info in host.plugins()}
 
 
+
+def test_the_ec2_package_keeps_its_plugin_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``plugins/backends/ec2/`` is a package now; its name for listings and
+    STUDIO_PLUGINS_DISABLE is still ``backends.ec2``, and its hookimpl is still found."""
+    assert "ec2" in PluginHost(entry_points=False).backends()
+    assert "backends.ec2" in {info.name for info in PluginHost(entry_points=False).plugins()}
+    monkeypatch.setenv("STUDIO_PLUGINS_DISABLE", "backends.ec2")
+    assert set(PluginHost(entry_points=False).backends()) == {"local"}
+
 def test_each_host_is_independent() -> None:
     with_plugin = make_host(CodecPlugin())
     without = make_host()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from plugins.backends.ec2_instances import wait_ready
-from plugins.backends.ec2_machine import instance_type_for
-from plugins.backends.ec2_userdata import serve_lines
+from plugins.backends.ec2.instances import wait_ready
+from plugins.backends.ec2.machine import instance_type_for
+from plugins.backends.ec2.userdata import serve_lines
 from studio_plugins import ConfigurationError, __version__
 from studio_plugins.cli import build_cli
 from studio_plugins.client import PredictionError, predict

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plugins.backends.ec2_userdata import serve_lines
+from plugins.backends.ec2.userdata import serve_lines
 from studio_plugins import __version__
 from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess
@@ -353,7 +353,7 @@ def test_the_template_command_serves_the_experiment_with_the_fleet_token(
 
 
 def test_balancer_tags_keep_to_what_elb_accepts() -> None:
-    from plugins.backends.ec2_balancer import elb_tag_list
+    from plugins.backends.ec2.balancer import elb_tag_list
 
     assert elb_tag_list({"studio-plug:key": "exp,other", "studio-plug:store": "s3://b/p-1_x",
                          "studio-plug:started-by": "me@host"}) == [

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
-from plugins.backends.ec2_instances import tag_list, tags_of
+from plugins.backends.ec2.instances import tag_list, tags_of
 from studio_plugins import BackendError
 
 HEALTH_PATH = "/v2/health/ready"

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
-from plugins.backends.ec2_balancer import tolerating
-from plugins.backends.ec2_fleet_options import Sizes
-from plugins.backends.ec2_instances import LIVE_STATES, describe, tag_list
+from plugins.backends.ec2.balancer import tolerating
+from plugins.backends.ec2.fleet_options import Sizes
+from plugins.backends.ec2.instances import LIVE_STATES, describe, tag_list
 from studio_plugins import BackendError, __version__
 
 GROUP_TAG = "aws:autoscaling:groupName"

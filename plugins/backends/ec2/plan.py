@@ -1,10 +1,8 @@
-"""``--cloud ec2``: serve on a new EC2 instance that runs the same ``studio-plug serve`` command.
+"""The plan and its undo, shared by a single instance (``single.py``) and a fleet (``fleet.py``).
 
 Everything that can be checked without creating anything is checked first (store, experiment,
-instance type, AMI, VPC). Then the wrapper is uploaded, the security group found or created and
-the instance started; if anything fails from there on (or Ctrl-C), what this command created is
-removed again, newest first. On success it prints the URL, the instance id and the token and
-exits 0; the instance terminates itself once ``serve`` exits (``--killafter``).
+instance type, AMI, VPC), into a ``Plan``. Creating is then done under an ``Undo``: if anything
+fails from there on (or Ctrl-C), what this command created is removed again, newest first.
 """
 
 from __future__ import annotations
@@ -15,50 +13,27 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 from plugins.aws import aws_errors, client
-from plugins.backends.ec2_firewall import MANAGED_TAG, delete_group, ensure_group, vpc_for, wanted_rules
-from plugins.backends.ec2_fleet_options import FleetOptions
-from plugins.backends.ec2_fleet_options import cli_options as fleet_cli_options
-from plugins.backends.ec2_instances import (
-    KEY_TAG,
-    PORT_TAG,
-    STARTED_BY_TAG,
-    STORE_TAG,
-    started_by,
-    tag_list,
-    terminate,
-    wait_for_address,
-    wait_ready,
-)
-from plugins.backends.ec2_machine import (
-    Image,
-    check_ami,
-    describe_type,
-    find_ami,
-    instance_type_for,
-)
-from plugins.backends.ec2_options import Ec2Options, cli_options
-from plugins.backends.ec2_userdata import VENV, UserData, WrapperFetch, default_install_spec
+from plugins.backends.ec2.firewall import MANAGED_TAG, vpc_for, wanted_rules
+from plugins.backends.ec2.instances import KEY_TAG, PORT_TAG, STARTED_BY_TAG, STORE_TAG, started_by
+from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
+from plugins.backends.ec2.options import Ec2Options
+from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
 from plugins.stores.s3 import S3Store, parse_s3_url
 from studio_plugins import (
-    Backend,
     BackendError,
     ConfigurationError,
     ExperimentError,
     LaunchContext,
     ServeOptions,
-    hookimpl,
     studio_home,
 )
-
-if TYPE_CHECKING:
-    import click
 
 log = logging.getLogger("studio_plugins.ec2")
 
@@ -201,8 +176,6 @@ def plan(context: LaunchContext) -> Plan:
                 argv, upload, fetch, tags)
 
 
-# --- creating, with undo ------------------------------------------------------------------------
-
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -234,92 +207,3 @@ class Undo:
             except Exception as exc:  # keep undoing the rest
                 say(f"warning: {what} failed: {exc}; `studio-plug stop --all` retries")
         self.steps.clear()
-
-
-def run_instance(plan: Plan, group_id: str) -> str:
-    o, s = plan.options, plan.ec2_options
-    kwargs: dict[str, Any] = {
-        "ImageId": plan.image.image_id,
-        "InstanceType": plan.instance_type,
-        "MinCount": 1,
-        "MaxCount": 1,
-        "UserData": plan.user_data().render(),
-        "InstanceInitiatedShutdownBehavior": "terminate",
-        "SecurityGroupIds": [group_id],
-        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
-        "TagSpecifications": [
-            {"ResourceType": "instance", "Tags": tag_list(plan.tags)},
-            {"ResourceType": "volume", "Tags": tag_list(plan.tags)},
-        ],
-    }
-    if s.subnet_id:
-        kwargs["SubnetId"] = s.subnet_id
-    if s.key_name:
-        kwargs["KeyName"] = s.key_name
-    if s.iam_profile:
-        kwargs["IamInstanceProfile"] = {"Name": s.iam_profile}
-    with aws_errors(BackendError, f"a {plan.instance_type} instance for {','.join(o.keys)}"):
-        response = plan.ec2.run_instances(**kwargs)
-    return str(response["Instances"][0]["InstanceId"])
-
-
-def execute(plan: Plan) -> int:
-    o, s, ec2 = plan.options, plan.ec2_options, plan.ec2
-    if not s.iam_profile:
-        say(f"note: without --iam-profile the instance needs another way to read {plan.store.url}")
-    if plan.token is None:
-        say(f"warning: --no-auth: anyone who can reach port {o.port} from {s.cidr} may use the model")
-    undo = Undo()
-    with undo.on_failure():
-        if plan.wrapper_upload:
-            local, key = plan.wrapper_upload
-            plan.store.upload(local, key)
-            undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
-                      lambda: plan.store.delete(key))
-        rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
-        group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
-            k: v for k, v in plan.tags.items() if k not in (KEY_TAG, STARTED_BY_TAG, "Name")
-        })
-        say(f"security group {group_id} ({'created' if created else 'reused'}): TCP "
-            + ", ".join(f"{low} from {cidr}" for _, low, _, cidr in sorted(rules)))
-        if created:
-            undo.push(f"deleting security group {group_id}", lambda: delete_group(ec2, group_id))
-        instance_id = run_instance(plan, group_id)
-        undo.push(f"terminating {instance_id}", lambda: not terminate(ec2, [instance_id], 300.0))
-        say(f"started {instance_id} ({plan.instance_type}, {plan.image.image_id} {plan.image.name}) "
-            f"in {plan.region}; waiting for it to run (at most {s.launch_timeout:g} s)")
-        address = wait_for_address(ec2, instance_id, s.launch_timeout)
-        url = f"http://{address}:{o.port}/"
-        if s.wait_ready:
-            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-            wait_ready(url, s.launch_timeout)
-    print(url, flush=True)
-    print(f"instance: {instance_id} ({plan.instance_type} in {plan.region})", flush=True)
-    if plan.token:
-        print(f"token: {plan.token}", flush=True)
-    say(f"it stops itself after {o.killafter:g} s without requests; now: "
-        f"`studio-plug stop {instance_id} --region {plan.region}`")
-    return 0
-
-
-class Ec2Backend(Backend):
-    name = "ec2"
-    help = ("a new EC2 instance running the same serve command, or with --replicas a fleet of "
-            "them behind a load balancer (needs an s3:// store)")
-
-    def cli_options(self) -> Sequence[click.Option]:
-        return [*cli_options(), *fleet_cli_options()]
-
-    def launch(self, context: LaunchContext) -> int:
-        fleet = FleetOptions.from_options(context.options)
-        fleet.refuse_without_fleet()
-        if fleet.wanted:  # --replicas / --min-replicas / --max-replicas: ec2_fleet.py
-            from plugins.backends.ec2_fleet import execute_fleet, plan_fleet
-
-            return execute_fleet(plan_fleet(context))
-        return execute(plan(context))
-
-
-@hookimpl
-def studio_register_backends(register: Callable[[Backend], None]) -> None:
-    register(Ec2Backend())

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from plugins.backends.ec2_machine import GPU_INSTANCE_TYPES
-from plugins.backends.ec2_userdata import default_install_spec
+from plugins.backends.ec2.machine import GPU_INSTANCE_TYPES
+from plugins.backends.ec2.userdata import default_install_spec
 from studio_plugins import ServeOptions
 
 if TYPE_CHECKING:

@@ -1,7 +1,8 @@
-"""Our instances: their tags, waiting for them, finding them (``ls``) and ending them (``stop``).
+"""Our instances: their tags, describing them and waiting for them to run and to be ready.
 
 Every instance we start carries ``studio-plug:managed=true`` plus the experiment key, the port
-and who started it; ``ls`` and ``stop`` act on tagged instances only, never on others.
+and who started it; ``ls`` and ``stop`` (``inventory.py``) act on tagged instances only, never
+on others.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
-from plugins.backends.ec2_firewall import MANAGED_TAG, delete_group
 from studio_plugins import BackendError
 
 KEY_TAG = "studio-plug:key"
@@ -44,42 +42,6 @@ def tags_of(resource: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
 
 
-@dataclass(frozen=True)
-class Server:
-    instance_id: str
-    key: str
-    address: str
-    port: int
-    instance_type: str
-    state: str
-    launched: datetime
-    started_by: str
-    group_ids: tuple[str, ...]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.port}/" if self.address else "-"
-
-    @classmethod
-    def from_instance(cls, instance: dict[str, Any]) -> Server:
-        tags = tags_of(instance)
-        try:
-            port = int(tags.get(PORT_TAG, "0"))
-        except ValueError:
-            port = 0
-        return cls(
-            instance_id=instance["InstanceId"],
-            key=tags.get(KEY_TAG, "?"),
-            address=instance.get("PublicIpAddress") or instance.get("PublicDnsName") or "",
-            port=port,
-            instance_type=instance.get("InstanceType", "?"),
-            state=instance.get("State", {}).get("Name", "?"),
-            launched=instance.get("LaunchTime") or datetime.now(UTC),
-            started_by=tags.get(STARTED_BY_TAG, "?"),
-            group_ids=tuple(g["GroupId"] for g in instance.get("SecurityGroups", [])),
-        )
-
-
 def describe(ec2: Any, filters: list[dict[str, Any]], ids: Iterable[str] = ()) -> list[dict[str, Any]]:
     kwargs: dict[str, Any] = {"Filters": filters}
     if ids:
@@ -95,16 +57,6 @@ def describe(ec2: Any, filters: list[dict[str, Any]], ids: Iterable[str] = ()) -
             for reservation in page.get("Reservations", []):
                 instances.extend(reservation.get("Instances", []))
     return instances
-
-
-def servers(ec2: Any, ids: Iterable[str] = (), states: Iterable[str] = LIVE_STATES) -> list[Server]:
-    """Our instances (tagged as ours) in ``states``, oldest first."""
-    filters = [
-        {"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]},
-        {"Name": "instance-state-name", "Values": list(states)},
-    ]
-    found = [Server.from_instance(i) for i in describe(ec2, filters, ids)]
-    return sorted(found, key=lambda s: (s.launched, s.instance_id))
 
 
 Sleep = Callable[[float], None]
@@ -165,45 +117,3 @@ def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep) -> None:
             )
         sleep(delay)
         delay = min(delay * 1.5, 15.0)
-
-
-def terminate(ec2: Any, instance_ids: list[str], timeout: float, sleep: Sleep = time.sleep) -> list[str]:
-    """Terminate and wait (at most ``timeout`` s) until they are; returns those not yet gone."""
-    if not instance_ids:
-        return []
-    with aws_errors(BackendError, ", ".join(instance_ids)):
-        ec2.terminate_instances(InstanceIds=instance_ids)
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
-        left = [s.instance_id for s in servers(ec2, instance_ids, LIVE_STATES)]
-        if not left or time.monotonic() + delay > deadline:
-            return left
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
-
-
-def unused_groups(ec2: Any) -> list[str]:
-    """Our security groups that no live instance uses."""
-    with aws_errors(BackendError, "security groups"):
-        groups = ec2.describe_security_groups(
-            Filters=[{"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]}]
-        )["SecurityGroups"]
-        unused = []
-        for group in groups:
-            users = describe(ec2, [
-                {"Name": "instance.group-id", "Values": [group["GroupId"]]},
-                {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
-            ])
-            if not users:
-                unused.append(str(group["GroupId"]))
-    return sorted(unused)
-
-
-def delete_unused_groups(ec2: Any, timeout: float = 60.0) -> tuple[list[str], list[str]]:
-    """(deleted, still there) among our groups no live instance uses."""
-    deleted: list[str] = []
-    kept: list[str] = []
-    for group_id in unused_groups(ec2):
-        (deleted if delete_group(ec2, group_id, timeout) else kept).append(group_id)
-    return deleted, kept

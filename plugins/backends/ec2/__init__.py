@@ -1,0 +1,48 @@
+"""The ``ec2`` backend: ``--cloud ec2`` serves on a new EC2 instance, or with ``--replicas`` on a
+fleet of them behind a load balancer.
+
+This module is the plugin (the name ``backends.ec2`` in listings and ``STUDIO_PLUGINS_DISABLE``);
+the work is in its modules: ``plan`` (checks before anything is created, and the undo both
+paths share), ``single`` and ``fleet``/``fleet_create`` (creating), ``inventory`` and
+``fleet_inventory``/``fleet_teardown`` (``ls``/``stop``), ``options``/``fleet_options`` (the
+``serve`` flags), and one module per kind of AWS resource (``instances``, ``firewall``,
+``balancer``, ``autoscaling``, ``machine``, ``userdata``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from plugins.backends.ec2.fleet import plan_fleet
+from plugins.backends.ec2.fleet_create import execute_fleet
+from plugins.backends.ec2.fleet_options import FleetOptions
+from plugins.backends.ec2.fleet_options import cli_options as fleet_cli_options
+from plugins.backends.ec2.options import cli_options
+from plugins.backends.ec2.plan import plan as plan_single
+from plugins.backends.ec2.single import execute
+from studio_plugins import Backend, LaunchContext, hookimpl
+
+if TYPE_CHECKING:
+    import click
+
+
+class Ec2Backend(Backend):
+    name = "ec2"
+    help = ("a new EC2 instance running the same serve command, or with --replicas a fleet of "
+            "them behind a load balancer (needs an s3:// store)")
+
+    def cli_options(self) -> Sequence[click.Option]:
+        return [*cli_options(), *fleet_cli_options()]
+
+    def launch(self, context: LaunchContext) -> int:
+        fleet = FleetOptions.from_options(context.options)
+        fleet.refuse_without_fleet()
+        if fleet.wanted:  # --replicas / --min-replicas / --max-replicas
+            return execute_fleet(plan_fleet(context))
+        return execute(plan_single(context))
+
+
+@hookimpl
+def studio_register_backends(register: Callable[[Backend], None]) -> None:
+    register(Ec2Backend())

@@ -1,0 +1,148 @@
+"""Creating a planned fleet (``fleet.py``), each part undone again, newest first, if a later
+one fails (or on Ctrl-C); on success it prints the balancer's URL, the fleet's name and the token."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from plugins.aws import aws_errors
+from plugins.backends.ec2.autoscaling import (
+    create_launch_template,
+    create_scaling_group,
+    delete_launch_template,
+    delete_policies,
+    delete_scaling_group,
+    put_request_policy,
+    wait_in_service,
+)
+from plugins.backends.ec2.balancer import (
+    HEALTH_PATH,
+    create_balancer,
+    create_listener,
+    create_target_group,
+    delete_balancer,
+    delete_listener,
+    delete_target_group,
+    resource_label,
+    wait_active,
+)
+from plugins.backends.ec2.firewall import delete_group, normalise_cidr
+from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
+from plugins.backends.ec2.instances import tag_list, wait_ready
+from plugins.backends.ec2.plan import Undo, say
+from studio_plugins import BackendError
+
+
+def create_security_group(
+    ec2: Any, vpc_id: str, name: str, role: str, permissions: list[dict[str, Any]],
+    tags: dict[str, str],
+) -> str:
+    all_tags = {**tags, "Name": name, ROLE_TAG: role}
+    with aws_errors(BackendError, f"security group {name}"):
+        group_id = str(ec2.create_security_group(
+            GroupName=name, Description=f"studio-plug fleet {tags[FLEET_TAG]}: {role}",
+            VpcId=vpc_id,
+            TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(all_tags)}],
+        )["GroupId"])
+    try:
+        with aws_errors(BackendError, f"security group {group_id}"):
+            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)
+    except BaseException:
+        delete_group(ec2, group_id, timeout=0)
+        raise
+    return group_id
+
+
+def from_cidr(port: int, cidr: str, description: str) -> dict[str, Any]:
+    cidr = normalise_cidr(cidr)
+    ranges = ({"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": description}]} if ":" in cidr
+              else {"IpRanges": [{"CidrIp": cidr, "Description": description}]})
+    return {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, **ranges}
+
+
+def from_group(port: int, group_id: str, description: str) -> dict[str, Any]:
+    return {"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+            "UserIdGroupPairs": [{"GroupId": group_id, "Description": description}]}
+
+
+def execute_fleet(fp: FleetPlan) -> int:
+    base, c, name = fp.base, fp.clients, fp.name
+    o, s = base.options, base.ec2_options
+    if not s.iam_profile:
+        say(f"note: without --iam-profile the replicas need another way to read {base.store.url}")
+    if base.token is None:
+        say(f"warning: --no-auth: anyone who can reach port {fp.lb_port} from {s.cidr} may use "
+            "the model")
+    deadline = time.monotonic() + s.launch_timeout
+    undo = Undo()
+    with undo.on_failure():
+        if base.wrapper_upload:
+            local, key = base.wrapper_upload
+            base.store.upload(local, key)
+            undo.push(f"deleting s3://{base.store.location.bucket}/{key}",
+                      lambda: base.store.delete(key))
+        balancer_group, replica_group = security_group_names(name)
+        lb_group = create_security_group(
+            c.ec2, base.vpc_id, balancer_group, "balancer",
+            [from_cidr(fp.lb_port, s.cidr, "studio-plug fleet")], fp.tags)
+        undo.push(f"deleting security group {lb_group}", lambda: delete_group(c.ec2, lb_group))
+        say(f"security group {lb_group} (balancer): TCP {fp.lb_port} from {normalise_cidr(s.cidr)}")
+        permissions = [from_group(o.port, lb_group, "studio-plug balancer")]
+        if s.key_name:
+            permissions.append(from_cidr(22, s.cidr, "ssh"))
+        sg = create_security_group(c.ec2, base.vpc_id, replica_group, "replicas", permissions, fp.tags)
+        undo.push(f"deleting security group {sg}", lambda: delete_group(c.ec2, sg))
+        say(f"security group {sg} (replicas): TCP {o.port} from the balancer's group only"
+            + (f", 22 from {normalise_cidr(s.cidr)}" if s.key_name else ""))
+
+        template = create_launch_template(
+            c.ec2, name, image_id=base.image.image_id, instance_type=base.instance_type,
+            user_data=base.user_data().render(), group_id=sg, key_name=s.key_name,
+            iam_profile=s.iam_profile, tags=fp.tags)
+        undo.push(f"deleting launch template {template}",
+                  lambda: delete_launch_template(c.ec2, template))
+        say(f"launch template {template} ({base.instance_type}, {base.image.image_id} "
+            f"{base.image.name})")
+        target_group = create_target_group(c.elb, name, base.vpc_id, o.port, fp.tags)
+        undo.push(f"deleting target group {name}", lambda: delete_target_group(c.elb, target_group))
+        say(f"target group {name}: HTTP {o.port}, health check {HEALTH_PATH}")
+        balancer = create_balancer(c.elb, name, fp.subnets, lb_group, fp.tags)
+        undo.push(f"deleting load balancer {name}", lambda: delete_balancer(c.elb, balancer.arn))
+        say(f"load balancer {name}: {balancer.dns_name} in {len(fp.subnets)} availability zones")
+        listener = create_listener(c.elb, balancer.arn, fp.lb_port, target_group, fp.tags)
+        undo.push(f"deleting listener on port {fp.lb_port}", lambda: delete_listener(c.elb, listener))
+
+        create_scaling_group(
+            c.asg, name, template_id=template, subnets=fp.replica_subnets, sizes=fp.sizes,
+            target_group_arn=target_group, grace=s.launch_timeout, tags=fp.tags)
+        undo.push(f"deleting auto scaling group {name} and its instances",
+                  lambda: delete_scaling_group(c.asg, c.ec2, name))
+        sizes = fp.sizes
+        say(f"auto scaling group {name}: {sizes.desired} x {base.instance_type} in "
+            f"{len(fp.replica_subnets)} zones" + (f", scaling {sizes.minimum}-{sizes.maximum}"
+                                                  if sizes.scales else ""))
+        if fp.target_rps is not None:
+            policy = put_request_policy(c.asg, name, resource_label(balancer.arn, target_group),
+                                        fp.target_rps)
+            undo.push(f"deleting scaling policy {policy}", lambda: delete_policies(c.asg, name))
+            say(f"scaling policy {policy}: {fp.target_rps:g} requests/s per instance "
+                f"({fp.target_rps * 60:g} per minute, as the metric counts)")
+
+        say(f"waiting for the balancer and {sizes.desired} instance(s) "
+            f"(at most {s.launch_timeout:g} s)")
+        wait_active(c.elb, balancer.arn, max(deadline - time.monotonic(), 1.0))
+        wait_in_service(c.asg, name, sizes.desired, max(deadline - time.monotonic(), 1.0))
+        url = balancer_url(balancer.dns_name, fp.lb_port)
+        if s.wait_ready:
+            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
+            wait_ready(url, max(deadline - time.monotonic(), 1.0))
+    print(url, flush=True)
+    print(f"fleet: {name} ({sizes.desired} x {base.instance_type} in {base.region}"
+          + (f", {sizes.minimum}-{sizes.maximum} at {fp.target_rps:g} req/s each" if sizes.scales
+             else "") + ")", flush=True)
+    if base.token:
+        print(f"token: {base.token}", flush=True)
+    say(f"the fleet bills (instances and the load balancer) until you stop it: "
+        f"`studio-plug stop {name} --region {base.region}`")
+    return 0

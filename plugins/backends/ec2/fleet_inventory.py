@@ -1,0 +1,75 @@
+"""Finding fleets (``ls``, and the names ``stop`` accepts): by their parts tagged
+``studio-plug:managed=fleet``, so a fleet shows as long as any part of it is left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from plugins.aws import aws_errors
+from plugins.backends.ec2.autoscaling import in_service, tagged_launch_templates, tagged_scaling_groups
+from plugins.backends.ec2.balancer import elb_tags, tagged_balancers
+from plugins.backends.ec2.firewall import MANAGED_TAG
+from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, Clients, balancer_url
+from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, tags_of
+from studio_plugins import BackendError
+
+
+@dataclass(frozen=True)
+class Fleet:
+    name: str
+    key: str
+    desired: int | None
+    in_service: int | None
+    url: str
+    created: datetime
+    started_by: str
+
+
+def _tagged_target_groups(elb: Any) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    with aws_errors(BackendError, "target groups"):
+        for page in elb.get_paginator("describe_target_groups").paginate():
+            groups.extend(page["TargetGroups"])
+    tags = elb_tags(elb, [g["TargetGroupArn"] for g in groups])
+    return [{**g, "Tags": tag_list(tags.get(g["TargetGroupArn"], {}))} for g in groups
+            if tags.get(g["TargetGroupArn"], {}).get(MANAGED_TAG) == FLEET]
+
+
+def tagged_security_groups(ec2: Any, name: str | None = None) -> list[dict[str, Any]]:
+    filters = [{"Name": f"tag:{MANAGED_TAG}", "Values": [FLEET]}]
+    if name:
+        filters.append({"Name": f"tag:{FLEET_TAG}", "Values": [name]})
+    with aws_errors(BackendError, "security groups"):
+        return list(ec2.describe_security_groups(Filters=filters)["SecurityGroups"])
+
+
+def fleets(c: Clients) -> list[Fleet]:
+    """Every fleet with any part left, oldest first; parts that are gone show as ``-``."""
+    groups = {tags_of(g).get(FLEET_TAG, ""): g for g in tagged_scaling_groups(c.asg, MANAGED_TAG, FLEET)}
+    balancers = {tags_of(b).get(FLEET_TAG, ""): b for b in tagged_balancers(c.elb, MANAGED_TAG, FLEET)}
+    others = {tags_of(r).get(FLEET_TAG, ""): r for r in [
+        *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET), *_tagged_target_groups(c.elb),
+        *tagged_security_groups(c.ec2)]}
+    found = []
+    for name in sorted((set(groups) | set(balancers) | set(others)) - {""}):
+        group, balancer = groups.get(name), balancers.get(name)
+        tags = tags_of(group or balancer or others[name])
+        url = "-"
+        if balancer:
+            port = int(tags_of(balancer).get(LB_PORT_TAG, "80"))
+            url = balancer_url(balancer["DNSName"], port)
+        created = ((group or {}).get("CreatedTime") or (balancer or {}).get("CreatedTime")
+                   or others.get(name, {}).get("CreateTime") or datetime.now(UTC))
+        found.append(Fleet(
+            name=name, key=tags.get(KEY_TAG, "?"),
+            desired=int(group["DesiredCapacity"]) if group else None,
+            in_service=in_service(group) if group else None,
+            url=url, created=created, started_by=tags.get(STARTED_BY_TAG, "?"),
+        ))
+    return sorted(found, key=lambda f: (f.created, f.name))
+
+
+def fleet_names(c: Clients) -> list[str]:
+    return [f.name for f in fleets(c)]

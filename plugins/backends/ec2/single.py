@@ -1,0 +1,84 @@
+"""``--cloud ec2``: serve on a new EC2 instance that runs the same ``studio-plug serve`` command.
+
+The plan (``plan.py``) is made first. Then the wrapper is uploaded, the security group found or
+created and the instance started, each undone again, newest first, if a later step fails (or
+on Ctrl-C). On success it prints the URL, the instance id and the token and exits 0; the
+instance terminates itself once ``serve`` exits (``--killafter``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from plugins.aws import aws_errors
+from plugins.backends.ec2.firewall import delete_group, ensure_group, wanted_rules
+from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address, wait_ready
+from plugins.backends.ec2.inventory import terminate
+from plugins.backends.ec2.plan import Plan, Undo, say
+from studio_plugins import BackendError
+
+
+def run_instance(plan: Plan, group_id: str) -> str:
+    o, s = plan.options, plan.ec2_options
+    kwargs: dict[str, Any] = {
+        "ImageId": plan.image.image_id,
+        "InstanceType": plan.instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "UserData": plan.user_data().render(),
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "SecurityGroupIds": [group_id],
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": tag_list(plan.tags)},
+            {"ResourceType": "volume", "Tags": tag_list(plan.tags)},
+        ],
+    }
+    if s.subnet_id:
+        kwargs["SubnetId"] = s.subnet_id
+    if s.key_name:
+        kwargs["KeyName"] = s.key_name
+    if s.iam_profile:
+        kwargs["IamInstanceProfile"] = {"Name": s.iam_profile}
+    with aws_errors(BackendError, f"a {plan.instance_type} instance for {','.join(o.keys)}"):
+        response = plan.ec2.run_instances(**kwargs)
+    return str(response["Instances"][0]["InstanceId"])
+
+
+def execute(plan: Plan) -> int:
+    o, s, ec2 = plan.options, plan.ec2_options, plan.ec2
+    if not s.iam_profile:
+        say(f"note: without --iam-profile the instance needs another way to read {plan.store.url}")
+    if plan.token is None:
+        say(f"warning: --no-auth: anyone who can reach port {o.port} from {s.cidr} may use the model")
+    undo = Undo()
+    with undo.on_failure():
+        if plan.wrapper_upload:
+            local, key = plan.wrapper_upload
+            plan.store.upload(local, key)
+            undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
+                      lambda: plan.store.delete(key))
+        rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
+        group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
+            k: v for k, v in plan.tags.items() if k not in (KEY_TAG, STARTED_BY_TAG, "Name")
+        })
+        say(f"security group {group_id} ({'created' if created else 'reused'}): TCP "
+            + ", ".join(f"{low} from {cidr}" for _, low, _, cidr in sorted(rules)))
+        if created:
+            undo.push(f"deleting security group {group_id}", lambda: delete_group(ec2, group_id))
+        instance_id = run_instance(plan, group_id)
+        undo.push(f"terminating {instance_id}", lambda: not terminate(ec2, [instance_id], 300.0))
+        say(f"started {instance_id} ({plan.instance_type}, {plan.image.image_id} {plan.image.name}) "
+            f"in {plan.region}; waiting for it to run (at most {s.launch_timeout:g} s)")
+        address = wait_for_address(ec2, instance_id, s.launch_timeout)
+        url = f"http://{address}:{o.port}/"
+        if s.wait_ready:
+            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
+            wait_ready(url, s.launch_timeout)
+    print(url, flush=True)
+    print(f"instance: {instance_id} ({plan.instance_type} in {plan.region})", flush=True)
+    if plan.token:
+        print(f"token: {plan.token}", flush=True)
+    say(f"it stops itself after {o.killafter:g} s without requests; now: "
+        f"`studio-plug stop {instance_id} --region {plan.region}`")
+    return 0
