@@ -216,7 +216,10 @@ def decode_binary(
     array = np.frombuffer(buffer, dtype, count)
     if dtype.kind == "b" and count and array.view(np.uint8).max() > 1:
         raise BadRequest(f"input {name!r}: BOOL bytes must be 0 or 1")
-    return array.reshape(dims)
+    try:
+        return array.reshape(dims)
+    except ValueError as exc:  # an empty tensor whose other dims multiply past what numpy holds
+        raise BadRequest(f"input {name!r}: shape {short(list(dims))} is too big for numpy") from exc
 
 
 def _bytes_elements(name: str, buffer: memoryview, count: int) -> list[bytes]:
