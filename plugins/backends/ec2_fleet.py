@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugins.aws import aws_errors, client
-from plugins.backends.ec2 import Plan, Undo, plan, say, set_flag
+from plugins.backends.ec2 import Plan, Undo, plan, say
 from plugins.backends.ec2_autoscaling import (
     create_launch_template,
     create_scaling_group,
@@ -152,7 +152,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
     if fleet.fleet_name:
         validate_fleet_name(fleet.fleet_name)
     base = plan(context)
-    base = dataclasses.replace(base, serve_argv=set_flag(base.serve_argv, "--killafter", "0"))
+    base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0))
     c = clients(base.region, base.ec2)
     by_zone = fleet_subnets(base.ec2, base.vpc_id)
     subnets = [by_zone[zone] for zone in sorted(by_zone)]
@@ -222,11 +222,10 @@ def execute_fleet(fp: FleetPlan) -> int:
     deadline = time.monotonic() + s.launch_timeout
     undo = Undo()
     with undo.on_failure():
-        if base.wrapper_upload:
-            local, key = base.wrapper_upload
+        for local, key in base.wrapper_uploads:
             base.store.upload(local, key)
             undo.push(f"deleting s3://{base.store.location.bucket}/{key}",
-                      lambda: base.store.delete(key))
+                      functools.partial(base.store.delete, key))
         balancer_group, replica_group = _security_group_names(name)
         lb_group = create_security_group(
             c.ec2, base.vpc_id, balancer_group, "balancer",
