@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from core.activity import Activity
 from core.app import AppSettings, build_app
-from core.body_guard import MIN_RATE, READ_TIMEOUT
 from core.codecs import CodecSet
 from core.dataplane import DataPlaneOptions
 from core.errors import ConfigurationError
@@ -23,6 +22,7 @@ from core.heap import HeapKeeper
 from core.host import PluginHost
 from core.interrupt import exit_on_interrupt
 from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
+from core.options import serve_argv
 from core.repository import ModelRepository
 from core.serving import bind_socket, check_port_free, outside_url, run_server, socket_url, tune_malloc
 from core.types import ServeOptions
@@ -153,59 +153,12 @@ class Launch:
             cors=options.cors,
         )
 
-    def serve_argv(self) -> list[str]:
-        """The ``studio-plug serve`` command line for these options.
-
-        Backend options and the token are left out: a backend passes the token its own way
-        (``STUDIO_TOKEN`` in the environment keeps it out of process listings)."""
-        o = self.options
-        argv = ["studio-plug", "serve", *o.keys, "--host", o.host, "--port", str(o.port)]
-        for spec in o.models:
-            target = f"{spec.key}:{spec.checkpoint}" if spec.checkpoint else spec.key
-            argv += ["--model", f"{spec.name}={target}"]
-        for name, wrapper in o.wrappers.items():
-            argv += ["--wrapper", f"{name}={wrapper}"]
-        if o.allow_partial:
-            argv.append("--allow-partial")
-        if o.watch:
-            argv += ["--watch", f"{o.watch:g}"]
-        if o.workers > 1:
-            argv += ["--workers", str(o.workers)]
-            if o.threads_per_worker:
-                argv += ["--threads-per-worker", str(o.threads_per_worker)]
-        argv += ["--killafter", f"{o.killafter:g}", "--max-body", str(o.max_body)]
-        if o.read_timeout != READ_TIMEOUT or o.min_rate != MIN_RATE:
-            argv += ["--read-timeout", f"{o.read_timeout:g}", "--min-rate", str(o.min_rate)]
-        if o.body_budget is not None:
-            argv += ["--body-budget", str(o.body_budget)]
-        argv += ["--threads", str(o.threads), "--max-queue", str(o.max_queue)]
-        if o.timeout:
-            argv += ["--timeout", f"{o.timeout:g}"]
-        if o.max_batch_size > 1:
-            argv += ["--max-batch-size", str(o.max_batch_size),
-                     "--max-batch-delay", f"{o.max_batch_delay:g}"]
-        if not o.metrics:
-            argv.append("--no-metrics")
-        if o.access_log:
-            argv.append("--access-log")
-        for origin in o.cors:
-            argv += ["--cors", origin]
-        for flag, value in (
-            ("--store", o.store_url),
-            ("--wrapper", o.wrapper),
-            ("--checkpoint", o.checkpoint),
-            ("--loader", o.loader),
-        ):
-            if value:
-                argv += [flag, value]
-        if o.gpus:
-            argv += ["--gpus", str(o.gpus)]
-        if o.trust_checkpoint:
-            argv.append("--trust-checkpoint")
-        if o.debug:
-            argv.append("--debug")
-        return argv
-
+    def serve_argv(self, options: ServeOptions | None = None) -> list[str]:
+        """The ``studio-plug serve`` command line for these options, or for ``options`` (a
+        backend's ``dataclasses.replace`` of them): core/options.py. Backend options and the
+        token are left out: a backend passes the token its own way (``serve_environment``:
+        ``STUDIO_TOKEN`` keeps it out of process listings)."""
+        return serve_argv(options or self.options)
 
 
 def launch(host: PluginHost, options: ServeOptions, cloud: str = "local") -> int:

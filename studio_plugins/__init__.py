@@ -28,6 +28,7 @@ from core.experiments import studio_home, validate_key
 from core.failed_keys import failed_headers
 from core.hookspecs import hookimpl
 from core.offload import decode_off_loop
+from core.options import serve_argv, serve_environment
 from core.safe_pickle import dumps as pickle_dumps
 from core.safe_pickle import restricted_loads
 from core.types import (
@@ -111,6 +112,8 @@ __all__ = [
     "pickle_dumps",
     "read_body",
     "restricted_loads",
+    "serve_argv",
+    "serve_environment",
     "studio_home",
     "validate_key",
 ]

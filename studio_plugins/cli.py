@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from core.errors import ConfigurationError, StudioError
 from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
 from core.launch import launch, usable_cores
+from core.options import FLAG, SWITCH, Kind, declared, default_of, write
 from core.types import ExperimentInfo, ExperimentStore, Loader, ModelSpec, ServeOptions
 from core.version import __version__
 
@@ -86,97 +88,100 @@ def report_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _click_type(kind: Kind) -> Any:
+    """The click type of an option's ``Kind`` (core/options.py)."""
+    if kind.name == "int":
+        return click.IntRange(None if kind.low is None else int(kind.low),
+                              None if kind.high is None else int(kind.high))
+    if kind.name == "float":
+        return click.FloatRange(kind.low, kind.high, min_open=kind.low_open)
+    return {"size": ByteSize(), "workers": WorkerCount()}.get(kind.name)
+
+
+def serve_params() -> list[click.Parameter]:
+    """The click parameters of ``serve``, one per ``ServeOptions`` field's declaration."""
+    fields = declared(ServeOptions)
+    shared = {spec.parsed_by for _, spec in fields if spec.parsed_by}
+    params: list[click.Parameter] = []
+    for f, spec in fields:
+        if spec.parsed_by:
+            continue  # given by another field's option (--wrapper NAME=PATH)
+        if spec.flag is None:
+            params.append(click.Argument([f.name], nargs=-1, required=False, metavar=spec.metavar))
+            continue
+        settings: dict[str, Any] = {"help": spec.help, "metavar": spec.metavar}
+        if spec.envvar:
+            settings.update(envvar=spec.envvar, show_envvar=True)
+        decls = [spec.flag, f.name]
+        if spec.multiple or f.name in shared:
+            settings["multiple"] = True  # a shared one gets every value, the CLI sorts them
+        else:
+            settings["default"] = default_of(f)
+        if spec.kind is FLAG:
+            settings["is_flag"] = True
+        elif spec.kind is SWITCH:
+            decls[0] = f"{spec.flag}/--no-{spec.flag[2:]}"
+        else:
+            settings["type"] = _click_type(spec.kind)
+        # the default as --help shows it (64MiB; 3600, not 3600.0): click converts it as typed
+        if spec.shown_default is not None:
+            settings["default"] = spec.shown_default
+        elif spec.kind.name == "float" and isinstance(f.default, float):
+            settings["default"] = write(spec.kind, f.default)
+        params.append(click.Option(decls, **settings))
+    return params
+
+
+def serve_options(params: dict[str, Any], backend_names: set[str]) -> ServeOptions:
+    """``ServeOptions`` from what click parsed (``serve_params`` and the backends' options),
+    with the checks click cannot make; ``params`` is consumed."""
+    keys = tuple(validate_key(key) for key in params.pop("keys"))
+    models = tuple(parse_model(arg) for arg in params.pop("models"))
+    if not keys and not models:
+        raise ConfigurationError(
+            "nothing to serve", hint="name an experiment: studio-plug serve KEY"
+        )
+    names = [*keys, *(spec.name for spec in models)]
+    params["wrapper"], params["wrappers"] = parse_wrappers(params.pop("wrapper"), names)
+    extra = {name: params.pop(name) for name in list(params) if name in backend_names}
+    params["cors"] = tuple(check_origin(origin) for origin in params["cors"])
+    budget = params["body_budget"]
+    if budget and budget < params["max_body"]:
+        raise ConfigurationError(
+            f"--body-budget {budget} is smaller than --max-body {params['max_body']}: a body "
+            "of the largest size would never be read",
+            hint="raise --body-budget, or leave it out (1GiB or 4 x --max-body)",
+        )
+    return ServeOptions(keys=keys, models=models, backend_options=extra, **params)
+
+
+def parse_serve_argv(host: PluginHost, argv: Sequence[str]) -> ServeOptions:
+    """What ``studio-plug serve ...`` (``argv``, as ``serve_argv`` writes it) would serve,
+    without serving: ``parse_serve_argv(host, serve_argv(options)) == options``. Secrets come
+    from the environment, as on the instance (``serve_environment``)."""
+    if list(argv[:2]) != ["studio-plug", "serve"]:
+        raise ConfigurationError(f"not a serve command line: {shlex.join(argv)}")
+    command = _serve_command(host)
+    backend_names = {str(param.name) for backend in host.backends().values()
+                     for param in backend.cli_options()}
+    with command.make_context("serve", list(argv[2:])) as ctx:
+        # the backends' options only where given: the command line serves where it runs
+        params = {name: value for name, value in ctx.params.items() if name not in backend_names
+                  or ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    params.pop("cloud")
+    return serve_options(params, backend_names)
+
+
 def _serve_command(host: PluginHost) -> click.Command:
     backends = host.backends()
     backend_params: list[click.Parameter] = []
     for backend in backends.values():
         backend_params.extend(backend.cli_options())
-    backend_names = {param.name for param in backend_params}
+    backend_names = {str(param.name) for param in backend_params}
 
     @click.command("serve", context_settings={"show_default": True})
-    @click.argument("keys", nargs=-1, required=False, metavar="EXPERIMENT_KEY...")
-    @click.option("--port", type=click.IntRange(0, 65535), default=5000,
-                  help="TCP port to serve on; 0 picks a free one (the URL is printed).")
-    @click.option("--host", "bind_host", default="localhost",
-                  help="Address to listen on: localhost (this machine only) or 0.0.0.0 (every "
-                  "interface).")
-    @click.option("--killafter", type=click.FloatRange(min=0), default=3600,
-                  help="Exit (status 0) after this many seconds with no request; never during a "
-                  "request. 0 disables.")
-    @click.option("--store", "store_url", envvar="STUDIO_STORE", show_envvar=True, default=None,
-                  help="Experiment store URL (file:///path, ...); default: $STUDIOML_HOME "
-                  "(~/.studioml).")
-    @click.option("--cloud", type=click.Choice(sorted(backends)), default="local",
-                  help="Where to run the server.")
-    @click.option("--token", envvar="STUDIO_TOKEN", show_envvar=True, default=None,
-                  help="Require 'Authorization: Bearer TOKEN' on every request but health checks "
-                  "and the /docs page.")
-    @click.option("--cors", multiple=True, metavar="ORIGIN",
-                  help="Let web pages from ORIGIN (scheme://host[:port], as in their Origin header; "
-                  "'*': any) call the server from a browser; repeatable. Default: no CORS headers.")
-    @click.option("--wrapper", "wrapper_args", multiple=True,
-                  help="A .py file, module or registered name with create_model(modeldir) "
-                  "returning a dict -> dict callable. NAME=WRAPPER gives one model its own.")
-    @click.option("--model", "model_args", multiple=True, metavar="NAME=KEY[:CHECKPOINT]",
-                  help="Serve experiment KEY as model NAME (repeatable; after the positional "
-                  "keys). POST /models/NAME and the V2 routes address it by name.")
-    @click.option("--allow-partial", is_flag=True, default=False,
-                  help="With several models: serve the others when one fails to load (it is "
-                  "reported not ready) instead of failing the start.")
-    @click.option("--watch", type=click.FloatRange(min=0), default=0,
-                  help="Check the store every S seconds for a newer checkpoint and swap it in "
-                  "without a restart (a load that fails keeps the old model). 0: off.")
-    @click.option("--checkpoint", default=None, help="Serve this file of the modeldir instead of "
-                  "the newest checkpoint.")
-    @click.option("--loader", default=None, help="Force a loader (see `studio-plug plugins`).")
-    @click.option("--trust-checkpoint", is_flag=True, default=False,
-                  help="Allow checkpoints that run their own code when loaded (Keras Lambda "
-                  "layers, pickled torch modules). Only for checkpoints you trust.")
-    @click.option("--gpus", type=click.IntRange(min=0), default=0,
-                  help="GPUs to use (local: CUDA when > 0 and present; cloud: instance size).")
-    @click.option("--max-body", type=ByteSize(), default="64MiB",
-                  help="Largest request body accepted; larger ones get 413.")
-    @click.option("--read-timeout", type=click.FloatRange(min=0), default=20,
-                  help="Seconds a request body may take to start arriving; after that it must "
-                  "keep up --min-rate (as Apache's RequestReadTimeout body=20,MinRate=500), else "
-                  "it is answered 408 and the connection closed. Request headers get 5 s, or "
-                  "this when shorter. 0: no body read timeout.")
-    @click.option("--min-rate", type=click.IntRange(min=0), default=500,
-                  help="Bytes/s a request body must keep up: each N bytes received extend "
-                  "--read-timeout by one second. 0: the whole body within --read-timeout.")
-    @click.option("--body-budget", type=ByteSize(), default=None,
-                  help="Bytes of request bodies held at once (per worker process); a body that "
-                  "does not fit gets 503 with Retry-After before it is read. Default: 1GiB or 4 x "
-                  "--max-body, whichever is more. 0: unbounded.")
-    @click.option("--threads", type=click.IntRange(min=1), default=4,
-                  help="Threads that run a synchronous model (the event loop never blocks).")
-    @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Seconds until a request is answered 504 (the late result is discarded). "
-                  "Default: no deadline.")
-    @click.option("--max-queue", type=click.IntRange(min=0), default=256,
-                  help="Requests admitted at once (waiting or running); more get 503 with "
-                  "Retry-After at once. 0: unbounded.")
-    @click.option("--max-batch-size", type=click.IntRange(min=1), default=1,
-                  help="Batch concurrent requests whose arrays agree in trailing shape and dtype "
-                  "into one model call of up to N rows. 1: off. A wrapper opts out with "
-                  "`model.batchable = False`.")
-    @click.option("--max-batch-delay", type=click.FloatRange(min=0), default=5.0,
-                  help="Milliseconds a request may wait for others to join its batch.")
-    @click.option("--workers", type=WorkerCount(), default="1",
-                  help="Worker processes: the model is loaded once, then N workers are forked and "
-                  "share it (copy-on-write) and one socket. 'auto': one per usable core. Batching "
-                  "forms batches within a worker.")
-    @click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
-                  help="Intra-op threads (torch/Keras) in each worker. Default: usable cores / "
-                  "workers, at least 1.")
-    @click.option("--metrics/--no-metrics", default=True,
-                  help="Serve Prometheus metrics on GET /metrics.")
-    @click.option("--access-log", is_flag=True, default=False,
-                  help="Log one line per request: method, path, status, duration, batch size.")
-    @click.option("--debug", is_flag=True, default=False,
-                  help="Log debug output and return tracebacks in error replies.")
     @report_errors
-    def serve(keys: tuple[str, ...], **params: Any) -> None:
+    def serve(**params: Any) -> None:
         """Serve the newest checkpoint of EXPERIMENT_KEY over HTTP.
 
         Finds the experiment's modeldir in the store, loads its newest checkpoint with the
@@ -186,37 +191,16 @@ def _serve_command(host: PluginHost) -> click.Command:
         and answers a dict of results. Several keys serve several models (POST /models/KEY).
         """
         setup_logging(params["debug"])
-        for key in keys:
-            validate_key(key)
-        models = tuple(parse_model(arg) for arg in params.pop("model_args"))
-        if not keys and not models:
-            raise ConfigurationError(
-                "nothing to serve", hint="name an experiment: studio-plug serve KEY"
-            )
-        names = [*keys, *(spec.name for spec in models)]
-        wrapper, wrappers = parse_wrappers(params.pop("wrapper_args"), names)
-        extra = {name: params.pop(name) for name in list(params) if name in backend_names}
         cloud = params.pop("cloud")
-        params["cors"] = tuple(check_origin(origin) for origin in params["cors"])
-        budget = params["body_budget"]
-        if budget and budget < params["max_body"]:
-            raise ConfigurationError(
-                f"--body-budget {budget} is smaller than --max-body {params['max_body']}: a body "
-                "of the largest size would never be read",
-                hint="raise --body-budget, or leave it out (1GiB or 4 x --max-body)",
-            )
-        options = ServeOptions(
-            keys=keys,
-            models=models,
-            wrapper=wrapper,
-            wrappers=wrappers,
-            store_url=params.pop("store_url"),
-            host=params.pop("bind_host"),
-            backend_options=extra,
-            **params,
-        )
-        sys.exit(launch(host, options, cloud))
+        sys.exit(launch(host, serve_options(params, backend_names), cloud))
 
+    params = serve_params()
+    # --cloud is this command's alone: the command line it sends serves where it lands
+    after_store = next(i for i, p in enumerate(params) if p.name == "store_url") + 1
+    params.insert(after_store, click.Option(
+        ["--cloud"], type=click.Choice(sorted(backends)), default="local",
+        help="Where to run the server."))
+    serve.params.extend(params)
     serve.params.extend(backend_params)  # after the core options in --help
     return serve
 

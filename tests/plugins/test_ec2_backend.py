@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from plugins.backends.ec2.instances import wait_ready
 from plugins.backends.ec2.machine import instance_type_for
-from plugins.backends.ec2.userdata import serve_lines
-from studio_plugins import ConfigurationError, __version__
-from studio_plugins.cli import build_cli
+from plugins.backends.ec2.userdata import VENV, serve_lines
+from studio_plugins import ConfigurationError, ModelSpec, ServeOptions, __version__
+from studio_plugins.cli import build_cli, parse_serve_argv
 from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess, make_host
 
@@ -35,6 +35,7 @@ WRAPPER = textwrap.dedent("""
         weights = np.load(os.path.join(modeldir, "weights.npy"))
         return lambda data: {key: np.asarray(value, np.float32) @ weights for key, value in data.items()}
 """)
+OWN_WRAPPER = WRAPPER.replace("@ weights", "@ (2 * weights)")
 
 
 @pytest.fixture
@@ -264,8 +265,13 @@ def test_a_launch_failing_after_the_instance_started_terminates_it(cloud) -> Non
 
 
 def run_user_data_locally(script: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
-    """Run the script's wrapper fetch for real (against moto) and return the serve arguments
-    (after ``serve``) and environment, with host and port swapped for 127.0.0.1:0."""
+    """Run the script's wrapper fetches for real (against moto) and return the serve arguments
+    (after ``serve``) and environment, with host and port swapped for 127.0.0.1:0 and the
+    instance's wrapper paths (under its venv) for the same paths under ``workdir``."""
+
+    def here(path: str) -> str:
+        return str(workdir / Path(path).relative_to(VENV)) if path.startswith(VENV) else path
+
     env: dict[str, str] = {}
     for line in script.splitlines():
         if line.startswith("export ") and "=" in line and "$" not in line:
@@ -274,43 +280,70 @@ def run_user_data_locally(script: str, workdir: Path) -> tuple[list[str], dict[s
                 env[name] = value
         if line.startswith("python -c "):
             argv = shlex.split(line)
-            argv[0], argv[-1] = sys.executable, str(workdir / Path(argv[-1]).name)
+            argv[0], argv[-1] = sys.executable, here(argv[-1])
+            Path(argv[-1]).parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(argv, check=True, timeout=60)
     (line,) = serve_lines(script)
     argv = shlex.split(line)[2:]
     argv[argv.index("--host") + 1] = "127.0.0.1"
     argv[argv.index("--port") + 1] = "0"
-    if "--wrapper" in argv:
-        argv[argv.index("--wrapper") + 1] = str(workdir / Path(argv[argv.index("--wrapper") + 1]).name)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--wrapper":
+            name, sep, path = argv[i + 1].rpartition("=")
+            argv[i + 1] = f"{name}{sep}{here(path)}"
     for name in ("HOME", "AWS_DEFAULT_REGION"):
         env.pop(name, None)
     return argv, env
 
 
 @pytest.mark.timeout(120)
-def test_the_user_data_command_serves_the_model_with_its_wrapper(cloud, tmp_path: Path) -> None:
-    wrapper = tmp_path / "matmul_wrapper.py"
-    wrapper.write_text(WRAPPER)
-    code, out, err = launch("--wrapper", str(wrapper), "--killafter", "120")
+def test_the_user_data_command_serves_the_models_with_their_wrappers(
+    cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a common wrapper and one model's own: both files reach the store and the instance, and
+    # the instance's command line gives each model its own (they once came out as two commons)
+    common = tmp_path / "matmul_wrapper.py"
+    common.write_text(WRAPPER)
+    own_dir = tmp_path / "own"
+    own_dir.mkdir()
+    own = own_dir / "matmul_wrapper.py"  # the same basename: they must not clash
+    own.write_text(OWN_WRAPPER)
+    code, out, err = launch("--model", "twice=exp", "--wrapper", f"twice={own}",
+                            "--wrapper", str(common), "--killafter", "120")
     assert code == 0, err
     _url, instance_id, token = launched(out)
     script = user_data(cloud, instance_id)
     import boto3
 
-    # the wrapper went to S3 beside the experiment
-    body = boto3.client("s3").get_object(
-        Bucket=BUCKET, Key="prod/experiments/exp/wrapper/matmul_wrapper.py")["Body"].read()
-    assert body.decode() == WRAPPER
+    # the wrappers went to S3 beside the experiment, the model's own under its name
+    s3 = boto3.client("s3")
+    for key, text in (("prod/experiments/exp/wrapper/matmul_wrapper.py", WRAPPER),
+                      ("prod/experiments/exp/wrapper/twice/matmul_wrapper.py", OWN_WRAPPER)):
+        assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode() == text
+
+    # the instance's command line is the options asked for, as they are there
+    (line,) = serve_lines(script)
+    with monkeypatch.context() as env:  # the token as the instance gets it (the client reads it too)
+        env.setenv("STUDIO_TOKEN", token or "")
+        env.delenv("STUDIO_STORE", raising=False)
+        assert parse_serve_argv(make_host(), shlex.split(line)) == ServeOptions(
+            keys=("exp",), models=(ModelSpec("twice", "exp"),), host="0.0.0.0", killafter=120.0,
+            store_url=STORE, token=token, wrapper=f"{VENV}/wrapper/matmul_wrapper.py",
+            wrappers={"twice": f"{VENV}/wrapper/twice/matmul_wrapper.py"},
+        )
 
     workdir = tmp_path / "instance"
     workdir.mkdir()
     argv, env = run_user_data_locally(script, workdir)
-    assert (workdir / "matmul_wrapper.py").read_text() == WRAPPER  # fetched by the script's line
+    assert (workdir / "wrapper" / "matmul_wrapper.py").read_text() == WRAPPER  # fetched there
+    assert (workdir / "wrapper" / "twice" / "matmul_wrapper.py").read_text() == OWN_WRAPPER
     assert env["STUDIO_TOKEN"] == token
     with ServerProcess(*argv, env=env) as server:
         x = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], np.float32)
         result = predict(server.url, {"x": x}, token=token)
         np.testing.assert_allclose(result["x"], x @ WEIGHTS)
+        result = predict(f"{server.url}models/twice", {"x": x}, token=token)
+        np.testing.assert_allclose(result["x"], 2 * (x @ WEIGHTS))
         with pytest.raises(PredictionError) as caught:
             predict(server.url, {"x": x})
         assert caught.value.status == 401

@@ -30,7 +30,7 @@ from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet_options import FleetOptions, Sizes, generate_fleet_name, validate_fleet_name
 from plugins.backends.ec2.instances import tags_of
 from plugins.backends.ec2.options import Ec2Options
-from plugins.backends.ec2.plan import Plan, plan, set_flag
+from plugins.backends.ec2.plan import Plan, plan
 from studio_plugins import BackendError, ConfigurationError, LaunchContext
 
 FLEET_TAG = "studio-plug:fleet"
@@ -115,7 +115,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
     if fleet.fleet_name:
         validate_fleet_name(fleet.fleet_name)
     base = plan(context)
-    base = dataclasses.replace(base, serve_argv=set_flag(base.serve_argv, "--killafter", "0"))
+    base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0))
     c = clients(base.region, base.ec2)
     by_zone = fleet_subnets(base.ec2, base.vpc_id)
     subnets = [by_zone[zone] for zone in sorted(by_zone)]

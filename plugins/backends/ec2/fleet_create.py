@@ -3,6 +3,7 @@ one fails (or on Ctrl-C); on success it prints the balancer's URL, the fleet's n
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -77,11 +78,10 @@ def execute_fleet(fp: FleetPlan) -> int:
     deadline = time.monotonic() + s.launch_timeout
     undo = Undo()
     with undo.on_failure():
-        if base.wrapper_upload:
-            local, key = base.wrapper_upload
+        for local, key in base.wrapper_uploads:
             base.store.upload(local, key)
             undo.push(f"deleting s3://{base.store.location.bucket}/{key}",
-                      lambda: base.store.delete(key))
+                      functools.partial(base.store.delete, key))
         balancer_group, replica_group = security_group_names(name)
         lb_group = create_security_group(
             c.ec2, base.vpc_id, balancer_group, "balancer",

@@ -8,6 +8,7 @@ fails from there on (or Ctrl-C), what this command created is removed again, new
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -32,6 +33,7 @@ from studio_plugins import (
     ExperimentError,
     LaunchContext,
     ServeOptions,
+    serve_argv,
     studio_home,
 )
 
@@ -71,16 +73,6 @@ def s3_store(options: ServeOptions) -> S3Store:
     return store
 
 
-def set_flag(argv: list[str], flag: str, value: str) -> list[str]:
-    """``argv`` with ``flag``'s value replaced (or the pair appended)."""
-    argv = list(argv)
-    if flag in argv:
-        argv[argv.index(flag) + 1] = value
-    else:
-        argv += [flag, value]
-    return argv
-
-
 def _s3_endpoint_for_instance() -> dict[str, str]:
     """A custom S3 endpoint (S3-compatible storage) travels to the instance unless it is this
     machine's loopback, which the instance could not reach."""
@@ -108,10 +100,11 @@ class Plan:
     image: Image
     vpc_id: str
     token: str | None
-    serve_argv: list[str]
-    wrapper_upload: tuple[Path, str] | None = None
+    served: ServeOptions
+    """The options the instance serves with (``dataclasses.replace`` of ``options``)."""
+    wrapper_uploads: list[tuple[Path, str]] = field(default_factory=list)
     """(local file, object key) to upload before starting."""
-    wrapper_fetch: WrapperFetch | None = None
+    wrapper_fetches: list[WrapperFetch] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
 
     def user_data(self) -> UserData:
@@ -119,11 +112,11 @@ class Plan:
         if self.token:
             environment["STUDIO_TOKEN"] = self.token
         return UserData(
-            serve_argv=self.serve_argv,
+            serve_argv=serve_argv(self.served),
             environment=environment,
             install=self.ec2_options.install or default_install_spec(),
             cpu_only=self.options.gpus == 0 and not self.instance_type.startswith(("g", "p")),
-            wrapper=self.wrapper_fetch,
+            wrappers=tuple(self.wrapper_fetches),
         )
 
 
@@ -153,17 +146,32 @@ def plan(context: LaunchContext) -> Plan:
     vpc_id = vpc_for(ec2, settings.subnet_id)
 
     token = None if settings.no_auth else (options.token or secrets.token_urlsafe(24))
-    argv = set_flag(context.serve_argv(), "--host", "0.0.0.0")
-    upload = fetch = None
-    if options.wrapper and Path(options.wrapper).is_file():
-        local = Path(options.wrapper).resolve()
-        key = store.location.key("experiments", options.keys[0], "wrapper", local.name)
-        upload = (local, key)
-        fetch = WrapperFetch(store.location.bucket, key, f"{VENV}/wrapper/{local.name}")
-        argv = set_flag(argv, "--wrapper", fetch.path)
-    elif options.wrapper:
-        log.warning("wrapper %r is not a file here: it must be importable on the instance",
-                    options.wrapper)
+    uploads: list[tuple[Path, str]] = []
+    fetches: list[WrapperFetch] = []
+
+    def ship(wrapper: str | None, where: tuple[str, ...]) -> str | None:
+        """The wrapper's path on the instance: a local file is uploaded beside the experiment
+        and fetched there (a per-model one under its model's name: basenames may clash)."""
+        if not wrapper or not Path(wrapper).is_file():
+            if wrapper:
+                log.warning("wrapper %r is not a file here: it must be importable on the instance",
+                            wrapper)
+            return wrapper
+        local = Path(wrapper).resolve()
+        key = store.location.key("experiments", options.model_specs()[0].key, "wrapper", *where,
+                                 local.name)
+        uploads.append((local, key))
+        fetches.append(WrapperFetch(store.location.bucket, key,
+                                    "/".join((VENV, "wrapper", *where, local.name))))
+        return fetches[-1].path
+
+    served = dataclasses.replace(
+        options,
+        host="0.0.0.0",
+        wrapper=ship(options.wrapper, ()),
+        wrappers={name: ship(wrapper, (name,)) or wrapper
+                  for name, wrapper in options.wrappers.items()},
+    )
     tags = {
         "Name": f"studio-plug {','.join(options.keys)}",
         MANAGED_TAG: "true",
@@ -173,7 +181,7 @@ def plan(context: LaunchContext) -> Plan:
         STORE_TAG: store.url,
     }
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
-                argv, upload, fetch, tags)
+                served, uploads, fetches, tags)
 
 
 

@@ -8,6 +8,7 @@ instance terminates itself once ``serve`` exits (``--killafter``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from plugins.aws import aws_errors
@@ -53,11 +54,10 @@ def execute(plan: Plan) -> int:
         say(f"warning: --no-auth: anyone who can reach port {o.port} from {s.cidr} may use the model")
     undo = Undo()
     with undo.on_failure():
-        if plan.wrapper_upload:
-            local, key = plan.wrapper_upload
+        for local, key in plan.wrapper_uploads:
             plan.store.upload(local, key)
             undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
-                      lambda: plan.store.delete(key))
+                      functools.partial(plan.store.delete, key))
         rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
         group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
             k: v for k, v in plan.tags.items() if k not in (KEY_TAG, STARTED_BY_TAG, "Name")

@@ -41,7 +41,8 @@ class UserData:
     install: str = field(default_factory=default_install_spec)
     cpu_only: bool = False
     """Install the CPU build of torch first (no GB of CUDA wheels on a CPU instance)."""
-    wrapper: WrapperFetch | None = None
+    wrappers: tuple[WrapperFetch, ...] = ()
+    """The wrapper files ``serve_argv`` names, each copied from the store before serving."""
 
     def serve_line(self) -> str:
         return shlex.join(self.serve_argv)
@@ -68,14 +69,12 @@ class UserData:
         if self.cpu_only:
             lines.append(f"pip install -q torch --index-url {CPU_TORCH_INDEX}")
         lines.append(f"pip install -q {q(self.install)}")
-        if self.wrapper:
-            fetch = ('import sys, boto3; '
-                     'boto3.client("s3").download_file(sys.argv[1], sys.argv[2], sys.argv[3])')
-            directory = self.wrapper.path.rsplit("/", 1)[0]
+        fetch = ('import sys, boto3; '
+                 'boto3.client("s3").download_file(sys.argv[1], sys.argv[2], sys.argv[3])')
+        for wrapper in self.wrappers:
+            directory = wrapper.path.rsplit("/", 1)[0]
             lines.append(f"mkdir -p {q(directory)}")
-            lines.append(shlex.join(
-                ["python", "-c", fetch, self.wrapper.bucket, self.wrapper.key, self.wrapper.path]
-            ))
+            lines.append(shlex.join(["python", "-c", fetch, wrapper.bucket, wrapper.key, wrapper.path]))
         lines.append(f"cd {VENV}")
         lines.append(self.serve_line())
         return "\n".join(lines) + "\n"
