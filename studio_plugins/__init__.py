@@ -28,6 +28,7 @@ from core.experiments import studio_home, validate_key
 from core.failed_keys import failed_headers
 from core.hookspecs import hookimpl
 from core.offload import decode_off_loop
+from core.replies import ErrorReply, error_reply
 from core.safe_pickle import dumps as pickle_dumps
 from core.safe_pickle import restricted_loads
 from core.types import (
@@ -41,6 +42,7 @@ from core.types import (
     Loader,
     LoadOptions,
     ModelFn,
+    ModelReply,
     ModelSpec,
     ModelState,
     Payload,
@@ -75,6 +77,7 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "CreateModel",
+    "ErrorReply",
     "ExperimentError",
     "ExperimentInfo",
     "ExperimentStore",
@@ -86,6 +89,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelError",
     "ModelFn",
+    "ModelReply",
     "ModelSpec",
     "ModelState",
     "NotFound",
@@ -105,6 +109,7 @@ __all__ = [
     "UnknownExperiment",
     "__version__",
     "decode_off_loop",
+    "error_reply",
     "failed_headers",
     "get_model_directory",
     "hookimpl",
