@@ -67,6 +67,8 @@ class AppSettings:
     codecs: CodecSet
     token: str | None = None
     max_body: int = 64 * 1024 * 1024
+    """The largest request body (``--max-body``): the one source of it for the body reads, the
+    decoders and ``ServingContext.max_body`` (launch copies it here from ``ServeOptions``)."""
     read_timeout: float = READ_TIMEOUT
     """Seconds a body may take to start (0: no read timeout); see core/body_guard.py."""
     min_rate: int = MIN_RATE
