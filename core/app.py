@@ -1,12 +1,13 @@
 """The ASGI app for a mapping name -> model. ``POST /`` goes to the first (default) model.
 
 Routes: ``POST /``, ``POST /models/{name}`` (the hot path, core/inference.py, plain ASGI),
-and on Starlette ``GET /metrics``, ``GET /v2/health/live``, ``GET /v2/health/ready``,
-``GET /openapi.json`` (core/openapi.py), ``GET /docs`` and, for a browser, ``GET /``
-(core/pages.py). Every error is JSON ``{"error", "type"}`` with a fitting status and never a
-traceback unless ``debug``. ``EdgeMiddleware`` (plain ASGI: Starlette's ``BaseHTTPMiddleware``
-costs a task per request) does request ids, auth, activity counting, metrics, the access log and
-the dispatch. ``--cors`` puts core/cors.py around it all.
+``GET /metrics``, ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /openapi.json``
+(core/openapi.py), ``GET /docs`` and, for a browser, ``GET /`` (core/pages.py), then the route
+plugins' (V2): one Starlette route list. Every error is JSON ``{"error", "type"}`` with a fitting
+status and never a traceback unless ``debug`` (core/replies.py). ``EdgeMiddleware`` (plain ASGI:
+Starlette's ``BaseHTTPMiddleware`` costs a task per request) does request ids, auth, activity
+counting, metrics, the access log, and calls the inference endpoint straight when one of its
+routes matches. ``--cors`` puts core/cors.py around it all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,10 +39,12 @@ from core.cors import with_cors
 from core.dataplane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
 from core.heap import HeapKeeper
-from core.inference import InferenceEndpoint, error_body, error_headers, send_reply
+from core.inference import InferenceEndpoint, send_reply
 from core.metrics import Metrics
 from core.openapi import DocumentBuilder
 from core.pages import DOCS_HEADERS, DOCS_PAGE, INDEX_HEADERS, UNAUTHORIZED_PAGE, index_page, prefers_html
+from core.record import SCOPE_KEY, UNMATCHED, RequestRecord
+from core.replies import error_reply
 from core.repository import ModelRepository
 from core.types import ModelState, RouteFactory, ServedModel
 from core.version import __version__
@@ -57,7 +59,6 @@ UNCOUNTED = ("/v2/health/", "/metrics")
 PUBLIC_PATHS = frozenset({"/docs"})
 """Answered without the token: a static page that holds no data of the server (it fetches
 /openapi.json, which needs the token, and asks the user for it)."""
-PAGES = frozenset({"/docs", "/openapi.json"})
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -66,6 +67,8 @@ class AppSettings:
     codecs: CodecSet
     token: str | None = None
     max_body: int = 64 * 1024 * 1024
+    """The largest request body (``--max-body``): the one source of it for the body reads, the
+    decoders and ``ServingContext.max_body`` (launch copies it here from ``ServeOptions``)."""
     read_timeout: float = READ_TIMEOUT
     """Seconds a body may take to start (0: no read timeout); see core/body_guard.py."""
     min_rate: int = MIN_RATE
@@ -86,39 +89,42 @@ class AppSettings:
     """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""
 
 
-def error_response(exc: StudioError, debug: bool = False) -> Response:
-    return Response(error_body(exc, debug), status_code=exc.status,
-                    headers={k.decode(): v.decode() for k, v in error_headers(exc)[1:]},
-                    media_type="application/json")
+class RouteLabels:
+    """The metric label of a request: the path template of the route its path matches
+    (``route.path``, as Starlette matches it), whatever route (a plugin's among them); a path no
+    route has is ``"other"``. Bounded however many paths clients send."""
 
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        self.routes = [(route.path_regex.match, str(route.path)) for route in routes
+                       if isinstance(route, Route)]
 
-def _route_of(path: str) -> str:
-    """The route template a path matched, for metric labels (bounded cardinality)."""
-    if path == "/":
-        return "/"
-    if path.startswith("/models/"):
-        return "/models/{name}"
-    if path.startswith("/v2/models/"):
-        return "/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.endswith(
-            ("/infer", "/ready")) else "/v2/models/{name}"
-    if path.startswith("/v2/repository/"):
-        return "/v2/repository"
-    if path == "/v2" or path in PAGES:
-        return path
-    return "other"
+    def __call__(self, path: str) -> str:
+        for match, template in self.routes:
+            if match(path) is not None:
+                return template
+        return UNMATCHED
 
 
 class EdgeMiddleware:
     """Request ids, bearer-token auth (constant time), activity, metrics and the access log.
 
-    Health paths skip auth and counting; ``/metrics`` needs the token but is not counted."""
+    Health paths skip auth and counting; ``/metrics`` needs the token but is not counted. A
+    POST to one of the inference routes goes to its endpoint straight (the hot path); all else
+    to the Starlette app."""
 
     def __init__(
-        self, app: ASGIApp, endpoint: InferenceEndpoint, settings: AppSettings, metrics: Metrics | None,
+        self, app: Starlette, endpoint: InferenceEndpoint, settings: AppSettings, metrics: Metrics | None,
         repository: ModelRepository, bodies: BodyGuard,
     ) -> None:
         self.app = app
         self.endpoint = endpoint
+        # the inference routes: a path of its own (``/``: the default model) is looked up, one
+        # with ``{name}`` matched by the route's own regex (a lookup costs a fifth of a match)
+        routes = endpoint.routes()
+        self.exact = {route.path: route.path for route in routes if not route.param_convertors}
+        self.named = [(route.path_regex.match, route.path) for route in routes if route.param_convertors]
+        assert all(set(route.param_convertors) == {"name"} for route in routes if route.param_convertors)
+        self.labels = RouteLabels(app.routes)
         self.repository = repository
         self.bodies = bodies
         self.settings = settings
@@ -151,26 +157,37 @@ class EdgeMiddleware:
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = self.next_id()
         if path.startswith(HEALTH_PREFIX):
-            await self._uncounted(scope, receive, self._with_id(send, request_id, [0]))
+            await self._uncounted(scope, receive, self._with_id(send, request_id, None))
             return
         if (self.expected is not None and path not in PUBLIC_PATHS
                 and not self.authorized(headers.get(b"authorization", b""))):
             if self.for_browser(scope, path, headers):
                 response: Response = HTMLResponse(UNAUTHORIZED_PAGE, 401, headers=INDEX_HEADERS)
+                response.headers["WWW-Authenticate"] = "Bearer"
             else:
-                response = error_response(Unauthorized("missing or wrong bearer token"))
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, self._with_id(send, request_id, [0]))
+                response = error_reply(Unauthorized("missing or wrong bearer token")).response()
+            await response(scope, receive, self._with_id(send, request_id, None))
             return
         if path == "/metrics":
-            await self._uncounted(scope, receive, self._with_id(send, request_id, [0]))
+            await self._uncounted(scope, receive, self._with_id(send, request_id, None))
             return
         self.activity.started()
         if self.count_in_flight:
             self.metrics.in_flight.inc()  # type: ignore[union-attr]
         started = time.perf_counter()
-        info: dict[str, Any] = {"request_id": request_id}
-        model_name = self.endpoint.model_for(path)
+        record = RequestRecord(request_id, headers)
+        model_name: str | None = None
+        template = self.exact.get(path)
+        if template is not None:
+            record.route = template
+            model_name = self.endpoint.default
+        else:
+            for match, template in self.named:
+                found = match(path)
+                if found is not None:
+                    record.route = template
+                    model_name = found.group("name")
+                    break
         bodies = self.bodies
         charged = 0
         try:
@@ -178,22 +195,22 @@ class EdgeMiddleware:
                 # every request's first share of the body budget (a body read grows it to its
                 # size), given back below on every path: core/body_guard.py
                 if bodies.free < FLOOR:
-                    refusal = bodies.overloaded(FLOOR)
-                    await send_reply(send, 503, error_body(refusal), error_headers(refusal), info)
+                    refusal = error_reply(bodies.overloaded(FLOOR))
+                    await send_reply(send, refusal.status, refusal.body, list(refusal.headers), record)
                     return
                 bodies.free -= FLOOR
                 charged = FLOOR
             if model_name is not None and scope["method"] == "POST":
                 # the hot path sends the request id itself: no wrapper around send
-                await self.endpoint(scope, receive, send, model_name, headers, info)
+                await self.endpoint.answer(scope, receive, send, model_name, record)
             else:
-                await self._other(scope, receive, send, path, model_name, info, headers)
+                await self._other(scope, receive, send, path, model_name, record)
         finally:
             if charged:
                 bodies.free += charged
                 if bodies.grown:  # some body in flight is larger than FLOOR: was it this one?
                     bodies.release_grown(asyncio.current_task())
-            self._count(scope, path, info, time.perf_counter() - started)
+            self._count(scope, path, record, time.perf_counter() - started)
 
     async def _uncounted(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Health and metrics: neither counted nor charged; a route there that reads a large
@@ -210,47 +227,47 @@ class EdgeMiddleware:
         return path == "/" and scope["method"] in ("GET", "HEAD") and prefers_html(headers.get(b"accept"))
 
     async def _other(self, scope: Scope, receive: Receive, send: Send, path: str,
-                     model_name: str | None, info: dict[str, Any], headers: dict[bytes, bytes]) -> None:
+                     model_name: str | None, record: RequestRecord) -> None:
         """A counted request off the hot path: route plugins (V2), pages, or a wrong method."""
-        scope["studio"] = info  # route plugins record the model and batch size here
-        status_seen = [500]
-        send = self._with_id(send, info["request_id"], status_seen)
-        try:
-            if model_name is None or self.for_browser(scope, path, headers):
-                await self.app(scope, receive, send)
-            else:
-                error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
-                await error_response(error)(scope, receive, send)
-        finally:
-            info.setdefault("status", status_seen[0])  # a route plugin may have set one (499)
+        scope[SCOPE_KEY] = record  # route plugins record the model and batch size here
+        send = self._with_id(send, record.request_id, record)
+        if model_name is None or self.for_browser(scope, path, record.headers):
+            await self.app(scope, receive, send)
+        else:
+            error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
+            await error_reply(error).send(send)
 
     @staticmethod
-    def _with_id(send: Send, request_id: bytes, status_seen: list[int]) -> Send:
+    def _with_id(send: Send, request_id: bytes, record: RequestRecord | None) -> Send:
+        """``send`` adding the request's id to the reply's headers (and noting its status)."""
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status_seen[0] = message["status"]
+                if record is not None:
+                    record.status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
         return send_with_id
 
-    def _count(self, scope: Scope, path: str, info: dict[str, Any], elapsed: float) -> None:
+    def _count(self, scope: Scope, path: str, record: RequestRecord, elapsed: float) -> None:
         self.activity.finished()
         metrics = self.metrics
-        status: int = info.get("status", 500)
-        model = str(info.get("model", ""))
+        model = record.model
         if self.count_in_flight:
             metrics.in_flight.dec()  # type: ignore[union-attr]
         if metrics is not None:
             # a label only for the names the repository has now: any other name a client
             # sends would be a new series (2000 unknown names made /metrics 41 MB)
             label = model if model in self.repository.slots else UNKNOWN_MODEL
-            metrics.observe_request(_route_of(path), label, status, elapsed)
+            route = record.route if record.route != UNMATCHED else self.labels(path)
+            metrics.observe_request(route, label, record.status, elapsed)
         if self.settings.access_log:
             access_log.info(
                 "method=%s path=%s status=%d duration_ms=%.2f batch=%s model=%s request_id=%s",
-                scope["method"], path, status, elapsed * 1000, info.get("batch", "-"), model or "-",
-                info["request_id"].decode("latin-1"),
+                scope["method"], path, record.status, elapsed * 1000,
+                "-" if record.batch is None else record.batch, model or "-",
+                record.request_id.decode("latin-1"),
             )
 
 
@@ -268,8 +285,9 @@ def build_app(
     budget = settings.body_budget
     guard = BodyGuard(default_budget(settings.max_body) if budget is None else budget,
                       settings.read_timeout, settings.min_rate)
-    context = ServerContext(repository, dataplane, in_worker=settings.in_worker,
-                            bodies=BodyReader(settings.max_body, guard))
+    context = ServerContext(repository, dataplane, BodyReader(settings.max_body, guard),
+                            in_worker=settings.in_worker)
+    endpoint = InferenceEndpoint(context, settings.codecs, settings.debug)
 
     def on_swap(name: str, model: ServedModel | None, seconds: float, old: ServedModel | None) -> None:
         if metrics is not None and model is not None:
@@ -288,10 +306,10 @@ def build_app(
         if not metrics.multiprocess:  # read at scrape time; across processes they are counted
             metrics.in_flight.set_function(lambda: settings.activity.in_flight)
             metrics.queue_depth.set_function(lambda: dataplane.admitted)
-    started = {"value": False}
+    started = False  # between the lifespan's start and its end
 
     def is_ready() -> bool:
-        return started["value"] and not settings.activity.draining and repository.any_ready()
+        return started and not settings.activity.draining and repository.any_ready()
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -304,15 +322,9 @@ def build_app(
         assert metrics is not None
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
-        message = f"{exc.detail}: {request.method} {request.url.path}"
-        if exc.status_code == 404:
-            message += " (routes: POST /, POST /models/NAME, /v2/..., GET /metrics; all: GET /docs)"
-        # keeps Starlette's own headers: a 405 carries the route's Allow
-        return JSONResponse({"error": message, "type": kind}, status_code=exc.status_code,
-                            headers=exc.headers)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        """A route's error (or Starlette's own: no route, wrong method) as ours."""
+        return error_reply(exc, request.scope, debug=settings.debug).response()
 
     def states() -> list[ModelState]:
         return [repository.state(name) for name in repository.names()]
@@ -330,24 +342,21 @@ def build_app(
     async def docs(request: Request) -> Response:
         return HTMLResponse(DOCS_PAGE, headers=DOCS_HEADERS)
 
-    async def studio_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StudioError)
-        return error_response(exc, settings.debug)
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal started
         background = []
         if settings.watch > 0:
             background.append(asyncio.create_task(repository.watch(settings.watch)))
         if settings.heap is not None:
             background.append(asyncio.create_task(settings.heap.keep()))
-        started["value"] = True
+        started = True
         if settings.on_ready is not None:
             settings.on_ready()
         try:
             yield
         finally:
-            started["value"] = False
+            started = False
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -356,6 +365,7 @@ def build_app(
             guard.close()
 
     routes: list[BaseRoute] = [
+        *endpoint.routes(),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/", index, methods=["GET"]),
@@ -368,12 +378,13 @@ def build_app(
         routes.extend(factory(context))
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: http_error, StudioError: studio_error},
+        # Exception: a bug in a route is answered our 500 (Starlette then re-raises it, for the
+        # server's log)
+        exception_handlers={HTTPException: on_error, StudioError: on_error, Exception: on_error},
         lifespan=lifespan,
     )
     app.state.ready = is_ready
     document = DocumentBuilder(lambda: app.routes, settings.codecs, states, title=context.server_name,
                                version=__version__, token=settings.token is not None)
-    endpoint = InferenceEndpoint(context, settings.codecs, settings.max_body, settings.debug)
     edge = EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)
     return with_cors(edge, settings.cors) if settings.cors else edge

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import ModelError
-from core.types import Payload
+from core.types import ModelReply, Payload
 
 Signature = tuple[Hashable, ...]
 RunBatch = Callable[[Payload], Awaitable[Payload]]
@@ -48,7 +48,7 @@ class Pending:
     payload: Payload
     rows: int
     arrival: float
-    future: asyncio.Future[tuple[Payload, int]] = field(repr=False)
+    future: asyncio.Future[ModelReply] = field(repr=False)
 
 
 def split_rows(result: Payload, sizes: list[int]) -> list[Payload]:
@@ -93,7 +93,7 @@ class Batcher:
         self._timers: dict[Signature, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, payload: Payload) -> tuple[Payload, int] | None:
+    async def submit(self, payload: Payload) -> ModelReply | None:
         """The request's own reply with the rows of the call that made it, or ``None`` when it
         cannot be batched (the caller runs it alone)."""
         found = signature(payload)
@@ -158,7 +158,7 @@ class Batcher:
             return
         for pending, result in zip(live, results, strict=True):
             if not pending.future.done():
-                pending.future.set_result((result, total))
+                pending.future.set_result(ModelReply(result, total))
 
     def pending(self) -> int:
         return sum(len(group) for group in self._groups.values())

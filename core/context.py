@@ -13,8 +13,9 @@ from core.body import BodyReader, ClientGone
 from core.dataplane import DataPlane
 from core.disconnects import DisconnectWatch
 from core.errors import Conflict, NotReady
+from core.record import SCOPE_KEY, RequestRecord
 from core.repository import ModelRepository
-from core.types import ModelState, Payload, ServedModel
+from core.types import ModelReply, ModelState, Payload, ServedModel
 from core.version import __version__
 
 log = logging.getLogger("studio_plugins.repository")
@@ -24,14 +25,14 @@ class ServerContext:
     server_name = "studio-plug"
     version = __version__
 
-    def __init__(self, repository: ModelRepository, dataplane: DataPlane, in_worker: bool = False,
-                 bodies: BodyReader | None = None) -> None:
+    def __init__(self, repository: ModelRepository, dataplane: DataPlane, bodies: BodyReader,
+                 in_worker: bool = False) -> None:
         self.repository = repository
         self.dataplane = dataplane
         self.in_worker = in_worker
         self.default_model = repository.names()[0]
-        self.max_body = repository.options.max_body
-        self.bodies = bodies if bodies is not None else BodyReader(self.max_body)
+        self.bodies = bodies
+        self.max_body = bodies.limit  # the app's --max-body: its one source (AppSettings)
         self.disconnects = DisconnectWatch()
 
     def read_body(self, receive: Receive, declared: bytes | None) -> Awaitable[bytes]:
@@ -54,11 +55,11 @@ class ServerContext:
         return model
 
     async def infer(self, name: str, payload: Payload, receive: Receive | None = None, *,
-                    named: bool = False) -> tuple[Payload, int]:
+                    named: bool = False) -> ModelReply:
         return await self.run(self.ready_model(name), name, payload, receive, named=named)
 
     async def run(self, model: ServedModel, name: str, payload: Payload, receive: Receive | None = None,
-                  *, named: bool = False) -> tuple[Payload, int]:
+                  *, named: bool = False) -> ModelReply:
         """``model``'s reply through the data plane and the rows of its call. Given the request's
         ``receive``, a client that disconnects meanwhile cancels it: ``ClientGone`` is raised.
         ``named``: call ``model.predict_named`` (V2's named tensors) rather than ``predict``."""
@@ -92,9 +93,11 @@ class ServerContext:
         self._refuse_in_worker()
         return await asyncio.to_thread(self.repository.unload, name)
 
-    def record(self, scope: Any, model: str, rows: int | None = None) -> None:
-        info = scope.get("studio")
-        if info is not None:
-            info["model"] = model
+    def record(self, scope: Any, model: str, rows: int | None = None, *, status: int | None = None) -> None:
+        record: RequestRecord | None = scope.get(SCOPE_KEY)
+        if record is not None:
+            record.model = model
             if rows is not None:
-                info["batch"] = rows
+                record.batch = rows
+            if status is not None:
+                record.status = status

@@ -22,7 +22,7 @@ from typing import Any
 from core.batching import Batcher
 from core.errors import DeadlineExceeded, ModelError, Overloaded, StudioError
 from core.metrics import Metrics
-from core.types import ModelFn, Payload, Reply, ServedModel
+from core.types import ModelFn, ModelReply, Payload, Reply, ServedModel
 
 log = logging.getLogger("studio_plugins.dataplane")
 
@@ -68,7 +68,7 @@ class DataPlane:
         return self._executor
 
     async def infer(self, model: ServedModel, payload: Payload, name: str = "", *, named: bool = False
-                    ) -> tuple[Payload, int]:
+                    ) -> ModelReply:
         """The model's reply and the number of rows of the call that produced it.
 
         ``named``: through ``model.predict_named`` (where it has one), in batches of its own."""
@@ -96,7 +96,7 @@ class DataPlane:
                 self.metrics.queue_depth.dec()  # type: ignore[union-attr]
 
     async def _dispatch(self, model: ServedModel, payload: Payload, name: str, named: bool
-                        ) -> tuple[Payload, int]:
+                        ) -> ModelReply:
         if self.options.max_batch_size > 1 and model.batchable:
             batched = await self._batcher(model, name, named).submit(payload)
             if batched is not None:
@@ -107,7 +107,7 @@ class DataPlane:
             self.metrics.observe_batch(name, rows)
             if type(result) is Reply and result.failed:
                 self.metrics.observe_failed(name, len(result.failed))
-        return result, rows
+        return ModelReply(result, rows)
 
     def _batcher(self, model: ServedModel, name: str, named: bool) -> Batcher:
         batcher = self._batchers.get((id(model), named))

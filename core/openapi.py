@@ -215,7 +215,8 @@ class DocumentBuilder:
         for path, method in INFERENCE_ROUTES:
             add(path, method, self._inference(path, models))
         for path, method, route in starlette_operations(self.routes()):
-            add(path, method, self._operation(path, method, route, names))
+            if (path, method) not in INFERENCE_ROUTES:  # described above, with the models' schemas
+                add(path, method, self._operation(path, method, route, names))
         schemas: dict[str, Any] = {
             "Error": {"type": "object", "required": ["error", "type"], "properties": {
                 "error": {"type": "string", "description": "what went wrong"},

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from core.options import FLAG, SIZE, SWITCH, WORKERS, integer, number, option
 
@@ -45,6 +45,15 @@ class Reply(dict[Any, Any]):
         super().__init__(items)
         self.failed: tuple[Any, ...] = tuple(failed)
         self.failed_count: int = len(self.failed) if failed_count is None else failed_count
+
+
+class ModelReply(NamedTuple):
+    """What running a model for a request gives: its reply and the rows of the model call
+    that produced it (several requests' rows when they were batched together; the batch size
+    the access log and metrics show). A tuple, so ``reply, rows = ...`` still reads it."""
+
+    payload: Payload
+    rows: int
 
 
 # --- models -------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ class ServingContext(Protocol):
         ...
 
     async def infer(self, name: str, payload: Payload, receive: Any = None, *, named: bool = False
-                    ) -> tuple[Payload, int]:
+                    ) -> ModelReply:
         """Run model ``name`` on the data plane (queue, deadline, batching, metrics apply):
         its reply and the rows of the call that produced it. Raises ``StudioError``s. Given the
         request's ASGI ``receive``, a client that disconnects meanwhile cancels the request and
@@ -266,8 +275,10 @@ class ServingContext(Protocol):
 
     async def unload(self, name: str) -> ModelState: ...
 
-    def record(self, scope: Any, model: str, rows: int | None = None) -> None:
-        """Tell the access log and metrics which model (and batch size) a request used."""
+    def record(self, scope: Any, model: str, rows: int | None = None, *, status: int | None = None) -> None:
+        """Tell the access log and metrics which model (and batch size) a request used;
+        ``status=499`` for a request answered nothing because its client went away
+        (``ClientGone``)."""
         ...
 
 

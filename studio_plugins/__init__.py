@@ -29,6 +29,7 @@ from core.failed_keys import failed_headers
 from core.hookspecs import hookimpl
 from core.offload import decode_off_loop
 from core.options import serve_argv, serve_environment
+from core.replies import ErrorReply, error_reply
 from core.safe_pickle import dumps as pickle_dumps
 from core.safe_pickle import restricted_loads
 from core.types import (
@@ -42,6 +43,7 @@ from core.types import (
     Loader,
     LoadOptions,
     ModelFn,
+    ModelReply,
     ModelSpec,
     ModelState,
     Payload,
@@ -76,6 +78,7 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "CreateModel",
+    "ErrorReply",
     "ExperimentError",
     "ExperimentInfo",
     "ExperimentStore",
@@ -87,6 +90,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelError",
     "ModelFn",
+    "ModelReply",
     "ModelSpec",
     "ModelState",
     "NotFound",
@@ -106,6 +110,7 @@ __all__ = [
     "UnknownExperiment",
     "__version__",
     "decode_off_loop",
+    "error_reply",
     "failed_headers",
     "get_model_directory",
     "hookimpl",

@@ -52,15 +52,16 @@ class ToyPlugin:
 
 
 def toy_app(home: Path, models: dict[str, tuple[str, dict[str, Any]] | None], *,
-            routes: bool = True, **settings: Any) -> Any:
+            routes: bool = True, plugins: tuple[object, ...] = (), **settings: Any) -> Any:
     """The app serving ``models`` (key -> (checkpoint file name, declared inputs), or None for an
-    empty modeldir: the identity model) from the store at ``home``; ``settings``: AppSettings."""
+    empty modeldir: the identity model) from the store at ``home``; ``settings``: AppSettings;
+    ``plugins``: more, registered after the toy loader."""
     for key, model in models.items():
         modeldir = home / "experiments" / key / "modeldir"
         modeldir.mkdir(parents=True)
         if model is not None:
             (modeldir / model[0]).write_text(json.dumps(model[1]))
-    host = make_host(ToyPlugin())
+    host = make_host(ToyPlugin(), *plugins)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STUDIOML_HOME", str(home))
         for variable in ("STUDIO_STORE", "STUDIO_TOKEN", "STUDIO_PLUGINS_DISABLE", "STUDIO_PLUGINS_LOAD"):

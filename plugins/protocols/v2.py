@@ -35,9 +35,9 @@ from studio_plugins import (
     RouteFactory,
     ServedModel,
     ServingContext,
-    StudioError,
     TensorSpec,
     decode_off_loop,
+    error_reply,
     failed_headers,
     hookimpl,
 )
@@ -62,13 +62,6 @@ METADATA_DATATYPES = frozenset((*DATATYPES, "BF16"))
 
 def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-def error_body(exc: StudioError) -> bytes:
-    content: dict[str, str] = {"error": exc.message, "type": exc.type_name}
-    if exc.hint:
-        content["hint"] = exc.hint
-    return orjson.dumps(content)
 
 
 def check_version(name: str, version: str | None) -> None:
@@ -128,24 +121,12 @@ class InferEndpoint:
             result, rows = await context.infer(name, request.inputs, receive, named=True)
             context.record(scope, name, rows)
             reply, json_length = encode_response(name, VERSION, request, result)
-        except StudioError as exc:
-            if exc.status >= 500:
-                log.warning("POST %s -> %d: %s", scope["path"], exc.status, exc)
-            error_headers = [(b"content-type", JSON_TYPE)]
-            if exc.type_name == "Overloaded":
-                error_headers.append((b"retry-after", b"1"))
-            await _send(send, exc.status, error_body(exc), error_headers)
-            return
         except ClientGone:
             log.info("POST %s: client disconnected; request dropped", scope["path"])
-            info = scope.get("studio")
-            if info is not None:
-                info["status"] = 499
+            context.record(scope, name, status=499)
             return
-        except Exception as exc:  # a bug of ours: log it, never show it
-            log.exception("internal error")
-            error = StudioError(f"internal error: {type(exc).__name__}")
-            await _send(send, 500, error_body(error), [(b"content-type", JSON_TYPE)])
+        except Exception as exc:  # a StudioError, or a bug of ours (logged, never shown)
+            await error_reply(exc, scope).send(send)
             return
         if json_length is None:
             reply_headers = [(b"content-type", JSON_TYPE)]
