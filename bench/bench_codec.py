@@ -2,8 +2,8 @@
 
 For each body (a dict of one array, and a mixed dict of 10 keys, as ``pickle.dumps`` writes them
 at protocols 2, 4 and 5), side by side in one run: ``restricted_loads`` (what the server does:
-core/fast_pickle.py, else the data-only decoder), the data-only decoder alone
-(core/pickle_decoder.py), the restricted unpickler it replaced (bench/legacy_unpickler.py, the
+core/wire/fast_pickle.py, else the data-only decoder), the data-only decoder alone
+(core/wire/pickle_decoder.py), the restricted unpickler it replaced (bench/legacy_unpickler.py, the
 baseline of issue 13's "at most 2x") and plain ``pickle.loads`` (unsafe: the floor); for replies,
 ``dumps`` (what the server does) against ``pickle.dumps``, and the JSON codec's strict encoding
 (NaN and infinities as ``null``) against Python's ``json.dumps`` as it was called before (which
@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.harness import callgrind_instructions, describe_machine, print_table, quiet_env
 from bench.legacy_unpickler import unpickle_restricted
-from core.safe_pickle import decode_general, dumps, restricted_loads
+from core.wire.safe_pickle import decode_general, dumps, restricted_loads
 from plugins.codecs.json import JsonCodec, _default
 
 

@@ -1,7 +1,7 @@
 """HTTP overhead of `studio-plug serve` against a raw ASGI echo app on the same Hypercorn (the floor).
 
 The identity model answers what it is sent, so the difference to the floor is our request path:
-routing, body reading, decoding the pickle (core/fast_pickle.py, else the restricted unpickler),
+routing, body reading, decoding the pickle (core/wire/fast_pickle.py, else the restricted unpickler),
 the data plane and pickling the reply. Bodies are pickled dicts: small ``{"x": 10 float64}`` and
 large ``{"x": 1x224x224x3 float32}``; each at 1 and 16 connections. Target: ours >= 0.80 of the
 floor in req/s for small bodies at 16 connections.

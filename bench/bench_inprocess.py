@@ -45,9 +45,9 @@ def build(which: str, home: Path) -> Any:
     if which == "raw ASGI echo":
         return echo_app
     os.environ["STUDIOML_HOME"] = str(home)
-    from core.app import AppSettings, build_app
-    from core.codecs import CodecSet
-    from core.repository import ModelRepository
+    from core.http.app import AppSettings, build_app
+    from core.http.codecs import CodecSet
+    from core.models.repository import ModelRepository
     from core.types import ServeOptions
     from studio_plugins.testing import make_host
 

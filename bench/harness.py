@@ -95,7 +95,7 @@ def asgi_server(app: str, env: Mapping[str, str] | None = None) -> Iterator[Serv
 
 
 def _serve_asgi(app_path: str, host: str, port: int) -> None:
-    """Hypercorn as ``core.serving`` runs it: our own socket (``fd://``), asyncio, no access log."""
+    """Hypercorn as ``core.process.serving`` runs it: our own socket (``fd://``), asyncio, no access log."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 

@@ -1,7 +1,7 @@
 """The restricted unpickler studio-plug used before the data-only decoder (issue 13), kept here only
 as the baseline bench_codec measures the decoder against. Never serve with it: CPython's
 unpickler and numpy's reconstructors still run on client-chosen state here, and small hostile
-bodies crash, hang or corrupt it (see core/pickle_decoder.py for what it cost).
+bodies crash, hang or corrupt it (see core/wire/pickle_decoder.py for what it cost).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Reply(dict[Any, Any]):
     ``None``.
 
     ``ModelPipe`` answers one for a dict; any model may. The server names the failed keys in
-    the reply's ``X-Studio-Failed-Keys`` header (core/failed_keys.py), and the client's
+    the reply's ``X-Studio-Failed-Keys`` header (core/http/failed_keys.py), and the client's
     ``predict`` returns one with them. ``failed_count`` is ``len(failed)``, or more in a
     client's when the server left keys off that header (more than 4 KiB of them)."""
 
@@ -356,7 +356,7 @@ class ServeOptions:
         "must keep up --min-rate (as Apache's RequestReadTimeout body=20,MinRate=500), else it is "
         "answered 408 and the connection closed. Request headers get 5 s, or this when shorter. "
         "0: no body read timeout.", kind=number(0))
-    """core/body_guard.py applies it."""
+    """core/http/body_guard.py applies it."""
     min_rate: int = option(
         500, "--min-rate", "Bytes/s a request body must keep up: each N bytes received extend "
         "--read-timeout by one second. 0: the whole body within --read-timeout.",

@@ -1,4 +1,4 @@
-"""Fuzz target: the pickle decoder (core/pickle_decoder.py behind ``restricted_loads``).
+"""Fuzz target: the pickle decoder (core/wire/pickle_decoder.py behind ``restricted_loads``).
 
 Any body must be decoded or refused with a client error (400/413), never crash, hang or raise
 anything else; and whatever is decoded must then survive what the server does with a payload:
@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from core import pickle_decoder
-from core.safe_pickle import dumps, restricted_loads
+from core.wire import pickle_decoder
+from core.wire.safe_pickle import dumps, restricted_loads
 from fuzz import CLIENT_ERRORS
 from fuzz.instrument import loaded
 
-loaded("core.fast_pickle", "core.pickle_dtypes", "core.pickle_decoder", "core.safe_pickle")
+loaded(
+    "core.wire.fast_pickle", "core.wire.pickle_dtypes", "core.wire.pickle_decoder", "core.wire.safe_pickle"
+)
 
 LIMIT = 1 << 22  # 4 MiB: large enough for every seed, small enough to find amplification fast
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.body import ClientGone, read_body
 from core.errors import (
     BackendError,
     BadRequest,
@@ -24,14 +23,13 @@ from core.errors import (
     StudioError,
     UnknownExperiment,
 )
-from core.experiments import studio_home, validate_key
-from core.failed_keys import failed_headers
 from core.hookspecs import hookimpl
-from core.offload import decode_off_loop
+from core.http.body import ClientGone, read_body
+from core.http.failed_keys import failed_headers
+from core.http.offload import decode_off_loop
+from core.http.replies import ErrorReply, error_reply
+from core.models.experiments import studio_home, validate_key
 from core.options import serve_argv, serve_environment
-from core.replies import ErrorReply, error_reply
-from core.safe_pickle import dumps as pickle_dumps
-from core.safe_pickle import restricted_loads
 from core.types import (
     Backend,
     Codec,
@@ -57,6 +55,8 @@ from core.types import (
     TensorSpec,
 )
 from core.version import __version__
+from core.wire.safe_pickle import dumps as pickle_dumps
+from core.wire.safe_pickle import restricted_loads
 
 
 def get_model_directory(key: str) -> str:

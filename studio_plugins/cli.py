@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 
 import click
 
-from core.assembly import survey
-from core.cors import check_origin
 from core.errors import ConfigurationError, StudioError
-from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
-from core.launch import launch, usable_cores
+from core.http.cors import check_origin
+from core.models.assembly import survey
+from core.models.experiments import find_modeldir, open_store, validate_key
 from core.options import FLAG, SWITCH, Kind, declared, default_of, write
+from core.process.launch import launch, usable_cores
 from core.types import ExperimentInfo, ExperimentStore, Loader, ModelSpec, ServeOptions
 from core.version import __version__
 

@@ -15,9 +15,9 @@ import urllib.request
 from typing import Any
 
 from core.errors import StudioError
-from core.failed_keys import FAILED_COUNT, FAILED_KEYS, parse_failed
-from core.safe_pickle import dumps, restricted_loads
+from core.http.failed_keys import FAILED_COUNT, FAILED_KEYS, parse_failed
 from core.types import Reply
+from core.wire.safe_pickle import dumps, restricted_loads
 
 PICKLE = "application/python-pickle"
 

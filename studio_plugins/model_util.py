@@ -9,7 +9,7 @@
     pipe.add(model, num_workers=1, batch_size=32, batcher=np.vstack)
     pipe({"cat": "http://...", "dog": "http://..."})   # -> {"cat": array, "dog": array}
 
-The engine (workers, deadlines, batching, order) is ``core.pipe``; this module adds what a user
+The engine (workers, deadlines, batching, order) is ``core.pipe.engine``; this module adds what a user
 hands to ``add`` beyond plain functions: stage names registered by plugins, Keras models (called
 through ``predict`` on numpy) and torch modules (called under ``inference_mode``).
 """
@@ -27,7 +27,7 @@ import numpy as np
 
 from core.errors import ConfigurationError, LoadError, MissingDependencyError
 from core.host import PluginHost
-from core.pipe import Pipe, StageOptions, is_not_none
+from core.pipe.engine import Pipe, StageOptions, is_not_none
 
 if TYPE_CHECKING:
     from PIL import Image

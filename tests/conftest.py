@@ -198,7 +198,7 @@ def fleet_cloud(aws: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 @pytest.fixture
 def identity_repository(studio_home: Path) -> Any:
     """A loaded ModelRepository serving experiment ``exp`` (empty: the identity model)."""
-    from core.repository import ModelRepository
+    from core.models.repository import ModelRepository
     from core.types import ServeOptions
     from studio_plugins.testing import make_host
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.app import AppSettings, build_app
-from core.codecs import CodecSet
-from core.repository import ModelRepository
+from core.http.app import AppSettings, build_app
+from core.http.codecs import CodecSet
+from core.models.repository import ModelRepository
 from core.types import ServeOptions
 from plugins.loaders.signature import Expected, TensorModel, numpy_dtype
 from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.activity import Activity
-from core.workers import Supervisor, WorkerPlan
+from core.http.activity import Activity
+from core.process.workers import Supervisor, WorkerPlan
 from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess
 from tests.cli.test_workers import pids_answering, worker_pids

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from core.errors import LoadError
-from core.wrappers import load_wrapper, resolve_wrapper
+from core.models.wrappers import load_wrapper, resolve_wrapper
 from studio_plugins import CreateModel, hookimpl
 from studio_plugins.client import predict
 from studio_plugins.testing import ServerProcess, make_host

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from core.batching import Batcher, signature, split_rows
+from core.dataplane.batching import Batcher, signature, split_rows
 from core.errors import ModelError
 from core.types import Payload
 

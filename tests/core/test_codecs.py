@@ -8,8 +8,8 @@ import pickle
 import numpy as np
 import pytest
 
-from core.codecs import CodecSet
 from core.errors import BadRequest, UnsupportedMediaType
+from core.http.codecs import CodecSet
 from studio_plugins.testing import make_host
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from core.cors import check_origin
 from core.errors import ConfigurationError
-from core.launch import Launch
+from core.http.cors import check_origin
+from core.process.launch import Launch
 from core.types import ServeOptions
 from studio_plugins.cli import build_cli
 from studio_plugins.testing import make_host

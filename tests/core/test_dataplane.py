@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from core.dataplane import DataPlane, DataPlaneOptions
+from core.dataplane.plane import DataPlane, DataPlaneOptions
 from core.errors import DeadlineExceeded, ModelError, Overloaded
 from core.types import Payload, ServedModel
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from core.assembly import load_model
 from core.errors import ConfigurationError, ExperimentError, LoadError, StoreError
-from core.experiments import open_store, studio_home, validate_key
+from core.models.assembly import load_model
+from core.models.experiments import open_store, studio_home, validate_key
 from core.types import ServeOptions
 from studio_plugins import get_model_directory
 from studio_plugins.testing import make_host

@@ -18,8 +18,8 @@ import numpy as np
 import orjson
 import pytest
 
-from core.failed_keys import MAX_KEYS_BYTES, failed_headers, parse_failed
-from core.safe_pickle import restricted_loads
+from core.http.failed_keys import MAX_KEYS_BYTES, failed_headers, parse_failed
+from core.wire.safe_pickle import restricted_loads
 from tests import asgi
 
 # Each item's value says what the pipe does with it: a stage raises for "raise" and answers
@@ -49,9 +49,9 @@ PICKLE = "application/python-pickle"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One app serving ``pipe`` (the wrapper above) as its default model."""
-    from core.app import AppSettings, build_app
-    from core.codecs import CodecSet
-    from core.repository import ModelRepository
+    from core.http.app import AppSettings, build_app
+    from core.http.codecs import CodecSet
+    from core.models.repository import ModelRepository
     from core.types import ServeOptions
     from studio_plugins.testing import make_host
 

@@ -1,4 +1,4 @@
-"""The fast path for dicts of plain arrays (core/fast_pickle.py) agrees with the restricted unpickler.
+"""The fast path for dicts of plain arrays (core/wire/fast_pickle.py) agrees with the restricted unpickler.
 
 Whatever ``read_arrays`` accepts, the restricted unpickler decodes to the same arrays (values,
 dtype, shape, layout, writability); whatever it refuses, it leaves to the unpickler. Checked on
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core import fast_pickle
 from core.errors import BadRequest
-from core.fast_pickle import read_arrays, write_arrays
-from core.safe_pickle import decode_general, dumps, restricted_loads
+from core.wire import fast_pickle
+from core.wire.fast_pickle import read_arrays, write_arrays
+from core.wire.safe_pickle import decode_general, dumps, restricted_loads
 from tests.hostile_pickles import corpus, numpy1
 
 PLAIN_CODES = ("?", "i1", "u1", "<i2", ">u2", "<i4", ">i4", "<u4", "<i8", ">u8",

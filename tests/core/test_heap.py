@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.heap import HeapKeeper
+from core.models.heap import HeapKeeper
 from core.types import ServedModel
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from core.codecs import CodecSet
 from core.errors import PluginError
-from core.experiments import open_store
 from core.host import BUILTIN_PLUGINS, PluginHost
+from core.http.codecs import CodecSet
+from core.models.experiments import open_store
 from studio_plugins import Codec, ExperimentStore, Payload, hookimpl
 from studio_plugins.testing import make_host
 

@@ -3,7 +3,7 @@
 ``{"error", "type"[, "hint"]}``, and the headers the status needs (``Retry-After``, ``Allow``,
 ``WWW-Authenticate``), with an ``X-Request-Id`` on every reply, for ``POST /``,
 ``/models/{name}``, the V2 plugin's routes and Starlette's own 404/405 alike: one error reply
-(core/replies.py) behind them all."""
+(core/http/replies.py) behind them all."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core.body_guard import FLOOR
+from core.http.body_guard import FLOOR
 from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl
 from tests.web_app import BROWSER_ACCEPT, Reply, call, toy_app
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from core.app import AppSettings, build_app
-from core.codecs import CodecSet
-from core.repository import ModelRepository
+from core.http.app import AppSettings, build_app
+from core.http.codecs import CodecSet
+from core.models.repository import ModelRepository
 from core.types import ServeOptions
 from studio_plugins.testing import make_host
 

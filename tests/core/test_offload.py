@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.app import AppSettings, build_app
-from core.codecs import CodecSet
-from core.offload import INLINE_BYTES, decode_off_loop
-from core.repository import ModelRepository
-from core.safe_pickle import dumps, restricted_loads
+from core.http.app import AppSettings, build_app
+from core.http.codecs import CodecSet
+from core.http.offload import INLINE_BYTES, decode_off_loop
+from core.models.repository import ModelRepository
+from core.wire.safe_pickle import dumps, restricted_loads
 from studio_plugins.testing import make_host
 
 

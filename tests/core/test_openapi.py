@@ -13,9 +13,9 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
-from core.inference import INFERENCE_ROUTES
-from core.openapi import component_name, docstring_parts, starlette_operations
-from core.pages import example_body
+from core.http.inference import INFERENCE_ROUTES
+from core.http.openapi import component_name, docstring_parts, starlette_operations
+from core.http.pages import example_body
 from core.types import TensorSpec
 from tests.web_app import call, toy_app
 

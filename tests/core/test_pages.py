@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from core.pages import DOCS_PAGE, curl_line, prefers_html
+from core.http.pages import DOCS_PAGE, curl_line, prefers_html
 from tests.web_app import BROWSER_ACCEPT, call, toy_app
 
 HOSTILE_FILE = "<img src=x onerror=alert(1)>'$(touch pwned)'.toy"

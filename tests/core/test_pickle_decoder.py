@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from core.errors import BadRequest, PayloadTooLarge
-from core.pickle_decoder import Limits, PickleRefused, PickleTooLarge, decode
-from core.safe_pickle import restricted_loads
+from core.wire.pickle_decoder import Limits, PickleRefused, PickleTooLarge, decode
+from core.wire.safe_pickle import restricted_loads
 from tests.core.test_safe_pickle import assert_same
 from tests.hostile_pickles import PROTO2, Reduce, as_dict, text
 
@@ -237,7 +237,7 @@ def test_protocol_0_integers_are_short_decimal_numbers(line: bytes) -> None:
 def test_client_arrays_are_never_compared_as_values(value: Reduce, monkeypatch: pytest.MonkeyPatch) -> None:
     # found by the fuzzer (tests/corpus/pickle_decoder/array-as-frombuffer-order); STRICT makes
     # an error the checks missed raise instead of becoming a 400
-    from core import pickle_decoder
+    from core.wire import pickle_decoder
 
     monkeypatch.setattr(pickle_decoder, "STRICT", True)
     for protocol in (2, 5):
@@ -279,7 +279,7 @@ def test_a_dtype_state_is_hashed_only_once_its_parts_are_strings_and_ints(versio
 def test_a_reply_echoing_shared_values_stays_small_and_readable() -> None:
     # plain_data copied each reference apart: the echo of a shared structure grew into a reply
     # our own client refused (found by the fuzzer: tests/corpus/pickle_decoder/shared-tuples-echoed)
-    from core.safe_pickle import dumps
+    from core.wire.safe_pickle import dumps
 
     value = restricted_loads(memo_dag(16))  # 2**16 paths to one empty list
     reply = dumps({"x": value})
@@ -289,7 +289,7 @@ def test_a_reply_echoing_shared_values_stays_small_and_readable() -> None:
 
 
 def test_complex_from_an_integer_past_a_float_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from core import pickle_decoder
+    from core.wire import pickle_decoder
 
     monkeypatch.setattr(pickle_decoder, "STRICT", True)  # refused by its own check, not the net
     quickly(pickle.dumps({"x": Reduce(complex, (10**400, 0))}, protocol=2), match="too large")

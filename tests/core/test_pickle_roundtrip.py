@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from core.safe_pickle import decode_general
+from core.wire.safe_pickle import decode_general
 from tests.core.test_safe_pickle import assert_same
 from tests.hostile_pickles import numpy1
 

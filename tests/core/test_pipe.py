@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigurationError
-from core.pipe import Pipe
+from core.pipe.engine import Pipe
 from core.types import Reply
 
 

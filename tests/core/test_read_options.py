@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from core.launch import Launch
-from core.serving import HEADER_LIMIT, HEADER_TIMEOUT, hypercorn_config
+from core.process.launch import Launch
+from core.process.serving import HEADER_LIMIT, HEADER_TIMEOUT, hypercorn_config
 from core.types import ServeOptions
 from studio_plugins.cli import build_cli
 from studio_plugins.testing import make_host

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from core.launch import Launch
 from core.options import OPTION, serve_argv, serve_environment
+from core.process.launch import Launch
 from core.types import ModelSpec, ServeOptions
 from studio_plugins.cli import build_cli, parse_serve_argv
 from studio_plugins.testing import make_host

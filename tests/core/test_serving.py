@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from core.errors import ConfigurationError
-from core.serving import bind_socket, socket_url
+from core.process.serving import bind_socket, socket_url
 
 
 def test_port_zero_picks_a_free_port_and_the_url_says_which() -> None:
@@ -33,7 +33,7 @@ def test_an_unknown_host_is_a_configuration_error() -> None:
 
 
 def tune_in_subprocess(env: dict[str, str]) -> str:
-    program = "from core.serving import tune_malloc; print(tune_malloc())"
+    program = "from core.process.serving import tune_malloc; print(tune_malloc())"
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           env=env, check=True, timeout=60).stdout.strip()
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from core.app import AppSettings, build_app
-from core.codecs import CodecSet
-from core.heap import HeapKeeper
-from core.repository import ModelRepository
+from core.http.app import AppSettings, build_app
+from core.http.codecs import CodecSet
+from core.models.heap import HeapKeeper
+from core.models.repository import ModelRepository
 from studio_plugins.testing import make_host
 
 

@@ -27,9 +27,9 @@ JSON = "application/json"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The app serving experiment ``exp`` (the identity model) with ``--max-body 1 MiB``."""
-    from core.app import AppSettings, build_app
-    from core.codecs import CodecSet
-    from core.repository import ModelRepository
+    from core.http.app import AppSettings, build_app
+    from core.http.codecs import CodecSet
+    from core.models.repository import ModelRepository
     from core.types import ServeOptions
     from studio_plugins.testing import make_host
 

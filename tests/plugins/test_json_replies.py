@@ -14,9 +14,9 @@ import numpy as np
 import orjson
 import pytest
 
-from core.app import AppSettings, build_app
-from core.codecs import CodecSet
-from core.repository import ModelRepository
+from core.http.app import AppSettings, build_app
+from core.http.codecs import CodecSet
+from core.models.repository import ModelRepository
 from studio_plugins.testing import make_host
 from tests.core.test_failed_keys import call
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.assembly import choose, load_model
+from core.models.assembly import choose, load_model
 from studio_plugins import BadRequest, LoadError, LoadOptions, MissingDependencyError, ServeOptions
 from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess, make_host

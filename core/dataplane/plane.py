@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from core.batching import Batcher
+from core.dataplane.batching import Batcher
+from core.dataplane.metrics import Metrics
 from core.errors import DeadlineExceeded, ModelError, Overloaded, StudioError
-from core.metrics import Metrics
 from core.types import ModelFn, ModelReply, Payload, Reply, ServedModel
 
 log = logging.getLogger("studio_plugins.dataplane")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigurationError, ExperimentError, LoadError, StudioError
-from core.experiments import find_modeldir, open_store, validate_key
 from core.host import PluginHost
+from core.models.experiments import find_modeldir, open_store, validate_key
+from core.models.wrappers import load_wrapper
 from core.types import Loader, LoadOptions, ModelSpec, ServedModel, ServeOptions
-from core.wrappers import load_wrapper
 
 log = logging.getLogger("studio_plugins.assembly")
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from core.assembly import load_model
 from core.errors import ExperimentError, LoadError, NotFound, StudioError
-from core.experiments import open_store, validate_key
 from core.host import PluginHost
+from core.models.assembly import load_model
+from core.models.experiments import open_store, validate_key
 from core.types import ExperimentStore, ModelSpec, ModelState, ServedModel, ServeOptions
 
 log = logging.getLogger("studio_plugins.repository")

@@ -21,8 +21,8 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from starlette.types import ASGIApp
 
-from core.activity import Activity
 from core.errors import ConfigurationError
+from core.http.activity import Activity
 
 log = logging.getLogger("studio_plugins.serving")
 
@@ -157,7 +157,7 @@ def hypercorn_config(read_timeout: float = 0) -> Config:
     - ``read_timeout`` is left unset: it is a timeout per socket read, which also fires while a
       client waits for a long model call (it sends nothing meanwhile) and so would cancel it,
       and on Python 3.11 ``asyncio.wait_for`` wraps every read in a task. The body timeout is
-      ours (``--read-timeout``, core/body_guard.py).
+      ours (``--read-timeout``, core/http/body_guard.py).
     - ``backlog``: connections the kernel queues before we accept them.
     """
     config = Config()

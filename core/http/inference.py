@@ -3,9 +3,9 @@
 Read the body (bounded), pick the codec, decode, run the model on the data plane, encode, send.
 Its two routes are in the app's route list like any other (``InferenceEndpoint.routes``: the
 OpenAPI document, Starlette's 404s and the metric labels see them), but the edge middleware
-(core/app.py) calls the endpoint as soon as one of them matches, past Starlette's router,
+(core/http/app.py) calls the endpoint as soon as one of them matches, past Starlette's router,
 request object and exception middleware: on a small request those cost as much as everything
-else we do (see bench/bench_inprocess.py). Errors are answered here, by core/replies.py.
+else we do (see bench/bench_inprocess.py). Errors are answered here, by core/http/replies.py.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import logging
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from core.body import ClientGone
-from core.codecs import CodecSet
-from core.context import ServerContext
 from core.errors import BadRequest, ModelError, StudioError
-from core.failed_keys import failed_headers
-from core.offload import decode_off_loop
-from core.record import SCOPE_KEY, RequestRecord
-from core.replies import error_reply
+from core.http.body import ClientGone
+from core.http.codecs import CodecSet
+from core.http.context import ServerContext
+from core.http.failed_keys import failed_headers
+from core.http.offload import decode_off_loop
+from core.http.record import SCOPE_KEY, RequestRecord
+from core.http.replies import error_reply
 from core.types import Codec, Payload, Reply
 
 log = logging.getLogger("studio_plugins.app")
@@ -91,7 +91,7 @@ class InferenceEndpoint:
             await send_reply(send, error.status, error.body, list(error.headers), record)
             return
         reply_headers = [(b"content-type", self.codecs.content_type(reply_codec))]
-        if failed:  # which Nones are failures: core/failed_keys.py
+        if failed:  # which Nones are failures: core/http/failed_keys.py
             reply_headers += failed_headers(failed)
         await send_reply(send, 200, reply, reply_headers, record)
 

@@ -2,7 +2,7 @@
 
 ``restricted_loads`` reads a request (or, in ``studio_plugins.client``, a reply): the common
 layout, a dict of plain arrays as ``pickle.dumps`` writes it, by the fast path
-(core/fast_pickle.py); anything else by the data-only decoder (core/pickle_decoder.py), which
+(core/wire/fast_pickle.py); anything else by the data-only decoder (core/wire/pickle_decoder.py), which
 walks the opcodes itself within limits and never runs CPython's unpickler or numpy's
 reconstructors. ``dumps`` writes replies that only hold data, so a client can read them the same way.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from core.errors import BadRequest, PayloadTooLarge
-from core.fast_pickle import read_arrays, write_arrays
-from core.pickle_decoder import Limits, PickleRefused, PickleTooLarge, decode
+from core.wire.fast_pickle import read_arrays, write_arrays
+from core.wire.pickle_decoder import Limits, PickleRefused, PickleTooLarge, decode
 
 MAX_DEPTH = 64
 DEFAULT_LIMIT = 64 * 1024 * 1024

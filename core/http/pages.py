@@ -22,10 +22,10 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
-from core.openapi import declared
+from core.http.openapi import declared
 from core.types import ModelState, TensorSpec
 
-DOCS_PAGE: bytes = resources.files("core").joinpath("docs.html").read_bytes()
+DOCS_PAGE: bytes = resources.files("core.http").joinpath("docs.html").read_bytes()
 MAX_EXAMPLE = 16
 """Values at most in a curl line's example body; a larger input gets an .npz line instead."""
 _STATES = frozenset({"ready", "loading", "failed", "unloaded"})
@@ -34,7 +34,7 @@ _STATES = frozenset({"ready", "loading", "failed", "unloaded"})
 def _inline(tag: str, page: str) -> str:
     match = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
     if match is None:  # pragma: no cover - the page is ours
-        raise RuntimeError(f"core/docs.html has no <{tag}>")
+        raise RuntimeError(f"core/http/docs.html has no <{tag}>")
     return match.group(1)
 
 

@@ -10,7 +10,7 @@ It is enforced without a timer per request: a body being read is noted in a dict
 bytes received so far), and a sweep every ``interval`` seconds dates the bodies it sees for the
 first time and cancels the reads past their deadline; so a body is cut between ``T`` and
 ``T + 2 * interval`` seconds. The hot path (a small body that comes in one message) pays for a
-dict entry (see core/disconnects.py for what per-request tasks and timers cost).
+dict entry (see core/http/disconnects.py for what per-request tasks and timers cost).
 
 Budget (``--body-budget``): the bytes of request bodies held by the process at once. Every
 request is charged ``FLOOR`` by the app's edge middleware as it starts; a body read grows the

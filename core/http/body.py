@@ -1,7 +1,7 @@
 """Reading a request body on plain ASGI, never more than the server's ``--max-body``.
 
 ``read_body`` is the plain bounded read (re-exported by ``studio_plugins``). ``BodyReader`` is
-the server's: the same read under the server-wide guards of core/body_guard.py (a read timeout
+the server's: the same read under the server-wide guards of core/http/body_guard.py (a read timeout
 with a minimum rate, and a budget of body bytes across all requests). Route plugins get it as
 ``ServingContext.read_body``.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 from starlette.types import Receive
 
-from core.body_guard import FLOOR, BodyGuard
 from core.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from core.http.body_guard import FLOOR, BodyGuard
 
 
 class ClientGone(Exception):

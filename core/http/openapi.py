@@ -20,8 +20,8 @@ from typing import Any
 from starlette.convertors import FloatConvertor, IntegerConvertor
 from starlette.routing import BaseRoute, Mount, Route
 
-from core.codecs import CodecSet
-from core.inference import INFERENCE_ROUTES
+from core.http.codecs import CodecSet
+from core.http.inference import INFERENCE_ROUTES
 from core.types import Codec, ModelState, TensorSpec
 
 OPENAPI_VERSION = "3.1.0"
@@ -52,7 +52,7 @@ def _error_response(description: str) -> dict[str, Any]:
     return {"description": description, "content": _json({"$ref": "#/components/schemas/Error"})}
 
 
-# The routes core/app.py serves itself, keyed by path: what their replies are.
+# The routes core/http/app.py serves itself, keyed by path: what their replies are.
 _CORE_ROUTES: dict[str, dict[str, Any]] = {
     "/v2/health/live": {
         "summary": "Liveness: the process answers",

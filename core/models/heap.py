@@ -9,7 +9,7 @@ then into a permanent generation that collections skip.
 A model swapped out later (``--watch``, V2 repository load/unload) was frozen too and would never
 be collected, so a swap unfreezes the heap, and ``HeapKeeper.keep`` freezes it again once the
 old model is gone (no request holds it any more), after one full collection that frees it.
-Worker processes (``--workers``) inherit the parent's frozen heap (core/workers.py).
+Worker processes (``--workers``) inherit the parent's frozen heap (core/process/workers.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the server notes about one request as it goes: the record the access log and the
 metrics are written from when it ends.
 
-The edge middleware (core/app.py) makes one per counted request and puts it in the ASGI scope
+The edge middleware (core/http/app.py) makes one per counted request and puts it in the ASGI scope
 under ``"studio"``; the inference routes and route plugins fill it in (plugins through
 ``ServingContext.record``). Slots, not a dict: it is made on every request of the hot path.
 """

@@ -15,7 +15,7 @@ Here every opcode is interpreted by us, on values we build:
   strings, bytes or numbers, so nothing is hashed that could recurse;
 - memo indices are at most one past the last memoised (pickle writes them in order);
 - ``numpy.dtype`` and its BUILD state become a dtype we make with numpy's constructor from a
-  closed set of plain descriptors (core/pickle_dtypes.py); ``__setstate__`` never runs;
+  closed set of plain descriptors (core/wire/pickle_dtypes.py); ``__setstate__`` never runs;
 - an array is made from a checked (dtype, shape, bytes) triple with ``np.frombuffer``: the bytes'
   length must be exactly what the shape and dtype say;
 - the opcodes, the time, the bytes of arrays built, the nesting depth and the size of the result
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from core.pickle_dtypes import DtypeNode, DtypeRefused, check_built
+from core.wire.pickle_dtypes import DtypeNode, DtypeRefused, check_built
 
 MAX_NDIM = 64  # numpy's own maximum
 _MAX_INT_BYTES = 1024  # LONG1/LONG4: no legitimate number needs more; hashing one is linear

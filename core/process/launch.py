@@ -13,20 +13,27 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.activity import Activity
-from core.app import AppSettings, build_app
-from core.codecs import CodecSet
-from core.dataplane import DataPlaneOptions
+from core.dataplane.metrics import MULTIPROCESS_ENV, mark_worker_dead
+from core.dataplane.plane import DataPlaneOptions
 from core.errors import ConfigurationError
-from core.heap import HeapKeeper
 from core.host import PluginHost
-from core.interrupt import exit_on_interrupt
-from core.metrics import MULTIPROCESS_ENV, mark_worker_dead
+from core.http.activity import Activity
+from core.http.app import AppSettings, build_app
+from core.http.codecs import CodecSet
+from core.models.heap import HeapKeeper
+from core.models.repository import ModelRepository
 from core.options import serve_argv
-from core.repository import ModelRepository
-from core.serving import bind_socket, check_port_free, outside_url, run_server, socket_url, tune_malloc
+from core.process.interrupt import exit_on_interrupt
+from core.process.serving import (
+    bind_socket,
+    check_port_free,
+    outside_url,
+    run_server,
+    socket_url,
+    tune_malloc,
+)
+from core.process.workers import Supervisor, WorkerPlan
 from core.types import ServeOptions
-from core.workers import Supervisor, WorkerPlan
 
 log = logging.getLogger("studio_plugins.launch")
 
@@ -59,7 +66,7 @@ class Launch:
 
     def assemble(self, cleanup: Callable[[], None] | None = None) -> ModelRepository:
         """Every model, loaded in parallel threads (errors name the model that failed). Ctrl-C
-        or SIGTERM meanwhile exits 0 at once, after ``cleanup``: core/interrupt.py."""
+        or SIGTERM meanwhile exits 0 at once, after ``cleanup``: core/process/interrupt.py."""
         repository = ModelRepository(self.host, self.options)
         with exit_on_interrupt("loading models", cleanup):
             repository.load_all()
@@ -84,9 +91,9 @@ class Launch:
                               read_timeout=options.read_timeout)
 
     def _serve_with_workers(self) -> int:
-        """Load once here, fork the workers, supervise them (core/workers.py)."""
+        """Load once here, fork the workers, supervise them (core/process/workers.py)."""
         options = self.options
-        self.host.configure_threads(1)  # before anything runs: see core/workers.py
+        self.host.configure_threads(1)  # before anything runs: see core/process/workers.py
         metrics_dir = None
         if options.metrics:
             metrics_dir = tempfile.mkdtemp(prefix="studio-metrics-")

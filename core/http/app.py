@@ -1,13 +1,13 @@
 """The ASGI app for a mapping name -> model. ``POST /`` goes to the first (default) model.
 
-Routes: ``POST /``, ``POST /models/{name}`` (the hot path, core/inference.py, plain ASGI),
+Routes: ``POST /``, ``POST /models/{name}`` (the hot path, core/http/inference.py, plain ASGI),
 ``GET /metrics``, ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /openapi.json``
-(core/openapi.py), ``GET /docs`` and, for a browser, ``GET /`` (core/pages.py), then the route
+(core/http/openapi.py), ``GET /docs`` and, for a browser, ``GET /`` (core/http/pages.py), then the route
 plugins' (V2): one Starlette route list. Every error is JSON ``{"error", "type"}`` with a fitting
-status and never a traceback unless ``debug`` (core/replies.py). ``EdgeMiddleware`` (plain ASGI:
+status and never a traceback unless ``debug`` (core/http/replies.py). ``EdgeMiddleware`` (plain ASGI:
 Starlette's ``BaseHTTPMiddleware`` costs a task per request) does request ids, auth, activity
 counting, metrics, the access log, and calls the inference endpoint straight when one of its
-routes matches. ``--cors`` puts core/cors.py around it all.
+routes matches. ``--cors`` puts core/http/cors.py around it all.
 """
 
 from __future__ import annotations
@@ -30,22 +30,29 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.activity import Activity
-from core.body import BodyReader
-from core.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, default_budget
-from core.codecs import CodecSet
-from core.context import ServerContext
-from core.cors import with_cors
-from core.dataplane import DataPlane, DataPlaneOptions
+from core.dataplane.metrics import Metrics
+from core.dataplane.plane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
-from core.heap import HeapKeeper
-from core.inference import InferenceEndpoint, send_reply
-from core.metrics import Metrics
-from core.openapi import DocumentBuilder
-from core.pages import DOCS_HEADERS, DOCS_PAGE, INDEX_HEADERS, UNAUTHORIZED_PAGE, index_page, prefers_html
-from core.record import SCOPE_KEY, UNMATCHED, RequestRecord
-from core.replies import error_reply
-from core.repository import ModelRepository
+from core.http.activity import Activity
+from core.http.body import BodyReader
+from core.http.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, default_budget
+from core.http.codecs import CodecSet
+from core.http.context import ServerContext
+from core.http.cors import with_cors
+from core.http.inference import InferenceEndpoint, send_reply
+from core.http.openapi import DocumentBuilder
+from core.http.pages import (
+    DOCS_HEADERS,
+    DOCS_PAGE,
+    INDEX_HEADERS,
+    UNAUTHORIZED_PAGE,
+    index_page,
+    prefers_html,
+)
+from core.http.record import SCOPE_KEY, UNMATCHED, RequestRecord
+from core.http.replies import error_reply
+from core.models.heap import HeapKeeper
+from core.models.repository import ModelRepository
 from core.types import ModelState, RouteFactory, ServedModel
 from core.version import __version__
 
@@ -70,7 +77,7 @@ class AppSettings:
     """The largest request body (``--max-body``): the one source of it for the body reads, the
     decoders and ``ServingContext.max_body`` (launch copies it here from ``ServeOptions``)."""
     read_timeout: float = READ_TIMEOUT
-    """Seconds a body may take to start (0: no read timeout); see core/body_guard.py."""
+    """Seconds a body may take to start (0: no read timeout); see core/http/body_guard.py."""
     min_rate: int = MIN_RATE
     body_budget: int | None = None
     """Bytes of bodies held at once; None: ``default_budget(max_body)``; 0: unbounded."""
@@ -83,7 +90,7 @@ class AppSettings:
     in_worker: bool = False
     """One of several worker processes (--workers): models are swapped by the parent only."""
     heap: HeapKeeper | None = None
-    """Refreezes the heap after a model swap (core/heap.py); None: the heap is left alone."""
+    """Refreezes the heap after a model swap (core/models/heap.py); None: the heap is left alone."""
     on_ready: Callable[[], None] | None = None
     cors: tuple[str, ...] = ()
     """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""
@@ -193,7 +200,7 @@ class EdgeMiddleware:
         try:
             if bodies.budget:
                 # every request's first share of the body budget (a body read grows it to its
-                # size), given back below on every path: core/body_guard.py
+                # size), given back below on every path: core/http/body_guard.py
                 if bodies.free < FLOOR:
                     refusal = error_reply(bodies.overloaded(FLOOR))
                     await send_reply(send, refusal.status, refusal.body, list(refusal.headers), record)
@@ -214,7 +221,7 @@ class EdgeMiddleware:
 
     async def _uncounted(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Health and metrics: neither counted nor charged; a route there that reads a large
-        body is still charged for it (core/body_guard.py), and given it back here."""
+        body is still charged for it (core/http/body_guard.py), and given it back here."""
         try:
             await self.app(scope, receive, send)
         finally:

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from core.activity import Activity
 from core.errors import StudioError
+from core.http.activity import Activity
 
 log = logging.getLogger("studio_plugins.workers")
 

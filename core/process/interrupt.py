@@ -1,6 +1,6 @@
 """Ctrl-C (or SIGTERM) while the models load: exit 0 at once.
 
-Loads run in threads (core/repository.py) that nothing can interrupt: torch's import, a
+Loads run in threads (core/models/repository.py) that nothing can interrupt: torch's import, a
 wrapper's ``create_model``, a download. Left to Python, Ctrl-C would wait for them (the load
 pool is joined on the way out, and again at interpreter exit), then click would print
 "Aborted!" and exit 1; SIGTERM would kill the process with no word. Before the port is bound and

@@ -9,12 +9,12 @@ from typing import Any
 
 from starlette.types import Receive
 
-from core.body import BodyReader, ClientGone
-from core.dataplane import DataPlane
-from core.disconnects import DisconnectWatch
+from core.dataplane.plane import DataPlane
 from core.errors import Conflict, NotReady
-from core.record import SCOPE_KEY, RequestRecord
-from core.repository import ModelRepository
+from core.http.body import BodyReader, ClientGone
+from core.http.disconnects import DisconnectWatch
+from core.http.record import SCOPE_KEY, RequestRecord
+from core.models.repository import ModelRepository
 from core.types import ModelReply, ModelState, Payload, ServedModel
 from core.version import __version__
 
@@ -36,7 +36,7 @@ class ServerContext:
         self.disconnects = DisconnectWatch()
 
     def read_body(self, receive: Receive, declared: bytes | None) -> Awaitable[bytes]:
-        """The request's body under the server's limits (core/body.py: ``BodyReader``)."""
+        """The request's body under the server's limits (core/http/body.py: ``BodyReader``)."""
         return self.bodies.read(receive, declared)
 
     def model_names(self) -> list[str]:

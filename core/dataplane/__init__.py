@@ -1,0 +1,1 @@
+"""The data plane: admission, deadlines, batching and metrics around a model call."""

@@ -1,0 +1,1 @@
+"""HTTP: the ASGI app, its routes, and reading, decoding and answering one request."""

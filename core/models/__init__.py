@@ -1,0 +1,1 @@
+"""Models: an experiment key -> its modeldir -> a loaded model -> the served slots."""

@@ -1,0 +1,1 @@
+"""The stage engine behind ``studio_plugins.model_util.ModelPipe``."""

@@ -1,0 +1,1 @@
+"""The process: launch, serving under Hypercorn, forked workers, signals and shutdown."""

@@ -1,0 +1,1 @@
+"""The wire codec: the restricted pickle (a data-only decoder and a fast path)."""
