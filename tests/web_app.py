@@ -52,10 +52,12 @@ class ToyPlugin:
 
 
 def toy_app(home: Path, models: dict[str, tuple[str, dict[str, Any]] | None], *,
-            routes: bool = True, plugins: tuple[object, ...] = (), **settings: Any) -> Any:
+            routes: bool = True, plugins: tuple[object, ...] = (), serve: dict[str, Any] | None = None,
+            **settings: Any) -> Any:
     """The app serving ``models`` (key -> (checkpoint file name, declared inputs), or None for an
-    empty modeldir: the identity model) from the store at ``home``; ``settings``: AppSettings;
-    ``plugins``: more, registered after the toy loader."""
+    empty modeldir: the identity model, or the ``--wrapper`` in ``serve``) from the store at
+    ``home``; ``serve``: more ServeOptions; ``settings``: AppSettings; ``plugins``: more,
+    registered after the toy loader."""
     for key, model in models.items():
         modeldir = home / "experiments" / key / "modeldir"
         modeldir.mkdir(parents=True)
@@ -66,7 +68,7 @@ def toy_app(home: Path, models: dict[str, tuple[str, dict[str, Any]] | None], *,
         patch.setenv("STUDIOML_HOME", str(home))
         for variable in ("STUDIO_STORE", "STUDIO_TOKEN", "STUDIO_PLUGINS_DISABLE", "STUDIO_PLUGINS_LOAD"):
             patch.delenv(variable, raising=False)
-        repository = ModelRepository(host, ServeOptions(keys=tuple(models)))
+        repository = ModelRepository(host, ServeOptions(keys=tuple(models), **(serve or {})))
         repository.load_all()
     app = build_app(repository, AppSettings(codecs=CodecSet(host.codecs()), **settings),
                     host.route_factories() if routes else ())

@@ -21,6 +21,7 @@ import pytest
 from core.http.failed_keys import MAX_KEYS_BYTES, failed_headers, parse_failed
 from core.wire.safe_pickle import restricted_loads
 from tests import asgi
+from tests.web_app import toy_app
 
 # Each item's value says what the pipe does with it: a stage raises for "raise" and answers
 # None for "none"; anything else passes through.
@@ -49,25 +50,10 @@ PICKLE = "application/python-pickle"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One app serving ``pipe`` (the wrapper above) as its default model."""
-    from core.http.app import AppSettings, build_app
-    from core.http.codecs import CodecSet
-    from core.models.repository import ModelRepository
-    from core.types import ServeOptions
-    from studio_plugins.testing import make_host
-
     home: Path = tmp_path_factory.mktemp("studioml")
-    (home / "experiments" / "exp" / "modeldir").mkdir(parents=True)
     wrapper = home / "behaviour_pipe.py"
     wrapper.write_text(WRAPPER)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STUDIOML_HOME", str(home))
-        for variable in ("STUDIO_STORE", "STUDIO_TOKEN", "STUDIO_PLUGINS_DISABLE", "STUDIO_PLUGINS_LOAD"):
-            patch.delenv(variable, raising=False)
-        host = make_host()
-        repository = ModelRepository(host, ServeOptions(keys=("pipe",), wrapper=str(wrapper)))
-        (home / "experiments" / "pipe" / "modeldir").mkdir(parents=True)
-        repository.load_all()
-        yield build_app(repository, AppSettings(codecs=CodecSet(host.codecs())), host.route_factories())
+    yield toy_app(home, {"pipe": None}, serve={"wrapper": str(wrapper)})
 
 
 def call(app: Any, method: str, path: str, body: bytes = b"",

@@ -18,6 +18,7 @@ import pytest
 
 from tests import asgi
 from tests.npz_bodies import Member, npy, savez, zip_bytes
+from tests.web_app import toy_app
 
 MAX_BODY = 1 << 20
 NPZ = "application/x-npz"
@@ -27,24 +28,8 @@ JSON = "application/json"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The app serving experiment ``exp`` (the identity model) with ``--max-body 1 MiB``."""
-    from core.http.app import AppSettings, build_app
-    from core.http.codecs import CodecSet
-    from core.models.repository import ModelRepository
-    from core.types import ServeOptions
-    from studio_plugins.testing import make_host
-
-    home: Path = tmp_path_factory.mktemp("studioml")
-    (home / "experiments" / "exp" / "modeldir").mkdir(parents=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STUDIOML_HOME", str(home))
-        for variable in ("STUDIO_STORE", "STUDIO_TOKEN", "STUDIO_PLUGINS_DISABLE", "STUDIO_PLUGINS_LOAD"):
-            patch.delenv(variable, raising=False)
-        host = make_host()
-        options = ServeOptions(keys=("exp",), max_body=MAX_BODY, metrics=False)
-        repository = ModelRepository(host, options)
-        repository.load_all()
-        settings = AppSettings(codecs=CodecSet(host.codecs()), max_body=MAX_BODY, metrics=False)
-        yield build_app(repository, settings, host.route_factories())
+    yield toy_app(tmp_path_factory.mktemp("studioml"), {"exp": None},
+                  serve={"max_body": MAX_BODY, "metrics": False}, max_body=MAX_BODY, metrics=False)
 
 
 def post(app: Any, path: str, body: bytes, content_type: str,
