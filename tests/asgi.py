@@ -28,6 +28,12 @@ class Reply:
 def call(app: Any, method: str, path: str, headers: dict[str, str] | None = None,
          body: bytes = b"") -> Reply:
     """One request through the ASGI app, as Hypercorn would make it."""
+    return asyncio.run(asyncio.wait_for(acall(app, method, path, headers, body), timeout=30))
+
+
+async def acall(app: Any, method: str, path: str, headers: dict[str, str] | None = None,
+                body: bytes = b"") -> Reply:
+    """``call`` on a running loop: several at once share the app's data plane (queue, deadline)."""
     headers = {"Host": "127.0.0.1:5000", **(headers or {})}
     all_headers = [(b"content-length", str(len(body)).encode())]
     all_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
@@ -46,10 +52,7 @@ def call(app: Any, method: str, path: str, headers: dict[str, str] | None = None
     async def send(message: dict[str, Any]) -> None:
         replies.append(message)
 
-    async def run() -> None:
-        await asyncio.wait_for(app(scope, receive, send), timeout=30)
-
-    asyncio.run(run())
+    await app(scope, receive, send)
     start = next(m for m in replies if m["type"] == "http.response.start")
     for name, value in start.get("headers", []):  # what h11 would refuse to send, ending the connection
         assert b"\r" not in value and b"\n" not in value and value.isascii(), (name, value)

@@ -1,9 +1,8 @@
-"""Every status README.md lists that a request can get without a slow client or a slow model
-(408 and 504 need time to pass: tests/cli), in process: the status, the JSON error body
-``{"error", "type"[, "hint"]}``, and the headers the status needs (``Retry-After``, ``Allow``,
-``WWW-Authenticate``), with an ``X-Request-Id`` on every reply, for ``POST /``,
-``/models/{name}``, the V2 plugin's routes and Starlette's own 404/405 alike: one error reply
-(core/http/replies.py) behind them all."""
+"""Every status README.md lists, in process (408, a body too slow, is in
+tests/core/test_body_guard.py): the status, the JSON error body ``{"error", "type"[, "hint"]}``,
+and the headers the status needs (``Retry-After``, ``Allow``, ``WWW-Authenticate``), with an
+``X-Request-Id`` on every reply, for ``POST /``, ``/models/{name}``, the V2 plugin's routes and
+Starlette's own 404/405 alike: one error reply (core/http/replies.py) behind them all."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import asyncio
 import io
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.dataplane.plane import DataPlaneOptions
 from core.http.body_guard import FLOOR
 from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl
+from tests.asgi import acall
 from tests.web_app import BROWSER_ACCEPT, Reply, call, toy_app
 
 PICKLE = "application/python-pickle"
@@ -32,7 +34,8 @@ V2_BODY = json.dumps(
 
 
 class BoomLoader(Loader):
-    """``*.boom``: a model that raises (a bug in the model) when the request has ``explode``."""
+    """``*.boom``: a model that raises (a bug in the model) when the request has ``explode``, and
+    takes ``sleep`` seconds when it has that."""
 
     name = "boom"
     patterns = ("*.boom",)
@@ -41,6 +44,8 @@ class BoomLoader(Loader):
         def predict(payload: dict[str, Any]) -> dict[str, Any]:
             if "explode" in payload:
                 raise RuntimeError("kaboom")
+            if "sleep" in payload:
+                time.sleep(float(payload["sleep"]))
             return payload
 
         return ServedModel(predict, "boom", checkpoint)
@@ -289,6 +294,40 @@ def test_503_an_unloaded_model(tmp_path: Path) -> None:
     ready = call(app, "GET", "/v2/models/exp/ready")
     assert ready.status == 400 and ready.json()["ready"] is False  # the protocol's "no"
     assert post(app, "/models/plain", pickled(x=np.ones(1))).status == 200
+
+
+def test_503_overloaded_past_max_queue_says_when_to_retry(tmp_path: Path) -> None:
+    """With ``--max-queue 1`` and a request running, the next is refused at once, with
+    ``Retry-After``; once the first is answered, the next is served."""
+    app = toy_app(tmp_path, MODELS, plugins=(BoomPlugin(),), dataplane=DataPlaneOptions(max_queue=1))
+
+    async def both() -> tuple[Reply, Reply]:
+        slow = asyncio.ensure_future(acall(app, "POST", "/models/boom", {"Content-Type": PICKLE},
+                                           pickled(sleep=np.float64(0.5))))
+        await asyncio.sleep(0.1)  # the slow one is admitted and running
+        refused = await acall(app, "POST", "/models/boom", {"Content-Type": PICKLE}, pickled(x=np.ones(1)))
+        return await slow, refused
+
+    served, refused = asyncio.run(both())
+    assert served.status == 200, served.body
+    assert_error(refused, 503, "Overloaded", "--max-queue")
+    assert refused.headers["retry-after"] == "1"
+    assert post(app, "/models/boom", pickled(x=np.ones(1))).status == 200
+
+
+# --- 504 ---------------------------------------------------------------------------------------
+
+
+def test_504_past_the_timeout_and_the_server_serves_on(tmp_path: Path) -> None:
+    app = toy_app(tmp_path, MODELS, plugins=(BoomPlugin(),), dataplane=DataPlaneOptions(timeout=0.2))
+    started = time.monotonic()
+    assert_error(post(app, "/models/boom", pickled(sleep=np.float64(1.0))), 504, "DeadlineExceeded",
+                 "--timeout")
+    assert time.monotonic() - started < 0.9  # answered at the deadline, not when the model returned
+    assert_error(post(app, "/v2/models/boom/infer", json.dumps({"inputs": [
+        {"name": "sleep", "datatype": "FP64", "shape": [], "data": [1.0]}]}).encode(), JSON),
+        504, "DeadlineExceeded")
+    assert post(app, "/models/boom", pickled(x=np.ones(1))).status == 200
 
 
 # --- metric labels: the routes' own templates ---------------------------------------------------
