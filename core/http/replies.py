@@ -24,7 +24,8 @@ from core.errors import MethodNotAllowed, Overloaded, StudioError, Unauthorized
 log = logging.getLogger("studio_plugins.app")
 
 JSON = b"application/json"
-NOT_FOUND_HINT = " (routes: POST /, POST /models/NAME, /v2/..., GET /metrics; all: GET /docs)"
+NOT_FOUND_HINT = " (POST / or POST /models/NAME to infer; GET /docs lists every route)"
+"""Core names only its own routes: a plugin's (V2's) are on the /docs page with the rest."""
 _HTTP_TYPES = {404: "NotFound", 405: "MethodNotAllowed"}
 
 
