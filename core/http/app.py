@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,7 +52,6 @@ from core.http.pages import (
 )
 from core.http.record import SCOPE_KEY, UNMATCHED, RequestRecord
 from core.http.replies import error_reply
-from core.models.heap import HeapKeeper
 from core.models.repository import ModelRepository
 from core.types import ModelState, RouteFactory, ServedModel
 from core.version import __version__
@@ -67,6 +67,15 @@ PUBLIC_PATHS = frozenset({"/docs"})
 """Answered without the token: a static page that holds no data of the server (it fetches
 /openapi.json, which needs the token, and asks the user for it)."""
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class SwapKeeper(Protocol):
+    """What the app tells about a model swap: the process above it (core/process/heap.py) keeps
+    the heap frozen, and must see a swapped-out model let go of."""
+
+    def retire(self, old_model: Any) -> None: ...
+
+    async def keep(self) -> None: ...
 
 
 @dataclass
@@ -89,8 +98,9 @@ class AppSettings:
     watch: float = 0.0
     in_worker: bool = False
     """One of several worker processes (--workers): models are swapped by the parent only."""
-    heap: HeapKeeper | None = None
-    """Refreezes the heap after a model swap (core/models/heap.py); None: the heap is left alone."""
+    heap: SwapKeeper | None = None
+    """Refreezes the heap after a model swap (core/process/heap.py's ``HeapKeeper``, given by the
+    process that froze it); None: the heap is left alone."""
     on_ready: Callable[[], None] | None = None
     cors: tuple[str, ...] = ()
     """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""

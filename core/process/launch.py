@@ -20,9 +20,9 @@ from core.host import PluginHost
 from core.http.activity import Activity
 from core.http.app import AppSettings, build_app
 from core.http.codecs import CodecSet
-from core.models.heap import HeapKeeper
 from core.models.repository import ModelRepository
 from core.options import serve_argv
+from core.process.heap import HeapKeeper
 from core.process.interrupt import exit_on_interrupt
 from core.process.serving import (
     bind_socket,

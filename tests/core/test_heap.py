@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.models.heap import HeapKeeper
+from core.process.heap import HeapKeeper
 from core.types import ServedModel
 
 

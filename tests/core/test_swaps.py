@@ -13,8 +13,8 @@ import pytest
 
 from core.http.app import AppSettings, build_app
 from core.http.codecs import CodecSet
-from core.models.heap import HeapKeeper
 from core.models.repository import ModelRepository
+from core.process.heap import HeapKeeper
 from studio_plugins.testing import make_host
 
 
