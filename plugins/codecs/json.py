@@ -13,6 +13,7 @@ which they refuse.) numpy reads ``null`` back as NaN: ``np.array(values, float)`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -73,6 +74,12 @@ def _to_array(name: str, value: Any, budget: list[int]) -> tuple[Any, bool]:
             f"decoded inputs may hold {budget[0]} more (--max-body)"
         )
     array = np.asarray(leaves)
+    if array.dtype.kind == "f" and float not in kinds:
+        # integers past int64 beside small ones: numpy makes float64 of them (rounded), but uint64
+        # of the same beside a boolean, so the echo of one changed type (found by the fuzzer:
+        # tests/corpus/json_codec/uint64-beside-a-small-int); uint64 whenever they all fit it
+        with contextlib.suppress(OverflowError):
+            array = np.asarray(leaves, dtype=np.uint64)
     if array.dtype.kind not in "biuf":  # integers past 64 bits: object
         return value, True
     try:

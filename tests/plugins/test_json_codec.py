@@ -31,7 +31,9 @@ def test_legitimate_bodies_decode_as_before() -> None:
     })
     assert decoded["x"].dtype == np.int64 and decoded["x"].shape == (2, 2)
     assert decoded["f"].tolist() == [0.5, 1.0] and decoded["b"].dtype == np.bool_
-    assert decoded["mixed"].tolist() == [1, 2] and decoded["u64"].dtype == np.float64
+    assert decoded["mixed"].tolist() == [1, 2]
+    # exact, where numpy alone made float64 of it (2**64 - 1 rounded): see the uint64 test below
+    assert decoded["u64"].dtype == np.uint64 and decoded["u64"].tolist() == [2**64 - 1, 0]
     for kept in ("s", "ragged", "strings", "none", "big", "scalar", "obj", "empty"):
         assert not isinstance(decoded[kept], np.ndarray), kept
     assert decoded["empty_rows"].shape == (2, 0)
@@ -84,6 +86,18 @@ def test_a_long_string_among_numbers_is_kept_without_numpy_allocating_its_width(
     finally:
         tracemalloc.stop()
     assert isinstance(decoded["x"], list) and peak < 32 << 20
+
+
+@pytest.mark.parametrize("small", ["0", "false"])
+def test_integers_past_int64_keep_their_value_beside_small_ones(small: str) -> None:
+    # numpy made float64 (rounded) of [2**64 - 450, 0] but uint64 of [2**64 - 450, false], so the
+    # echo of the second changed type (found by the fuzzer: tests/corpus/json_codec)
+    body = b'{"f": [18446744073709551166, %s]}' % small.encode()
+    decoded = codec.decode(body, 1 << 20)["f"]
+    assert decoded.dtype == np.uint64 and decoded.tolist() == [18446744073709551166, 0]
+    echo = codec.decode(codec.encode({"f": decoded}), 1 << 20)["f"]
+    assert echo.dtype == np.uint64 and echo.tolist() == decoded.tolist()
+    assert codec.decode(b'{"f": [18446744073709551166, -1]}', 1 << 20)["f"].dtype == np.float64
 
 
 def test_lists_beside_values_are_kept() -> None:
