@@ -18,7 +18,8 @@ from fuzz import CLIENT_ERRORS
 from fuzz.instrument import loaded
 
 loaded(
-    "core.wire.fast_pickle", "core.wire.pickle_dtypes", "core.wire.pickle_decoder", "core.wire.safe_pickle"
+    "core.wire.fast_pickle", "core.wire.pickle_dtypes", "core.wire.pickle_decoder", "core.wire.pickle_values",
+    "core.wire.pickle_finish", "core.wire.safe_pickle"
 )
 
 LIMIT = 1 << 22  # 4 MiB: large enough for every seed, small enough to find amplification fast

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from plugins.stores.safe_tar import _Member, _Writer, extract_archive
+from plugins.stores.safe_tar import _Writer, extract_archive
+from plugins.stores.safe_tar_members import Member
 from studio_plugins import StoreError
 
 MTIME = 1_600_000_000
@@ -233,9 +234,9 @@ def test_bytes_are_counted_as_written(box: Box) -> None:
     info = regular("big.bin", bytes(10))[0]
     writer = _Writer(box.target, max_bytes=1000)
     try:
-        writer.file(_Member(info, "a/big.bin", False), io.BytesIO(bytes(600)))
+        writer.file(Member(info, "a/big.bin", False), io.BytesIO(bytes(600)))
         with pytest.raises(Exception, match="past 1000 bytes"):
-            writer.file(_Member(info, "b.bin", False), io.BytesIO(bytes(600)))
+            writer.file(Member(info, "b.bin", False), io.BytesIO(bytes(600)))
     finally:
         writer.close()
     assert (box.target / "a" / "big.bin").stat().st_size == 600
