@@ -8,17 +8,18 @@ partial failure.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
+from plugins.backends.ec2.backoff import Backoff, Sleep, delete_when_free
 from plugins.backends.ec2.instances import tag_list, tags_of
 from studio_plugins import BackendError
 
 HEALTH_PATH = "/v2/health/ready"
-Sleep = Callable[[float], None]
 
 
 def tolerating(codes: Iterable[str], what: str, call: Callable[..., Any], **kwargs: Any) -> Any:
@@ -108,8 +109,7 @@ def resource_label(balancer_arn: str, target_group_arn: str) -> str:
 
 def wait_active(elb: Any, arn: str, timeout: float, sleep: Sleep = time.sleep) -> None:
     """Wait (with backoff) until the balancer is provisioned (a few minutes on AWS)."""
-    deadline = time.monotonic() + timeout
-    delay, state = 2.0, "provisioning"
+    backoff = Backoff(timeout, sleep=sleep)
     while True:
         with aws_errors(BackendError, "the load balancer"):
             found = elb.describe_load_balancers(LoadBalancerArns=[arn])["LoadBalancers"]
@@ -119,11 +119,10 @@ def wait_active(elb: Any, arn: str, timeout: float, sleep: Sleep = time.sleep) -
         if state in ("failed", "gone"):
             reason = found[0]["State"].get("Reason", "") if found else ""
             raise BackendError(f"the load balancer is {state} {reason}".rstrip())
-        if time.monotonic() + delay > deadline:
+        if backoff.spent:
             raise BackendError(f"the load balancer is still {state} after {timeout:g} s",
                                hint="use a longer --launch-timeout")
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        backoff.pause()
 
 
 # --- finding and removing ------------------------------------------------------------------------
@@ -189,35 +188,20 @@ def delete_balancer(elb: Any, arn: str, timeout: float = 300.0, sleep: Sleep = t
         delete_listener(elb, listener["ListenerArn"])
     tolerating(["LoadBalancerNotFound"], "the load balancer", elb.delete_load_balancer,
                LoadBalancerArn=arn)
-    deadline = time.monotonic() + timeout
-    delay = 2.0
+    backoff = Backoff(timeout, sleep=sleep)
     while True:
         found = tolerating(["LoadBalancerNotFound"], "the load balancer",
                            elb.describe_load_balancers, LoadBalancerArns=[arn])
         if not found or not found["LoadBalancers"]:
             return True
-        if time.monotonic() + delay > deadline:
+        if backoff.spent:
             return False
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        backoff.pause()
 
 
 def delete_target_group(elb: Any, arn: str, timeout: float = 120.0, sleep: Sleep = time.sleep) -> bool:
     """Delete it, retrying while a listener being deleted still uses it. True when it is gone."""
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
-        try:
-            elb.delete_target_group(TargetGroupArn=arn)
-            return True
-        except Exception as exc:
-            code = error_code(exc)
-            if code == "TargetGroupNotFound":
-                return True
-            if code != "ResourceInUse":
-                with aws_errors(BackendError, "the target group"):
-                    raise
-            if time.monotonic() + delay > deadline:
-                return False
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+    with aws_errors(BackendError, "the target group"):
+        return delete_when_free(functools.partial(elb.delete_target_group, TargetGroupArn=arn),
+                                gone="TargetGroupNotFound", in_use="ResourceInUse",
+                                backoff=Backoff(timeout, sleep=sleep))

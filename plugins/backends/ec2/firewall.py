@@ -7,12 +7,13 @@ of creating another; ``studio-plug stop`` deletes ours once no instance uses the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
-import time
 from typing import Any
 
-from plugins.aws import aws_errors, error_code
+from plugins.aws import aws_errors
+from plugins.backends.ec2.backoff import Backoff, delete_when_free
 from studio_plugins import BackendError, ConfigurationError
 
 MANAGED_TAG = "studio-plug:managed"
@@ -115,21 +116,14 @@ def ensure_group(
 
 def delete_group(ec2: Any, group_id: str, timeout: float = 180.0) -> bool:
     """Delete a group, retrying while AWS still sees it in use (an instance shutting down).
-    True when it is gone."""
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
-        try:
-            ec2.delete_security_group(GroupId=group_id)
-            return True
-        except Exception as exc:
-            code = error_code(exc)
-            if code == "InvalidGroup.NotFound":
-                return True
-            if code != "DependencyViolation" or time.monotonic() + delay > deadline:
-                return False
-        time.sleep(delay)
-        delay = min(delay * 2, 15.0)
+    True when it is gone; False when it is not, whatever the reason: callers report what is
+    left (and ``studio-plug stop --all`` retries), they do not stop at it."""
+    try:
+        return delete_when_free(functools.partial(ec2.delete_security_group, GroupId=group_id),
+                                gone="InvalidGroup.NotFound", in_use="DependencyViolation",
+                                backoff=Backoff(timeout, factor=2.0))
+    except Exception:
+        return False
 
 
 def vpc_for(ec2: Any, subnet_id: str | None) -> str:
