@@ -7,7 +7,6 @@ import functools
 import time
 from typing import Any
 
-from plugins.aws import aws_errors
 from plugins.backends.ec2.autoscaling import (
     create_launch_template,
     create_scaling_group,
@@ -28,31 +27,18 @@ from plugins.backends.ec2.balancer import (
     resource_label,
     wait_active,
 )
-from plugins.backends.ec2.firewall import delete_group, normalise_cidr
+from plugins.backends.ec2.firewall import create_group, delete_group, normalise_cidr
 from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
-from plugins.backends.ec2.instances import tag_list, wait_ready
+from plugins.backends.ec2.instances import wait_ready
 from plugins.backends.ec2.plan import Undo, say
-from studio_plugins import BackendError
 
 
 def create_security_group(
     ec2: Any, vpc_id: str, name: str, role: str, permissions: list[dict[str, Any]],
     tags: dict[str, str],
 ) -> str:
-    all_tags = {**tags, "Name": name, ROLE_TAG: role}
-    with aws_errors(BackendError, f"security group {name}"):
-        group_id = str(ec2.create_security_group(
-            GroupName=name, Description=f"studio-plug fleet {tags[FLEET_TAG]}: {role}",
-            VpcId=vpc_id,
-            TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(all_tags)}],
-        )["GroupId"])
-    try:
-        with aws_errors(BackendError, f"security group {group_id}"):
-            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)
-    except BaseException:
-        delete_group(ec2, group_id, timeout=0)
-        raise
-    return group_id
+    return create_group(ec2, vpc_id, name, f"studio-plug fleet {tags[FLEET_TAG]}: {role}",
+                        permissions, {**tags, "Name": name, ROLE_TAG: role})
 
 
 def from_cidr(port: int, cidr: str, description: str) -> dict[str, Any]:
