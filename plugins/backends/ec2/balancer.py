@@ -139,41 +139,64 @@ def elb_tags(elb: Any, arns: list[str]) -> dict[str, dict[str, str]]:
     return tags
 
 
+def _with_tags(elb: Any, resources: list[dict[str, Any]], arn_key: str) -> list[dict[str, Any]]:
+    """``resources`` (balancers or target groups) each with its ``Tags``, which ELB's describe
+    calls leave out, so that they read like EC2's (``tags_of``)."""
+    tags = elb_tags(elb, [r[arn_key] for r in resources])
+    return [{**r, "Tags": tag_list(tags.get(r[arn_key], {}))} for r in resources]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What finding one kind of ELB resource by name or by tag needs to know."""
+
+    what: str
+    describe: str
+    items: str
+    arn: str
+    missing: str
+
+
+_BALANCERS = _Kind("load balancer", "describe_load_balancers", "LoadBalancers", "LoadBalancerArn",
+                   "LoadBalancerNotFound")
+_TARGET_GROUPS = _Kind("target group", "describe_target_groups", "TargetGroups", "TargetGroupArn",
+                       "TargetGroupNotFound")
+
+
+def _find(elb: Any, kind: _Kind, name: str) -> dict[str, Any] | None:
+    found = tolerating([kind.missing], f"{kind.what} {name}", getattr(elb, kind.describe),
+                       Names=[name])
+    if not found or not found[kind.items]:
+        return None
+    return _with_tags(elb, found[kind.items][:1], kind.arn)[0]
+
+
 def find_balancer(elb: Any, name: str) -> dict[str, Any] | None:
     """The balancer named ``name`` with its ``Tags``, or None."""
-    found = tolerating(["LoadBalancerNotFound"], f"load balancer {name}",
-                       elb.describe_load_balancers, Names=[name])
-    if not found or not found["LoadBalancers"]:
-        return None
-    balancer = dict(found["LoadBalancers"][0])
-    balancer["Tags"] = tag_list(elb_tags(elb, [balancer["LoadBalancerArn"]]).get(
-        balancer["LoadBalancerArn"], {}))
-    return balancer
+    return _find(elb, _BALANCERS, name)
 
 
 def find_target_group(elb: Any, name: str) -> dict[str, Any] | None:
-    found = tolerating(["TargetGroupNotFound"], f"target group {name}",
-                       elb.describe_target_groups, Names=[name])
-    if not found or not found["TargetGroups"]:
-        return None
-    group = dict(found["TargetGroups"][0])
-    group["Tags"] = tag_list(elb_tags(elb, [group["TargetGroupArn"]]).get(group["TargetGroupArn"], {}))
-    return group
+    """The target group named ``name`` with its ``Tags``, or None."""
+    return _find(elb, _TARGET_GROUPS, name)
+
+
+def _tagged(elb: Any, kind: _Kind, tag: str, value: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    with aws_errors(BackendError, f"{kind.what}s"):
+        for page in elb.get_paginator(kind.describe).paginate():
+            found.extend(page[kind.items])
+    return [r for r in _with_tags(elb, found, kind.arn) if tags_of(r).get(tag) == value]
 
 
 def tagged_balancers(elb: Any, tag: str, value: str) -> list[dict[str, Any]]:
     """Every balancer whose tag ``tag`` is ``value``, with its ``Tags``."""
-    balancers: list[dict[str, Any]] = []
-    with aws_errors(BackendError, "load balancers"):
-        for page in elb.get_paginator("describe_load_balancers").paginate():
-            balancers.extend(page["LoadBalancers"])
-    tags = elb_tags(elb, [b["LoadBalancerArn"] for b in balancers])
-    ours = []
-    for balancer in balancers:
-        own = tags.get(balancer["LoadBalancerArn"], {})
-        if own.get(tag) == value:
-            ours.append({**balancer, "Tags": tag_list(own)})
-    return ours
+    return _tagged(elb, _BALANCERS, tag, value)
+
+
+def tagged_target_groups(elb: Any, tag: str, value: str) -> list[dict[str, Any]]:
+    """Every target group whose tag ``tag`` is ``value``, with its ``Tags``."""
+    return _tagged(elb, _TARGET_GROUPS, tag, value)
 
 
 def delete_listener(elb: Any, arn: str) -> None:
