@@ -3,7 +3,6 @@ one fails (or on Ctrl-C); on success it prints the balancer's URL, the fleet's n
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ from plugins.backends.ec2.balancer import (
 from plugins.backends.ec2.firewall import create_group, delete_group, normalise_cidr
 from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
 from plugins.backends.ec2.instances import wait_ready
-from plugins.backends.ec2.plan import Undo, say
+from plugins.backends.ec2.plan import creating, say
 
 
 def create_security_group(
@@ -56,18 +55,8 @@ def from_group(port: int, group_id: str, description: str) -> dict[str, Any]:
 def execute_fleet(fp: FleetPlan) -> int:
     base, c, name = fp.base, fp.clients, fp.name
     o, s = base.options, base.ec2_options
-    if not s.iam_profile:
-        say(f"note: without --iam-profile the replicas need another way to read {base.store.url}")
-    if base.token is None:
-        say(f"warning: --no-auth: anyone who can reach port {fp.lb_port} from {s.cidr} may use "
-            "the model")
     deadline = time.monotonic() + s.launch_timeout
-    undo = Undo()
-    with undo.on_failure():
-        for local, key in base.wrapper_uploads:
-            base.store.upload(local, key)
-            undo.push(f"deleting s3://{base.store.location.bucket}/{key}",
-                      functools.partial(base.store.delete, key))
+    with creating(base, readers="the replicas need", port=fp.lb_port) as undo:
         balancer_group, replica_group = security_group_names(name)
         lb_group = create_security_group(
             c.ec2, base.vpc_id, balancer_group, "balancer",

@@ -3,12 +3,14 @@
 Everything that can be checked without creating anything is checked first (store, experiment,
 instance type, AMI, VPC), into a ``Plan``. Creating is then done under an ``Undo``: if anything
 fails from there on (or Ctrl-C), what this command created is removed again, newest first.
+``creating`` is how both paths begin: notes, the wrapper uploads, and that ``Undo``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -215,3 +217,24 @@ class Undo:
             except Exception as exc:  # keep undoing the rest
                 say(f"warning: {what} failed: {exc}; `studio-plug stop --all` retries")
         self.steps.clear()
+
+
+@contextlib.contextmanager
+def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
+    """The opening a single server and a fleet share: say what the user should know before
+    anything is created, then upload the wrappers, under the ``Undo`` the body goes on with.
+
+    ``readers`` says who reads the store (``the instance needs``), ``port`` is where the
+    server is reached (a fleet's is the balancer's)."""
+    s = plan.ec2_options
+    if not s.iam_profile:
+        say(f"note: without --iam-profile {readers} another way to read {plan.store.url}")
+    if plan.token is None:
+        say(f"warning: --no-auth: anyone who can reach port {port} from {s.cidr} may use the model")
+    undo = Undo()
+    with undo.on_failure():
+        for local, key in plan.wrapper_uploads:
+            plan.store.upload(local, key)
+            undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
+                      functools.partial(plan.store.delete, key))
+        yield undo

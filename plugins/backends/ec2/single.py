@@ -8,14 +8,13 @@ instance terminates itself once ``serve`` exits (``--killafter``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from plugins.aws import aws_errors
 from plugins.backends.ec2.firewall import delete_group, ensure_group, wanted_rules
 from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address, wait_ready
 from plugins.backends.ec2.inventory import terminate
-from plugins.backends.ec2.plan import Plan, Undo, say
+from plugins.backends.ec2.plan import Plan, creating, say
 from studio_plugins import BackendError
 
 
@@ -48,16 +47,7 @@ def run_instance(plan: Plan, group_id: str) -> str:
 
 def execute(plan: Plan) -> int:
     o, s, ec2 = plan.options, plan.ec2_options, plan.ec2
-    if not s.iam_profile:
-        say(f"note: without --iam-profile the instance needs another way to read {plan.store.url}")
-    if plan.token is None:
-        say(f"warning: --no-auth: anyone who can reach port {o.port} from {s.cidr} may use the model")
-    undo = Undo()
-    with undo.on_failure():
-        for local, key in plan.wrapper_uploads:
-            plan.store.upload(local, key)
-            undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
-                      functools.partial(plan.store.delete, key))
+    with creating(plan, readers="the instance needs", port=o.port) as undo:
         rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
         group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
             k: v for k, v in plan.tags.items() if k not in (KEY_TAG, STARTED_BY_TAG, "Name")
