@@ -199,6 +199,33 @@ def test_instance_type_table_and_overrides(cloud) -> None:
     assert code == 1 and err.startswith("error: EC2 has no instance type 'x9.nonsense' in us-east-1")
 
 
+def test_every_backend_option_given_on_the_command_line_is_read_back() -> None:
+    # each option is declared once (plugins/backends/ec2/flags.py): its flag comes from its field
+    import dataclasses
+
+    from plugins.backends.ec2.fleet_options import FleetOptions
+    from plugins.backends.ec2.options import Ec2Options
+
+    argv = shlex.split(
+        "studio-plug serve exp --cloud ec2 --instance-type g5.xlarge --region eu-west-1 --ami ami-1 "
+        "--key-name mine --cidr 10.0.0.0/8 --subnet-id subnet-1 --iam-profile reader --no-auth "
+        "--wait-ready --launch-timeout 60 --install studio-plugins --replicas 2 --min-replicas 1 "
+        "--max-replicas 3 --target-rps 2.5 --lb-port 8000 --fleet-name exp-prod")
+    options = parse_serve_argv(make_host(), argv)
+    ec2, fleet = Ec2Options.from_options(options), FleetOptions.from_options(options)
+    assert ec2 == Ec2Options(
+        instance_type="g5.xlarge", region="eu-west-1", ami="ami-1", key_name="mine",
+        cidr="10.0.0.0/8", subnet_id="subnet-1", iam_profile="reader", no_auth=True,
+        wait_ready=True, launch_timeout=60.0, install="studio-plugins")
+    assert fleet == FleetOptions(replicas=2, min_replicas=1, max_replicas=3, target_rps=2.5,
+                                 lb_port=8000, fleet_name="exp-prod")
+    for given in (ec2, fleet):  # every field was given (a new one must join the command line)
+        assert all(getattr(given, f.name) != f.default for f in dataclasses.fields(given))
+    defaults = parse_serve_argv(make_host(), ["studio-plug", "serve", "exp", "--cloud", "ec2"])
+    assert Ec2Options.from_options(defaults) == Ec2Options()
+    assert Ec2Options().launch_timeout == 900.0 and Ec2Options().cidr == "0.0.0.0/0"
+
+
 def test_refusals_before_anything_is_created(
     cloud, studio_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
