@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from plugins.backends.ec2.backoff import Backoff, delete_when_free
+from plugins.backends.ec2.backoff import Backoff, delete_when_free, wait_until
 
 
 def aws_error(code: str) -> ClientError:
@@ -35,6 +35,18 @@ def test_pauses_grow_by_the_factor_up_to_15_seconds() -> None:
         backoff.pause()
     assert pauses == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
     assert Backoff(1.0, first=2.0).spent  # a pause that would end past the timeout is not taken
+
+
+def test_wait_until_polls_until_done_or_the_time_is_spent() -> None:
+    pauses: list[float] = []
+    answers = iter([False, False, True])
+    assert wait_until(lambda: next(answers), Backoff(60, sleep=pauses.append))
+    assert pauses == [2.0, 3.0]
+    polls: list[float] = []
+    # (no time passes here) pauses of 2 and 3 s fit in 4 s, the next, 4.5, would not: three
+    # polls, then False
+    assert not wait_until(lambda: polls.append(1) or False, Backoff(4, sleep=polls.append))
+    assert polls == [1, 2.0, 1, 3.0, 1]
 
 
 def test_a_delete_is_retried_while_in_use_and_gone_counts_as_deleted() -> None:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
-from plugins.backends.ec2.backoff import Backoff, Sleep
+from plugins.backends.ec2.backoff import Backoff, Sleep, wait_until
 from plugins.backends.ec2.balancer import tolerating
 from plugins.backends.ec2.fleet_options import Sizes
 from plugins.backends.ec2.instances import LIVE_STATES, describe, tag_list
@@ -186,13 +186,8 @@ def delete_scaling_group(
             if error_code(exc) not in ("ValidationError", "ScalingActivityInProgress", "ResourceInUse"):
                 with aws_errors(BackendError, what):
                     raise
-    backoff = Backoff(timeout, sleep=sleep)
-    while True:
-        if find_scaling_group(asg, name) is None and not live_instances(ec2, name):
-            return True
-        if backoff.spent:
-            return False
-        backoff.pause()
+    return wait_until(lambda: find_scaling_group(asg, name) is None and not live_instances(ec2, name),
+                      Backoff(timeout, sleep=sleep))
 
 
 def find_launch_template(ec2: Any, name: str) -> dict[str, Any] | None:

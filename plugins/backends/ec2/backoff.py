@@ -40,6 +40,16 @@ class Backoff:
         self.delay = min(self.delay * self.factor, LONGEST)
 
 
+def wait_until(done: Callable[[], bool], backoff: Backoff) -> bool:
+    """Poll ``done()`` until it is true (True) or ``backoff`` is spent (False)."""
+    while True:
+        if done():
+            return True
+        if backoff.spent:
+            return False
+        backoff.pause()
+
+
 def delete_when_free(delete: Callable[[], Any], *, gone: str, in_use: str, backoff: Backoff) -> bool:
     """``delete()``, again while AWS answers ``in_use`` (what used it, an instance or listener,
     is still being removed). True once it is deleted or AWS answers ``gone`` (it already was);

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
-from plugins.backends.ec2.backoff import Backoff, Sleep, delete_when_free
+from plugins.backends.ec2.backoff import Backoff, Sleep, delete_when_free, wait_until
 from plugins.backends.ec2.instances import tag_list, tags_of
 from studio_plugins import BackendError
 
@@ -211,15 +211,13 @@ def delete_balancer(elb: Any, arn: str, timeout: float = 300.0, sleep: Sleep = t
         delete_listener(elb, listener["ListenerArn"])
     tolerating(["LoadBalancerNotFound"], "the load balancer", elb.delete_load_balancer,
                LoadBalancerArn=arn)
-    backoff = Backoff(timeout, sleep=sleep)
-    while True:
+
+    def gone() -> bool:
         found = tolerating(["LoadBalancerNotFound"], "the load balancer",
                            elb.describe_load_balancers, LoadBalancerArns=[arn])
-        if not found or not found["LoadBalancers"]:
-            return True
-        if backoff.spent:
-            return False
-        backoff.pause()
+        return not found or not found["LoadBalancers"]
+
+    return wait_until(gone, Backoff(timeout, sleep=sleep))
 
 
 def delete_target_group(elb: Any, arn: str, timeout: float = 120.0, sleep: Sleep = time.sleep) -> bool:
