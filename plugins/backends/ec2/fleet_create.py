@@ -28,8 +28,7 @@ from plugins.backends.ec2.balancer import (
 )
 from plugins.backends.ec2.firewall import create_group, delete_group, normalise_cidr
 from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
-from plugins.backends.ec2.instances import wait_ready
-from plugins.backends.ec2.plan import creating, say
+from plugins.backends.ec2.plan import announce, await_ready, creating, say
 
 
 def create_security_group(
@@ -109,15 +108,10 @@ def execute_fleet(fp: FleetPlan) -> int:
         wait_active(c.elb, balancer.arn, max(deadline - time.monotonic(), 1.0))
         wait_in_service(c.asg, name, sizes.desired, max(deadline - time.monotonic(), 1.0))
         url = balancer_url(balancer.dns_name, fp.lb_port)
-        if s.wait_ready:
-            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-            wait_ready(url, max(deadline - time.monotonic(), 1.0))
-    print(url, flush=True)
-    print(f"fleet: {name} ({sizes.desired} x {base.instance_type} in {base.region}"
-          + (f", {sizes.minimum}-{sizes.maximum} at {fp.target_rps:g} req/s each" if sizes.scales
-             else "") + ")", flush=True)
-    if base.token:
-        print(f"token: {base.token}", flush=True)
+        await_ready(base, url, max(deadline - time.monotonic(), 1.0))
+    announce(base, url, f"fleet: {name} ({sizes.desired} x {base.instance_type} in {base.region}"
+             + (f", {sizes.minimum}-{sizes.maximum} at {fp.target_rps:g} req/s each"
+                if sizes.scales else "") + ")")
     say(f"the fleet bills (instances and the load balancer) until you stop it: "
         f"`studio-plug stop {name} --region {base.region}`")
     return 0

@@ -12,9 +12,9 @@ from typing import Any
 
 from plugins.aws import aws_errors
 from plugins.backends.ec2.firewall import delete_group, ensure_group, wanted_rules
-from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address, wait_ready
+from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address
 from plugins.backends.ec2.inventory import terminate
-from plugins.backends.ec2.plan import Plan, creating, say
+from plugins.backends.ec2.plan import Plan, announce, await_ready, creating, say
 from studio_plugins import BackendError
 
 
@@ -62,13 +62,8 @@ def execute(plan: Plan) -> int:
             f"in {plan.region}; waiting for it to run (at most {s.launch_timeout:g} s)")
         address = wait_for_address(ec2, instance_id, s.launch_timeout)
         url = f"http://{address}:{o.port}/"
-        if s.wait_ready:
-            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-            wait_ready(url, s.launch_timeout)
-    print(url, flush=True)
-    print(f"instance: {instance_id} ({plan.instance_type} in {plan.region})", flush=True)
-    if plan.token:
-        print(f"token: {plan.token}", flush=True)
+        await_ready(plan, url, s.launch_timeout)
+    announce(plan, url, f"instance: {instance_id} ({plan.instance_type} in {plan.region})")
     say(f"it stops itself after {o.killafter:g} s without requests; now: "
         f"`studio-plug stop {instance_id} --region {plan.region}`")
     return 0
