@@ -199,6 +199,33 @@ def test_instance_type_table_and_overrides(cloud) -> None:
     assert code == 1 and err.startswith("error: EC2 has no instance type 'x9.nonsense' in us-east-1")
 
 
+def test_every_backend_option_given_on_the_command_line_is_read_back() -> None:
+    # each option is declared once (plugins/backends/ec2/flags.py): its flag comes from its field
+    import dataclasses
+
+    from plugins.backends.ec2.fleet_options import FleetOptions
+    from plugins.backends.ec2.options import Ec2Options
+
+    argv = shlex.split(
+        "studio-plug serve exp --cloud ec2 --instance-type g5.xlarge --region eu-west-1 --ami ami-1 "
+        "--key-name mine --cidr 10.0.0.0/8 --subnet-id subnet-1 --iam-profile reader --no-auth "
+        "--wait-ready --launch-timeout 60 --install studio-plugins --replicas 2 --min-replicas 1 "
+        "--max-replicas 3 --target-rps 2.5 --lb-port 8000 --fleet-name exp-prod")
+    options = parse_serve_argv(make_host(), argv)
+    ec2, fleet = Ec2Options.from_options(options), FleetOptions.from_options(options)
+    assert ec2 == Ec2Options(
+        instance_type="g5.xlarge", region="eu-west-1", ami="ami-1", key_name="mine",
+        cidr="10.0.0.0/8", subnet_id="subnet-1", iam_profile="reader", no_auth=True,
+        wait_ready=True, launch_timeout=60.0, install="studio-plugins")
+    assert fleet == FleetOptions(replicas=2, min_replicas=1, max_replicas=3, target_rps=2.5,
+                                 lb_port=8000, fleet_name="exp-prod")
+    for given in (ec2, fleet):  # every field was given (a new one must join the command line)
+        assert all(getattr(given, f.name) != f.default for f in dataclasses.fields(given))
+    defaults = parse_serve_argv(make_host(), ["studio-plug", "serve", "exp", "--cloud", "ec2"])
+    assert Ec2Options.from_options(defaults) == Ec2Options()
+    assert Ec2Options().launch_timeout == 900.0 and Ec2Options().cidr == "0.0.0.0/0"
+
+
 def test_refusals_before_anything_is_created(
     cloud, studio_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,41 +323,62 @@ def run_user_data_locally(script: str, workdir: Path) -> tuple[list[str], dict[s
     return argv, env
 
 
-@pytest.mark.timeout(120)
-def test_the_user_data_command_serves_the_models_with_their_wrappers(
-    cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # a common wrapper and one model's own: both files reach the store and the instance, and
-    # the instance's command line gives each model its own (they once came out as two commons)
+# where ``two_wrappers``' files go: beside the experiment in the store, under the instance's venv
+COMMON_KEY = "prod/experiments/exp/wrapper/matmul_wrapper.py"
+OWN_KEY = "prod/experiments/exp/wrapper/twice/matmul_wrapper.py"
+COMMON_PATH = f"{VENV}/wrapper/matmul_wrapper.py"
+OWN_PATH = f"{VENV}/wrapper/twice/matmul_wrapper.py"
+
+
+def two_wrappers(tmp_path: Path) -> list[str]:
+    """``serve`` arguments for model ``twice`` (of ``exp``) with a wrapper of its own, beside a
+    common wrapper of the same basename (they must not clash)."""
     common = tmp_path / "matmul_wrapper.py"
     common.write_text(WRAPPER)
-    own_dir = tmp_path / "own"
-    own_dir.mkdir()
-    own = own_dir / "matmul_wrapper.py"  # the same basename: they must not clash
+    (tmp_path / "own").mkdir()
+    own = tmp_path / "own" / "matmul_wrapper.py"
     own.write_text(OWN_WRAPPER)
-    code, out, err = launch("--model", "twice=exp", "--wrapper", f"twice={own}",
-                            "--wrapper", str(common), "--killafter", "120")
-    assert code == 0, err
-    _url, instance_id, token = launched(out)
-    script = user_data(cloud, instance_id)
+    return ["--model", "twice=exp", "--wrapper", f"twice={own}", "--wrapper", str(common)]
+
+
+def wrapper_fetches(script: str) -> set[tuple[str, str, str]]:
+    """(bucket, key, path on the instance) of each wrapper the user data copies from the store."""
+    fetches = (shlex.split(line)[-3:] for line in script.splitlines() if line.startswith("python -c "))
+    return {(bucket, key, path) for bucket, key, path in fetches}
+
+
+def check_two_wrappers_shipped(script: str, token: str | None, monkeypatch: pytest.MonkeyPatch,
+                               killafter: float) -> None:
+    """Both files of ``two_wrappers`` are in the store at the keys the user data fetches them
+    from, to the paths its serve line names; that line parses back to both wrappers (they once
+    came out as two commons)."""
     import boto3
 
-    # the wrappers went to S3 beside the experiment, the model's own under its name
     s3 = boto3.client("s3")
-    for key, text in (("prod/experiments/exp/wrapper/matmul_wrapper.py", WRAPPER),
-                      ("prod/experiments/exp/wrapper/twice/matmul_wrapper.py", OWN_WRAPPER)):
+    for key, text in ((COMMON_KEY, WRAPPER), (OWN_KEY, OWN_WRAPPER)):
         assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode() == text
-
-    # the instance's command line is the options asked for, as they are there
+    assert wrapper_fetches(script) == {(BUCKET, COMMON_KEY, COMMON_PATH), (BUCKET, OWN_KEY, OWN_PATH)}
     (line,) = serve_lines(script)
     with monkeypatch.context() as env:  # the token as the instance gets it (the client reads it too)
         env.setenv("STUDIO_TOKEN", token or "")
         env.delenv("STUDIO_STORE", raising=False)
         assert parse_serve_argv(make_host(), shlex.split(line)) == ServeOptions(
-            keys=("exp",), models=(ModelSpec("twice", "exp"),), host="0.0.0.0", killafter=120.0,
-            store_url=STORE, token=token, wrapper=f"{VENV}/wrapper/matmul_wrapper.py",
-            wrappers={"twice": f"{VENV}/wrapper/twice/matmul_wrapper.py"},
+            keys=("exp",), models=(ModelSpec("twice", "exp"),), host="0.0.0.0", killafter=killafter,
+            store_url=STORE, token=token, wrapper=COMMON_PATH, wrappers={"twice": OWN_PATH},
         )
+
+
+@pytest.mark.timeout(120)
+def test_the_user_data_command_serves_the_models_with_their_wrappers(
+    cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a common wrapper and one model's own: both files reach the store and the instance, and
+    # the instance's command line gives each model its own
+    code, out, err = launch(*two_wrappers(tmp_path), "--killafter", "120")
+    assert code == 0, err
+    _url, instance_id, token = launched(out)
+    script = user_data(cloud, instance_id)
+    check_two_wrappers_shipped(script, token, monkeypatch, killafter=120.0)
 
     workdir = tmp_path / "instance"
     workdir.mkdir()

@@ -7,7 +7,8 @@ other as AWS would need them (the launch template's user data is the single-inst
 the default VPC's subnets attached to the target group; the scaling policy measuring that
 balancer's target group; the security groups' rules), that the group starts N tagged instances,
 that a failure after the balancer exists removes everything, and that the template's serve
-command really serves the experiment with the fleet's token (run here, against moto's S3).
+command really serves the experiment with the fleet's token and ships a per-model wrapper beside
+the common one as a single instance does (run here, against moto's S3).
 
 What they cannot prove: moto runs no health checks (every target reports ``healthy`` at once),
 routes no traffic through the balancer, never scales on the policy, and puts every replica in
@@ -21,7 +22,6 @@ import base64
 import re
 import shlex
 import subprocess
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,17 +33,15 @@ from plugins.backends.ec2.userdata import serve_lines
 from studio_plugins import __version__
 from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess
-from tests.plugins.test_ec2_backend import MOTO_DLAMI, cli, run_user_data_locally
+from tests.plugins.test_ec2_backend import (
+    MOTO_DLAMI,
+    check_two_wrappers_shipped,
+    cli,
+    run_user_data_locally,
+    two_wrappers,
+)
 
 STORE = "s3://models/prod"  # the fleet_cloud fixture (tests/conftest.py) pushed "exp" here
-WRAPPER = textwrap.dedent("""
-    import os
-    import numpy as np
-
-    def create_model(modeldir):
-        weights = np.load(os.path.join(modeldir, "weights.npy"))
-        return lambda data: {key: np.asarray(value, np.float32) @ weights for key, value in data.items()}
-""")
 
 
 def launch_fleet(*args: str, key: str = "exp") -> tuple[int, str, str]:
@@ -330,15 +328,15 @@ def test_a_failure_after_the_group_started_removes_the_instances_too(fleet_cloud
 
 @pytest.mark.timeout(120)
 def test_the_template_command_serves_the_experiment_with_the_fleet_token(
-    fleet_cloud, tmp_path: Path
+    fleet_cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wrapper = tmp_path / "matmul_wrapper.py"
-    wrapper.write_text(WRAPPER)
-    code, out, err = launch_fleet("--replicas", "2", "--wrapper", str(wrapper))
+    # a common wrapper and one model's own ship to every replica as to a single instance
+    code, out, err = launch_fleet("--replicas", "2", *two_wrappers(tmp_path))
     assert code == 0, err
     _url, name, token = launched_fleet(out)
     (template,) = fleet_cloud.ec2.describe_launch_templates(LaunchTemplateNames=[name])["LaunchTemplates"]
     script = template_user_data(fleet_cloud, template["LaunchTemplateId"])
+    check_two_wrappers_shipped(script, token, monkeypatch, killafter=0.0)
     workdir = tmp_path / "replica"
     workdir.mkdir()
     argv, env = run_user_data_locally(script, workdir)
@@ -347,6 +345,8 @@ def test_the_template_command_serves_the_experiment_with_the_fleet_token(
     with ServerProcess(*argv, env=env) as server:
         x = np.array([[1.0, 2.0, 3.0]], np.float32)
         np.testing.assert_allclose(predict(server.url, {"x": x}, token=token)["x"], x @ fleet_cloud.weights)
+        twice = predict(f"{server.url}models/twice", {"x": x}, token=token)["x"]
+        np.testing.assert_allclose(twice, 2 * (x @ fleet_cloud.weights))
         with pytest.raises(PredictionError) as caught:
             predict(server.url, {"x": x})
         assert caught.value.status == 401

@@ -5,8 +5,9 @@ This module is the plugin (the name ``backends.ec2`` in listings and ``STUDIO_PL
 the work is in its modules: ``plan`` (checks before anything is created, and the undo both
 paths share), ``single`` and ``fleet``/``fleet_create`` (creating), ``inventory`` and
 ``fleet_inventory``/``fleet_teardown`` (``ls``/``stop``), ``options``/``fleet_options`` (the
-``serve`` flags), and one module per kind of AWS resource (``instances``, ``firewall``,
-``balancer``, ``autoscaling``, ``machine``, ``userdata``).
+``serve`` flags, each declared once with ``flags``), ``backoff`` (waiting on AWS), and one module
+per kind of AWS resource (``instances``, ``firewall``, ``balancer``, ``autoscaling``,
+``machine``, ``userdata``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import TYPE_CHECKING
 from plugins.backends.ec2.fleet import plan_fleet
 from plugins.backends.ec2.fleet_create import execute_fleet
 from plugins.backends.ec2.fleet_options import FleetOptions
-from plugins.backends.ec2.fleet_options import cli_options as fleet_cli_options
-from plugins.backends.ec2.options import cli_options
+from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.plan import plan as plan_single
 from plugins.backends.ec2.single import execute
 from studio_plugins import Backend, LaunchContext, hookimpl
@@ -33,7 +33,7 @@ class Ec2Backend(Backend):
             "them behind a load balancer (needs an s3:// store)")
 
     def cli_options(self) -> Sequence[click.Option]:
-        return [*cli_options(), *fleet_cli_options()]
+        return [*Ec2Options.cli_options(), *FleetOptions.cli_options()]
 
     def launch(self, context: LaunchContext) -> int:
         fleet = FleetOptions.from_options(context.options)

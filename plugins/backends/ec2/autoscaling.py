@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
+from plugins.backends.ec2.backoff import Backoff, Sleep, wait_until
 from plugins.backends.ec2.balancer import tolerating
 from plugins.backends.ec2.fleet_options import Sizes
 from plugins.backends.ec2.instances import LIVE_STATES, describe, tag_list
@@ -22,7 +22,6 @@ from studio_plugins import BackendError, __version__
 GROUP_TAG = "aws:autoscaling:groupName"
 """AWS tags every instance of a group with the group's name."""
 REQUESTS_PER_TARGET = "ALBRequestCountPerTarget"
-Sleep = Callable[[float], None]
 
 
 def create_launch_template(
@@ -145,8 +144,7 @@ def in_service(group: dict[str, Any]) -> int:
 
 def wait_in_service(asg: Any, name: str, count: int, timeout: float, sleep: Sleep = time.sleep) -> None:
     """Wait (with backoff) until ``count`` instances of the group are in service."""
-    deadline = time.monotonic() + timeout
-    delay, seen = 2.0, 0
+    backoff = Backoff(timeout, sleep=sleep)
     while True:
         group = find_scaling_group(asg, name)
         if group is None:
@@ -154,14 +152,13 @@ def wait_in_service(asg: Any, name: str, count: int, timeout: float, sleep: Slee
         seen = in_service(group)
         if seen >= count:
             return
-        if time.monotonic() + delay > deadline:
+        if backoff.spent:
             raise BackendError(
                 f"{seen} of {count} instances in service after {timeout:g} s",
                 hint=f"see the group's activity: `aws autoscaling describe-scaling-activities "
                 f"--auto-scaling-group-name {name}`",
             )
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        backoff.pause()
 
 
 def live_instances(ec2: Any, group: str) -> list[str]:
@@ -189,15 +186,8 @@ def delete_scaling_group(
             if error_code(exc) not in ("ValidationError", "ScalingActivityInProgress", "ResourceInUse"):
                 with aws_errors(BackendError, what):
                     raise
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
-        if find_scaling_group(asg, name) is None and not live_instances(ec2, name):
-            return True
-        if time.monotonic() + delay > deadline:
-            return False
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+    return wait_until(lambda: find_scaling_group(asg, name) is None and not live_instances(ec2, name),
+                      Backoff(timeout, sleep=sleep))
 
 
 def find_launch_template(ec2: Any, name: str) -> dict[str, Any] | None:

@@ -8,17 +8,18 @@ partial failure.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
+from plugins.backends.ec2.backoff import Backoff, Sleep, delete_when_free, wait_until
 from plugins.backends.ec2.instances import tag_list, tags_of
 from studio_plugins import BackendError
 
 HEALTH_PATH = "/v2/health/ready"
-Sleep = Callable[[float], None]
 
 
 def tolerating(codes: Iterable[str], what: str, call: Callable[..., Any], **kwargs: Any) -> Any:
@@ -108,8 +109,7 @@ def resource_label(balancer_arn: str, target_group_arn: str) -> str:
 
 def wait_active(elb: Any, arn: str, timeout: float, sleep: Sleep = time.sleep) -> None:
     """Wait (with backoff) until the balancer is provisioned (a few minutes on AWS)."""
-    deadline = time.monotonic() + timeout
-    delay, state = 2.0, "provisioning"
+    backoff = Backoff(timeout, sleep=sleep)
     while True:
         with aws_errors(BackendError, "the load balancer"):
             found = elb.describe_load_balancers(LoadBalancerArns=[arn])["LoadBalancers"]
@@ -119,11 +119,10 @@ def wait_active(elb: Any, arn: str, timeout: float, sleep: Sleep = time.sleep) -
         if state in ("failed", "gone"):
             reason = found[0]["State"].get("Reason", "") if found else ""
             raise BackendError(f"the load balancer is {state} {reason}".rstrip())
-        if time.monotonic() + delay > deadline:
+        if backoff.spent:
             raise BackendError(f"the load balancer is still {state} after {timeout:g} s",
                                hint="use a longer --launch-timeout")
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        backoff.pause()
 
 
 # --- finding and removing ------------------------------------------------------------------------
@@ -140,41 +139,64 @@ def elb_tags(elb: Any, arns: list[str]) -> dict[str, dict[str, str]]:
     return tags
 
 
+def _with_tags(elb: Any, resources: list[dict[str, Any]], arn_key: str) -> list[dict[str, Any]]:
+    """``resources`` (balancers or target groups) each with its ``Tags``, which ELB's describe
+    calls leave out, so that they read like EC2's (``tags_of``)."""
+    tags = elb_tags(elb, [r[arn_key] for r in resources])
+    return [{**r, "Tags": tag_list(tags.get(r[arn_key], {}))} for r in resources]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What finding one kind of ELB resource by name or by tag needs to know."""
+
+    what: str
+    describe: str
+    items: str
+    arn: str
+    missing: str
+
+
+_BALANCERS = _Kind("load balancer", "describe_load_balancers", "LoadBalancers", "LoadBalancerArn",
+                   "LoadBalancerNotFound")
+_TARGET_GROUPS = _Kind("target group", "describe_target_groups", "TargetGroups", "TargetGroupArn",
+                       "TargetGroupNotFound")
+
+
+def _find(elb: Any, kind: _Kind, name: str) -> dict[str, Any] | None:
+    found = tolerating([kind.missing], f"{kind.what} {name}", getattr(elb, kind.describe),
+                       Names=[name])
+    if not found or not found[kind.items]:
+        return None
+    return _with_tags(elb, found[kind.items][:1], kind.arn)[0]
+
+
 def find_balancer(elb: Any, name: str) -> dict[str, Any] | None:
     """The balancer named ``name`` with its ``Tags``, or None."""
-    found = tolerating(["LoadBalancerNotFound"], f"load balancer {name}",
-                       elb.describe_load_balancers, Names=[name])
-    if not found or not found["LoadBalancers"]:
-        return None
-    balancer = dict(found["LoadBalancers"][0])
-    balancer["Tags"] = tag_list(elb_tags(elb, [balancer["LoadBalancerArn"]]).get(
-        balancer["LoadBalancerArn"], {}))
-    return balancer
+    return _find(elb, _BALANCERS, name)
 
 
 def find_target_group(elb: Any, name: str) -> dict[str, Any] | None:
-    found = tolerating(["TargetGroupNotFound"], f"target group {name}",
-                       elb.describe_target_groups, Names=[name])
-    if not found or not found["TargetGroups"]:
-        return None
-    group = dict(found["TargetGroups"][0])
-    group["Tags"] = tag_list(elb_tags(elb, [group["TargetGroupArn"]]).get(group["TargetGroupArn"], {}))
-    return group
+    """The target group named ``name`` with its ``Tags``, or None."""
+    return _find(elb, _TARGET_GROUPS, name)
+
+
+def _tagged(elb: Any, kind: _Kind, tag: str, value: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    with aws_errors(BackendError, f"{kind.what}s"):
+        for page in elb.get_paginator(kind.describe).paginate():
+            found.extend(page[kind.items])
+    return [r for r in _with_tags(elb, found, kind.arn) if tags_of(r).get(tag) == value]
 
 
 def tagged_balancers(elb: Any, tag: str, value: str) -> list[dict[str, Any]]:
     """Every balancer whose tag ``tag`` is ``value``, with its ``Tags``."""
-    balancers: list[dict[str, Any]] = []
-    with aws_errors(BackendError, "load balancers"):
-        for page in elb.get_paginator("describe_load_balancers").paginate():
-            balancers.extend(page["LoadBalancers"])
-    tags = elb_tags(elb, [b["LoadBalancerArn"] for b in balancers])
-    ours = []
-    for balancer in balancers:
-        own = tags.get(balancer["LoadBalancerArn"], {})
-        if own.get(tag) == value:
-            ours.append({**balancer, "Tags": tag_list(own)})
-    return ours
+    return _tagged(elb, _BALANCERS, tag, value)
+
+
+def tagged_target_groups(elb: Any, tag: str, value: str) -> list[dict[str, Any]]:
+    """Every target group whose tag ``tag`` is ``value``, with its ``Tags``."""
+    return _tagged(elb, _TARGET_GROUPS, tag, value)
 
 
 def delete_listener(elb: Any, arn: str) -> None:
@@ -189,35 +211,18 @@ def delete_balancer(elb: Any, arn: str, timeout: float = 300.0, sleep: Sleep = t
         delete_listener(elb, listener["ListenerArn"])
     tolerating(["LoadBalancerNotFound"], "the load balancer", elb.delete_load_balancer,
                LoadBalancerArn=arn)
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
+
+    def gone() -> bool:
         found = tolerating(["LoadBalancerNotFound"], "the load balancer",
                            elb.describe_load_balancers, LoadBalancerArns=[arn])
-        if not found or not found["LoadBalancers"]:
-            return True
-        if time.monotonic() + delay > deadline:
-            return False
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        return not found or not found["LoadBalancers"]
+
+    return wait_until(gone, Backoff(timeout, sleep=sleep))
 
 
 def delete_target_group(elb: Any, arn: str, timeout: float = 120.0, sleep: Sleep = time.sleep) -> bool:
     """Delete it, retrying while a listener being deleted still uses it. True when it is gone."""
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
-        try:
-            elb.delete_target_group(TargetGroupArn=arn)
-            return True
-        except Exception as exc:
-            code = error_code(exc)
-            if code == "TargetGroupNotFound":
-                return True
-            if code != "ResourceInUse":
-                with aws_errors(BackendError, "the target group"):
-                    raise
-            if time.monotonic() + delay > deadline:
-                return False
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+    with aws_errors(BackendError, "the target group"):
+        return delete_when_free(functools.partial(elb.delete_target_group, TargetGroupArn=arn),
+                                gone="TargetGroupNotFound", in_use="ResourceInUse",
+                                backoff=Backoff(timeout, sleep=sleep))

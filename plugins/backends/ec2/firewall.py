@@ -7,12 +7,14 @@ of creating another; ``studio-plug stop`` deletes ours once no instance uses the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
-import time
 from typing import Any
 
-from plugins.aws import aws_errors, error_code
+from plugins.aws import aws_errors
+from plugins.backends.ec2.backoff import Backoff, delete_when_free
+from plugins.backends.ec2.instances import tag_list
 from studio_plugins import BackendError, ConfigurationError
 
 MANAGED_TAG = "studio-plug:managed"
@@ -84,6 +86,25 @@ def find_group(ec2: Any, vpc_id: str, rules: frozenset[Rule]) -> str | None:
     return None
 
 
+def create_group(ec2: Any, vpc_id: str, name: str, description: str,
+                 permissions: list[dict[str, Any]], tags: dict[str, str]) -> str:
+    """A new group, tagged as it is created (so that it is never there untagged, where
+    ``ls``/``stop`` would not see it) and then opened by ``permissions``. When opening fails
+    it is deleted again: a group that is not all there is not handed to the caller's undo."""
+    with aws_errors(BackendError, f"security group {name}"):
+        group_id = str(ec2.create_security_group(
+            GroupName=name, Description=description, VpcId=vpc_id,
+            TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(tags)}],
+        )["GroupId"])
+    try:
+        with aws_errors(BackendError, f"security group {group_id}"):
+            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)
+    except BaseException:
+        delete_group(ec2, group_id, timeout=0)
+        raise
+    return group_id
+
+
 def ensure_group(
     ec2: Any, vpc_id: str, port: int, rules: frozenset[Rule], tags: dict[str, str]
 ) -> tuple[str, bool]:
@@ -93,43 +114,21 @@ def ensure_group(
         return existing, False
     name = f"studio-plug-{port}-{secrets.token_hex(4)}"
     opened = ", ".join(f"{low} from {cidr}" for _, low, _, cidr in sorted(rules))
-    all_tags = {**tags, MANAGED_TAG: "true", "Name": name}
-    with aws_errors(BackendError, f"security group {name}"):
-        group_id = str(ec2.create_security_group(
-            GroupName=name,
-            Description=f"studio-plug server: TCP {opened}",
-            VpcId=vpc_id,
-            TagSpecifications=[{
-                "ResourceType": "security-group",
-                "Tags": [{"Key": k, "Value": v} for k, v in all_tags.items()],
-            }],
-        )["GroupId"])
-    try:
-        with aws_errors(BackendError, f"security group {group_id}"):
-            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=_permissions(rules))
-    except BaseException:
-        delete_group(ec2, group_id, timeout=0)
-        raise
+    group_id = create_group(ec2, vpc_id, name, f"studio-plug server: TCP {opened}",
+                            _permissions(rules), {**tags, MANAGED_TAG: "true", "Name": name})
     return group_id, True
 
 
 def delete_group(ec2: Any, group_id: str, timeout: float = 180.0) -> bool:
     """Delete a group, retrying while AWS still sees it in use (an instance shutting down).
-    True when it is gone."""
-    deadline = time.monotonic() + timeout
-    delay = 2.0
-    while True:
-        try:
-            ec2.delete_security_group(GroupId=group_id)
-            return True
-        except Exception as exc:
-            code = error_code(exc)
-            if code == "InvalidGroup.NotFound":
-                return True
-            if code != "DependencyViolation" or time.monotonic() + delay > deadline:
-                return False
-        time.sleep(delay)
-        delay = min(delay * 2, 15.0)
+    True when it is gone; False when it is not, whatever the reason: callers report what is
+    left (and ``studio-plug stop --all`` retries), they do not stop at it."""
+    try:
+        return delete_when_free(functools.partial(ec2.delete_security_group, GroupId=group_id),
+                                gone="InvalidGroup.NotFound", in_use="DependencyViolation",
+                                backoff=Backoff(timeout, factor=2.0))
+    except Exception:
+        return False
 
 
 def vpc_for(ec2: Any, subnet_id: str | None) -> str:

@@ -3,11 +3,9 @@ one fails (or on Ctrl-C); on success it prints the balancer's URL, the fleet's n
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
-from plugins.aws import aws_errors
 from plugins.backends.ec2.autoscaling import (
     create_launch_template,
     create_scaling_group,
@@ -28,31 +26,17 @@ from plugins.backends.ec2.balancer import (
     resource_label,
     wait_active,
 )
-from plugins.backends.ec2.firewall import delete_group, normalise_cidr
+from plugins.backends.ec2.firewall import create_group, delete_group, normalise_cidr
 from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
-from plugins.backends.ec2.instances import tag_list, wait_ready
-from plugins.backends.ec2.plan import Undo, say
-from studio_plugins import BackendError
+from plugins.backends.ec2.plan import announce, await_ready, creating, say
 
 
 def create_security_group(
     ec2: Any, vpc_id: str, name: str, role: str, permissions: list[dict[str, Any]],
     tags: dict[str, str],
 ) -> str:
-    all_tags = {**tags, "Name": name, ROLE_TAG: role}
-    with aws_errors(BackendError, f"security group {name}"):
-        group_id = str(ec2.create_security_group(
-            GroupName=name, Description=f"studio-plug fleet {tags[FLEET_TAG]}: {role}",
-            VpcId=vpc_id,
-            TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(all_tags)}],
-        )["GroupId"])
-    try:
-        with aws_errors(BackendError, f"security group {group_id}"):
-            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)
-    except BaseException:
-        delete_group(ec2, group_id, timeout=0)
-        raise
-    return group_id
+    return create_group(ec2, vpc_id, name, f"studio-plug fleet {tags[FLEET_TAG]}: {role}",
+                        permissions, {**tags, "Name": name, ROLE_TAG: role})
 
 
 def from_cidr(port: int, cidr: str, description: str) -> dict[str, Any]:
@@ -70,18 +54,8 @@ def from_group(port: int, group_id: str, description: str) -> dict[str, Any]:
 def execute_fleet(fp: FleetPlan) -> int:
     base, c, name = fp.base, fp.clients, fp.name
     o, s = base.options, base.ec2_options
-    if not s.iam_profile:
-        say(f"note: without --iam-profile the replicas need another way to read {base.store.url}")
-    if base.token is None:
-        say(f"warning: --no-auth: anyone who can reach port {fp.lb_port} from {s.cidr} may use "
-            "the model")
     deadline = time.monotonic() + s.launch_timeout
-    undo = Undo()
-    with undo.on_failure():
-        for local, key in base.wrapper_uploads:
-            base.store.upload(local, key)
-            undo.push(f"deleting s3://{base.store.location.bucket}/{key}",
-                      functools.partial(base.store.delete, key))
+    with creating(base, readers="the replicas need", port=fp.lb_port) as undo:
         balancer_group, replica_group = security_group_names(name)
         lb_group = create_security_group(
             c.ec2, base.vpc_id, balancer_group, "balancer",
@@ -134,15 +108,10 @@ def execute_fleet(fp: FleetPlan) -> int:
         wait_active(c.elb, balancer.arn, max(deadline - time.monotonic(), 1.0))
         wait_in_service(c.asg, name, sizes.desired, max(deadline - time.monotonic(), 1.0))
         url = balancer_url(balancer.dns_name, fp.lb_port)
-        if s.wait_ready:
-            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-            wait_ready(url, max(deadline - time.monotonic(), 1.0))
-    print(url, flush=True)
-    print(f"fleet: {name} ({sizes.desired} x {base.instance_type} in {base.region}"
-          + (f", {sizes.minimum}-{sizes.maximum} at {fp.target_rps:g} req/s each" if sizes.scales
-             else "") + ")", flush=True)
-    if base.token:
-        print(f"token: {base.token}", flush=True)
+        await_ready(base, url, max(deadline - time.monotonic(), 1.0))
+    announce(base, url, f"fleet: {name} ({sizes.desired} x {base.instance_type} in {base.region}"
+             + (f", {sizes.minimum}-{sizes.maximum} at {fp.target_rps:g} req/s each"
+                if sizes.scales else "") + ")")
     say(f"the fleet bills (instances and the load balancer) until you stop it: "
         f"`studio-plug stop {name} --region {base.region}`")
     return 0

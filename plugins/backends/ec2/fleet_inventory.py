@@ -9,10 +9,10 @@ from typing import Any
 
 from plugins.aws import aws_errors
 from plugins.backends.ec2.autoscaling import in_service, tagged_launch_templates, tagged_scaling_groups
-from plugins.backends.ec2.balancer import elb_tags, tagged_balancers
+from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups
 from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, Clients, balancer_url
-from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, tags_of
+from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tags_of
 from studio_plugins import BackendError
 
 
@@ -25,16 +25,6 @@ class Fleet:
     url: str
     created: datetime
     started_by: str
-
-
-def _tagged_target_groups(elb: Any) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = []
-    with aws_errors(BackendError, "target groups"):
-        for page in elb.get_paginator("describe_target_groups").paginate():
-            groups.extend(page["TargetGroups"])
-    tags = elb_tags(elb, [g["TargetGroupArn"] for g in groups])
-    return [{**g, "Tags": tag_list(tags.get(g["TargetGroupArn"], {}))} for g in groups
-            if tags.get(g["TargetGroupArn"], {}).get(MANAGED_TAG) == FLEET]
 
 
 def tagged_security_groups(ec2: Any, name: str | None = None) -> list[dict[str, Any]]:
@@ -50,8 +40,8 @@ def fleets(c: Clients) -> list[Fleet]:
     groups = {tags_of(g).get(FLEET_TAG, ""): g for g in tagged_scaling_groups(c.asg, MANAGED_TAG, FLEET)}
     balancers = {tags_of(b).get(FLEET_TAG, ""): b for b in tagged_balancers(c.elb, MANAGED_TAG, FLEET)}
     others = {tags_of(r).get(FLEET_TAG, ""): r for r in [
-        *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET), *_tagged_target_groups(c.elb),
-        *tagged_security_groups(c.ec2)]}
+        *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET),
+        *tagged_target_groups(c.elb, MANAGED_TAG, FLEET), *tagged_security_groups(c.ec2)]}
     found = []
     for name in sorted((set(groups) | set(balancers) | set(others)) - {""}):
         group, balancer = groups.get(name), balancers.get(name)

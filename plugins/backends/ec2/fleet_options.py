@@ -12,12 +12,9 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from studio_plugins import ConfigurationError, ServeOptions
-
-if TYPE_CHECKING:
-    import click
+from plugins.backends.ec2.flags import Flags, flag
+from studio_plugins import ConfigurationError
 
 DEFAULT_LB_PORT = 80
 _NAME = re.compile(r"[a-z][a-z0-9-]{1,30}[a-z0-9]")
@@ -67,21 +64,28 @@ class Sizes:
 
 
 @dataclass(frozen=True)
-class FleetOptions:
+class FleetOptions(Flags):
     """The fleet's ``serve`` options (``ServeOptions.backend_options``)."""
 
-    replicas: int | None = None
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_rps: float | None = None
-    lb_port: int | None = None
-    fleet_name: str | None = None
-
-    @classmethod
-    def from_options(cls, options: ServeOptions) -> FleetOptions:
-        known = cls.__dataclass_fields__
-        values = {k: v for k, v in options.backend_options.items() if k in known and v is not None}
-        return cls(**values)
+    replicas: int | None = flag(
+        None, "[ec2 fleet] Serve from N instances behind an Application Load Balancer (an Auto "
+        "Scaling group of this size).", click_type=lambda click: click.IntRange(min=1))
+    min_replicas: int | None = flag(
+        None, "[ec2 fleet] Fewest instances of a scaling fleet (default 1); an idle fleet scales "
+        "in to this many.", click_type=lambda click: click.IntRange(min=1))
+    max_replicas: int | None = flag(
+        None, "[ec2 fleet] Most instances of a scaling fleet.",
+        click_type=lambda click: click.IntRange(min=1))
+    target_rps: float | None = flag(
+        None, "[ec2 fleet] Requests per second per instance that the group keeps to by adding or "
+        "removing instances (target tracking on the balancer's request count per target).",
+        click_type=lambda click: click.FloatRange(min=0, min_open=True))
+    lb_port: int | None = flag(
+        None, f"[ec2 fleet] Port the load balancer listens on (HTTP; default {DEFAULT_LB_PORT}); "
+        "it forwards to --port on the instances.", click_type=lambda click: click.IntRange(1, 65535))
+    fleet_name: str | None = flag(
+        None, "[ec2 fleet] Name of the fleet and of each of its AWS resources; default: "
+        "KEY-adjective-animal. `studio-plug stop NAME` removes it.")
 
     @property
     def wanted(self) -> bool:
@@ -131,28 +135,3 @@ class FleetOptions:
                 hint="add --target-rps R (requests per second per instance), or use --replicas N",
             )
         return Sizes(minimum, minimum, self.max_replicas)
-
-
-def cli_options() -> list[click.Option]:
-    import click
-
-    return [
-        click.Option(["--replicas"], type=click.IntRange(min=1), default=None,
-                     help="[ec2 fleet] Serve from N instances behind an Application Load "
-                     "Balancer (an Auto Scaling group of this size)."),
-        click.Option(["--min-replicas"], type=click.IntRange(min=1), default=None,
-                     help="[ec2 fleet] Fewest instances of a scaling fleet (default 1); an idle "
-                     "fleet scales in to this many."),
-        click.Option(["--max-replicas"], type=click.IntRange(min=1), default=None,
-                     help="[ec2 fleet] Most instances of a scaling fleet."),
-        click.Option(["--target-rps"], type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="[ec2 fleet] Requests per second per instance that the group keeps to "
-                     "by adding or removing instances (target tracking on the balancer's "
-                     "request count per target)."),
-        click.Option(["--lb-port"], type=click.IntRange(1, 65535), default=None,
-                     help=f"[ec2 fleet] Port the load balancer listens on (HTTP; default "
-                     f"{DEFAULT_LB_PORT}); it forwards to --port on the instances."),
-        click.Option(["--fleet-name"], default=None,
-                     help="[ec2 fleet] Name of the fleet and of each of its AWS resources; "
-                     "default: KEY-adjective-animal. `studio-plug stop NAME` removes it."),
-    ]

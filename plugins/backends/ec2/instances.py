@@ -12,10 +12,11 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from plugins.aws import aws_errors, error_code
+from plugins.backends.ec2.backoff import Backoff, Sleep
 from studio_plugins import BackendError
 
 KEY_TAG = "studio-plug:key"
@@ -59,15 +60,12 @@ def describe(ec2: Any, filters: list[dict[str, Any]], ids: Iterable[str] = ()) -
     return instances
 
 
-Sleep = Callable[[float], None]
-
-
 def wait_for_address(
     ec2: Any, instance_id: str, timeout: float, sleep: Sleep = time.sleep
 ) -> str:
     """Wait (with backoff, at most ``timeout`` s) until the instance runs with a public address."""
-    deadline = time.monotonic() + timeout
-    delay, state = 1.0, "pending"
+    backoff = Backoff(timeout, first=1.0, factor=2.0, sleep=sleep)
+    state = "pending"
     while True:
         try:
             instance = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
@@ -83,23 +81,22 @@ def wait_for_address(
             if state in ENDED_STATES:
                 reason = instance.get("StateReason", {}).get("Message", "no reason given")
                 raise BackendError(f"instance {instance_id} is {state} ({reason})")
-        if time.monotonic() + delay > deadline:
+        if backoff.spent:
             what = "has no public address" if state == "running" else f"is still {state}"
             raise BackendError(
                 f"instance {instance_id} {what} after {timeout:g} s",
                 hint="use a subnet that assigns public addresses (--subnet-id), or a longer "
                 "--launch-timeout",
             )
-        sleep(delay)
-        delay = min(delay * 2, 15.0)
+        backoff.pause()
 
 
 def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep) -> None:
     """Poll ``GET {url}v2/health/ready`` until it answers 200 (at most ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    delay, last = 2.0, "no answer"
+    backoff = Backoff(timeout, sleep=sleep)
+    last = "no answer"
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = backoff.deadline - time.monotonic()
         try:
             with urllib.request.urlopen(url + "v2/health/ready", timeout=max(min(5.0, remaining), 0.1)) as r:
                 if r.status == 200:
@@ -109,11 +106,10 @@ def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep) -> None:
             last = f"HTTP {exc.code}"
         except (OSError, ValueError) as exc:
             last = str(getattr(exc, "reason", exc))
-        if time.monotonic() + delay > deadline:
+        if backoff.spent:
             raise BackendError(
                 f"{url} was not ready after {timeout:g} s (last: {last})",
                 hint="the install can take minutes: use a longer --launch-timeout; the "
                 "instance's log is /var/log/studio-plug.log",
             )
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        backoff.pause()

@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugins.aws import aws_errors
+from plugins.backends.ec2.backoff import Backoff, Sleep
 from plugins.backends.ec2.firewall import MANAGED_TAG, delete_group
 from plugins.backends.ec2.instances import (
     KEY_TAG,
     LIVE_STATES,
     PORT_TAG,
     STARTED_BY_TAG,
-    Sleep,
     describe,
     tags_of,
 )
@@ -79,14 +79,12 @@ def terminate(ec2: Any, instance_ids: list[str], timeout: float, sleep: Sleep = 
         return []
     with aws_errors(BackendError, ", ".join(instance_ids)):
         ec2.terminate_instances(InstanceIds=instance_ids)
-    deadline = time.monotonic() + timeout
-    delay = 2.0
+    backoff = Backoff(timeout, sleep=sleep)
     while True:
         left = [s.instance_id for s in servers(ec2, instance_ids, LIVE_STATES)]
-        if not left or time.monotonic() + delay > deadline:
+        if not left or backoff.spent:
             return left
-        sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        backoff.pause()
 
 
 def unused_groups(ec2: Any) -> list[str]:

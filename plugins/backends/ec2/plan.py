@@ -3,12 +3,15 @@
 Everything that can be checked without creating anything is checked first (store, experiment,
 instance type, AMI, VPC), into a ``Plan``. Creating is then done under an ``Undo``: if anything
 fails from there on (or Ctrl-C), what this command created is removed again, newest first.
+``creating`` is how both paths begin (notes, the wrapper uploads, that ``Undo``), ``await_ready``
+and ``announce`` how they end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -22,7 +25,14 @@ from urllib.parse import urlparse
 
 from plugins.aws import aws_errors, client
 from plugins.backends.ec2.firewall import MANAGED_TAG, vpc_for, wanted_rules
-from plugins.backends.ec2.instances import KEY_TAG, PORT_TAG, STARTED_BY_TAG, STORE_TAG, started_by
+from plugins.backends.ec2.instances import (
+    KEY_TAG,
+    PORT_TAG,
+    STARTED_BY_TAG,
+    STORE_TAG,
+    started_by,
+    wait_ready,
+)
 from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
@@ -215,3 +225,41 @@ class Undo:
             except Exception as exc:  # keep undoing the rest
                 say(f"warning: {what} failed: {exc}; `studio-plug stop --all` retries")
         self.steps.clear()
+
+
+@contextlib.contextmanager
+def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
+    """The opening a single server and a fleet share: say what the user should know before
+    anything is created, then upload the wrappers, under the ``Undo`` the body goes on with.
+
+    ``readers`` says who reads the store (``the instance needs``), ``port`` is where the
+    server is reached (a fleet's is the balancer's)."""
+    s = plan.ec2_options
+    if not s.iam_profile:
+        say(f"note: without --iam-profile {readers} another way to read {plan.store.url}")
+    if plan.token is None:
+        say(f"warning: --no-auth: anyone who can reach port {port} from {s.cidr} may use the model")
+    undo = Undo()
+    with undo.on_failure():
+        for local, key in plan.wrapper_uploads:
+            plan.store.upload(local, key)
+            undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
+                      functools.partial(plan.store.delete, key))
+        yield undo
+
+
+def await_ready(plan: Plan, url: str, timeout: float) -> None:
+    """With ``--wait-ready``, wait until ``url`` answers ready: called inside ``creating``, so
+    a server not ready in time is removed again."""
+    if plan.ec2_options.wait_ready:
+        say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
+        wait_ready(url, timeout)
+
+
+def announce(plan: Plan, url: str, what: str) -> None:
+    """What a launch prints on stdout, a line each and in this order (scripts read them): the
+    URL, what serves there, and the token."""
+    print(url, flush=True)
+    print(what, flush=True)
+    if plan.token:
+        print(f"token: {plan.token}", flush=True)

@@ -8,14 +8,13 @@ instance terminates itself once ``serve`` exits (``--killafter``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from plugins.aws import aws_errors
 from plugins.backends.ec2.firewall import delete_group, ensure_group, wanted_rules
-from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address, wait_ready
+from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address
 from plugins.backends.ec2.inventory import terminate
-from plugins.backends.ec2.plan import Plan, Undo, say
+from plugins.backends.ec2.plan import Plan, announce, await_ready, creating, say
 from studio_plugins import BackendError
 
 
@@ -48,16 +47,7 @@ def run_instance(plan: Plan, group_id: str) -> str:
 
 def execute(plan: Plan) -> int:
     o, s, ec2 = plan.options, plan.ec2_options, plan.ec2
-    if not s.iam_profile:
-        say(f"note: without --iam-profile the instance needs another way to read {plan.store.url}")
-    if plan.token is None:
-        say(f"warning: --no-auth: anyone who can reach port {o.port} from {s.cidr} may use the model")
-    undo = Undo()
-    with undo.on_failure():
-        for local, key in plan.wrapper_uploads:
-            plan.store.upload(local, key)
-            undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
-                      functools.partial(plan.store.delete, key))
+    with creating(plan, readers="the instance needs", port=o.port) as undo:
         rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
         group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
             k: v for k, v in plan.tags.items() if k not in (KEY_TAG, STARTED_BY_TAG, "Name")
@@ -72,13 +62,8 @@ def execute(plan: Plan) -> int:
             f"in {plan.region}; waiting for it to run (at most {s.launch_timeout:g} s)")
         address = wait_for_address(ec2, instance_id, s.launch_timeout)
         url = f"http://{address}:{o.port}/"
-        if s.wait_ready:
-            say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-            wait_ready(url, s.launch_timeout)
-    print(url, flush=True)
-    print(f"instance: {instance_id} ({plan.instance_type} in {plan.region})", flush=True)
-    if plan.token:
-        print(f"token: {plan.token}", flush=True)
+        await_ready(plan, url, s.launch_timeout)
+    announce(plan, url, f"instance: {instance_id} ({plan.instance_type} in {plan.region})")
     say(f"it stops itself after {o.killafter:g} s without requests; now: "
         f"`studio-plug stop {instance_id} --region {plan.region}`")
     return 0
