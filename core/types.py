@@ -306,6 +306,15 @@ class ServeOptions:
     host: str = option(
         "localhost", "--host", "Address to listen on: localhost (this machine only) or 0.0.0.0 "
         "(every interface).", always=True)
+    certfile: str | None = option(
+        None, "--certfile", "Serve HTTPS with this PEM certificate (its chain may follow it in the "
+        "file); needs --keyfile. The printed URL is https://.", metavar="FILE")
+    keyfile: str | None = option(
+        None, "--keyfile", "The PEM private key of --certfile's certificate (unencrypted; keep it "
+        "private). May be the same file.", metavar="FILE")
+    ca_certs: str | None = option(
+        None, "--ca-certs", "With HTTPS: require a client certificate signed by a CA in this PEM "
+        "file (mutual TLS); others are refused in the handshake.", metavar="FILE")
     killafter: float = option(
         3600.0, "--killafter", "Exit (status 0) after this many seconds with no request; never "
         "during a request. 0 disables.", kind=number(0), always=True)
