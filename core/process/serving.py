@@ -182,10 +182,12 @@ def hypercorn_config(read_timeout: float = 0, tls: ssl.SSLContext | None = None)
     - ``backlog``: connections the kernel queues before we accept them.
     - ``ssl_handshake_timeout`` (HTTPS): Hypercorn's 60 s would let a client that connects and
       sends nothing hold its connection for a minute, before the header timeout even starts.
+      10 s, or ``--read-timeout`` when that is shorter (as for the headers).
     """
     config = ServerConfig()
     config.tls = tls
-    config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT
+    config.ssl_handshake_timeout = (min(HANDSHAKE_TIMEOUT, read_timeout) if read_timeout > 0
+                                    else HANDSHAKE_TIMEOUT)
     config.accesslog = None
     config.errorlog = _HYPERCORN_LOG
     config.backlog = 1024

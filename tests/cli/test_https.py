@@ -4,6 +4,7 @@ and a raw socket that sends plain HTTP to the HTTPS port."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
@@ -53,14 +54,15 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
 @pytest.fixture(scope="module")
 def served(tls: Tls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One HTTPS server for the module, with two workers: ``exp`` answers its worker's pid,
-    ``ident`` is the identity model (for the V2 client)."""
+    ``ident`` is the identity model (for the V2 client). ``--read-timeout 2`` also bounds the TLS
+    handshake to 2 s."""
     home = tmp_path_factory.mktemp("https") / "studioml"
     for key in ("exp", "ident"):
         (home / "experiments" / key / "modeldir").mkdir(parents=True)
     env = {"STUDIOML_HOME": str(home), "STUDIO_TOKEN": "", "STUDIO_STORE": "", "STUDIO_CA_FILE": ""}
     with ServerProcess("exp", "--model", "ident=ident", "--wrapper", f"exp={PID_WRAPPER}",
                        "--workers", "2", "--certfile", tls.cert, "--keyfile", tls.key,
-                       env=env) as server:
+                       "--read-timeout", "2", env=env) as server:
         yield server
 
 
@@ -137,6 +139,17 @@ def test_plain_http_to_the_https_port_fails_cleanly_and_the_server_keeps_serving
     assert len(pids_answering_over_https(served, tls, no_ca, 16)) >= 1
     output = served.output()
     assert "Traceback" not in output and " ERROR " not in output, output
+
+
+def test_a_client_that_never_completes_the_handshake_is_closed(served: ServerProcess) -> None:
+    # it would hold its connection for Hypercorn's 60 s otherwise, before any header timeout
+    host, port = served.url.removeprefix("https://").rstrip("/").rsplit(":", 1)
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"\x16\x03\x01")  # the start of a TLS record, and then nothing
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(4096) == b""
+    assert 1.5 < time.monotonic() - started < 8
 
 
 def test_both_workers_serve_https(served: ServerProcess, tls: Tls, no_ca: pytest.MonkeyPatch) -> None:
