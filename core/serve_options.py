@@ -43,6 +43,15 @@ class ServeOptions:
     host: str = option(
         "localhost", "--host", "Address to listen on: localhost (this machine only) or 0.0.0.0 "
         "(every interface).", always=True)
+    certfile: str | None = option(
+        None, "--certfile", "Serve HTTPS with this PEM certificate (its chain may follow it in the "
+        "file); needs --keyfile. The printed URL is https://.", metavar="FILE")
+    keyfile: str | None = option(
+        None, "--keyfile", "The PEM private key of --certfile's certificate (unencrypted; keep it "
+        "private). May be the same file.", metavar="FILE")
+    ca_certs: str | None = option(
+        None, "--ca-certs", "With HTTPS: require a client certificate signed by a CA in this PEM "
+        "file (mutual TLS); others are refused in the handshake.", metavar="FILE")
     killafter: float = option(
         3600.0, "--killafter", "Exit (status 0) after this many seconds with no request; never "
         "during a request. 0 disables.", kind=number(0), always=True)
@@ -91,8 +100,8 @@ class ServeOptions:
     read_timeout: float = option(
         20.0, "--read-timeout", "Seconds a request body may take to start arriving; after that it "
         "must keep up --min-rate (as Apache's RequestReadTimeout body=20,MinRate=500), else it is "
-        "answered 408 and the connection closed. Request headers get 5 s, or this when shorter. "
-        "0: no body read timeout.", kind=number(0))
+        "answered 408 and the connection closed. Request headers get 5 s, or this when shorter (an "
+        "HTTPS handshake 10 s, or this). 0: no body read timeout.", kind=number(0))
     """core/http/body_guard.py applies it."""
     min_rate: int = option(
         500, "--min-rate", "Bytes/s a request body must keep up: each N bytes received extend "

@@ -10,6 +10,7 @@ import http.client
 import json
 import math
 import os
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -18,6 +19,7 @@ from core.errors import StudioError
 from core.http.failed_keys import FAILED_COUNT, FAILED_KEYS, parse_failed
 from core.types import Reply
 from core.wire.safe_pickle import dumps, restricted_loads
+from studio_plugins.tls import CA_FILE_ENV, client_context
 
 PICKLE = "application/python-pickle"
 
@@ -52,6 +54,9 @@ def predict(
     token: str | None = None,
     timeout: float | None = None,
     max_reply: int = 1 << 30,
+    *,
+    cafile: str | os.PathLike[str] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> Reply:
     """POST ``data`` (a dict of named arrays) to ``url`` and return the model's dict.
 
@@ -65,7 +70,12 @@ def predict(
 
     The reply is read as data by the same decoder the server uses on requests, never unpickled:
     a server that answers anything but plain data, or more than ``max_reply`` bytes of it
-    (shared references counted each time), raises ``PredictionError``."""
+    (shared references counted each time), raises ``PredictionError``.
+
+    An ``https://`` server's certificate is verified (studio_plugins/tls.py): against ``cafile``
+    (a PEM file of CAs), else ``$STUDIO_CA_FILE``, else the system's CAs plus the CA the CLI keeps
+    for the servers it launches. ``context`` replaces all that, e.g. to present a client
+    certificate to a server started with ``--ca-certs``."""
     headers = {"Content-Type": PICKLE, "Accept": PICKLE}
     if token is None:
         token = os.environ.get("STUDIO_TOKEN")
@@ -74,8 +84,11 @@ def predict(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=dumps(data), headers=headers, method="POST")
+    if context is None and url.lower().startswith("https:"):
+        context = client_context(cafile)
     try:
-        with urllib.request.urlopen(request, timeout=None if math.isinf(timeout) else timeout) as response:
+        with urllib.request.urlopen(request, timeout=None if math.isinf(timeout) else timeout,
+                                    context=context) as response:
             body = response.read(max_reply + 1)
             if len(body) > max_reply:
                 raise PredictionError(200, f"the reply is larger than max_reply ({max_reply} bytes)")
@@ -85,8 +98,18 @@ def predict(
         raise _error_from(exc.code, exc.read()) from None
     except TimeoutError:
         raise PredictionError(0, f"no reply from {url} within {timeout:g} s") from None
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as exc:
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise PredictionError(
+                0, f"cannot verify the certificate of {url}: {exc.reason.verify_message}; pass "
+                f"cafile= (or set ${CA_FILE_ENV}) to the CA that signed it") from None
         raise PredictionError(0, f"cannot reach {url}: {exc}") from None
+    except (http.client.HTTPException, ConnectionError, ssl.SSLError) as exc:
+        # (an SSLError after the handshake: a server that wants a client certificate, --ca-certs)
+        hint = ""
+        if isinstance(exc, http.client.RemoteDisconnected) and url.lower().startswith("http:"):
+            hint = " (an HTTPS server closes plain HTTP connections so: try https://)"
+        raise PredictionError(0, f"cannot reach {url}: {exc}{hint}") from None
     try:
         result = restricted_loads(body, max_reply)
     except StudioError as exc:

@@ -19,7 +19,7 @@ from types import TracebackType
 
 from core.host import BUILTIN_PLUGINS, PluginHost
 
-_READY = re.compile(r"^Serving .* on (http://\S+)$")
+_READY = re.compile(r"^Serving .* on (https?://\S+)$")
 
 
 def make_host(

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from core.process.serving import (
     socket_url,
     tune_malloc,
 )
+from core.process.tls import server_context
 from core.process.workers import Supervisor, WorkerPlan
 from core.types import ServeOptions
 
@@ -49,10 +51,12 @@ def default_threads(workers: int) -> int:
     return max(1, usable_cores() // max(1, workers))
 
 
-def announce(repository: ModelRepository, sock: socket.socket, extra: str = "") -> None:
+def announce(repository: ModelRepository, sock: socket.socket, extra: str = "", *,
+             host: str | None = None, tls: bool = False) -> None:
     # The one line on stdout: scripts and tests wait for it.
-    print(f"Serving {', '.join(repository.names())}{extra} on {socket_url(sock)}", flush=True)
-    elsewhere = outside_url(sock)
+    url = socket_url(sock, host, tls=tls)
+    print(f"Serving {', '.join(repository.names())}{extra} on {url}", flush=True)
+    elsewhere = outside_url(sock, tls=tls)
     if elsewhere is not None:
         print(f"  listening on every interface: from another machine, {elsewhere}", flush=True)
 
@@ -75,22 +79,25 @@ class Launch:
     def serve_here(self) -> int:
         options = self.options
         tune_malloc()  # before loading: workers inherit it across the fork
+        # the certificate and key are checked (and read) before the port and the model
+        tls = server_context(options.certfile, options.keyfile, options.ca_certs)
         check_port_free(options.host, options.port)
         if options.workers > 1:
-            return self._serve_with_workers()
+            return self._serve_with_workers(tls)
         repository = self.assemble()
         sock = bind_socket(options.host, options.port)
         activity = Activity()
-        settings = self._settings(activity, watch=options.watch,
-                                  on_ready=lambda: announce(repository, sock))
+        settings = self._settings(
+            activity, watch=options.watch,
+            on_ready=lambda: announce(repository, sock, host=options.host, tls=tls is not None))
         settings.heap = HeapKeeper()
         app = build_app(repository, settings, self.host.route_factories())
         settings.heap.freeze()  # everything loaded so far lives as long as the server
         with sock:
             return run_server(app, sock, activity, killafter=options.killafter,
-                              read_timeout=options.read_timeout)
+                              read_timeout=options.read_timeout, tls=tls)
 
-    def _serve_with_workers(self) -> int:
+    def _serve_with_workers(self, tls: ssl.SSLContext | None) -> int:
         """Load once here, fork the workers, supervise them (core/process/workers.py)."""
         options = self.options
         self.host.configure_threads(1)  # before anything runs: see core/process/workers.py
@@ -111,7 +118,7 @@ class Launch:
                 settings.in_worker = True
                 app = build_app(repository, settings, routes)
                 return run_server(app, sock, activity, killafter=0,
-                                  read_timeout=options.read_timeout, worker=True)
+                                  read_timeout=options.read_timeout, worker=True, tls=tls)
 
             plan = WorkerPlan(
                 workers=options.workers,
@@ -127,7 +134,8 @@ class Launch:
             )
             with sock:
                 return supervisor.run(
-                    on_started=lambda: announce(repository, sock, f" ({options.workers} workers)")
+                    on_started=lambda: announce(repository, sock, f" ({options.workers} workers)",
+                                                host=options.host, tls=tls is not None)
                 )
         finally:
             if metrics_dir:

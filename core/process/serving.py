@@ -2,8 +2,9 @@
 
 We bind first (so ``--port 0`` can report the port it got, errors come before anything starts,
 and later worker processes can share the socket), then hand Hypercorn the descriptor
-(``fd://N``). SIGINT/SIGTERM and ``--killafter`` idleness set one shutdown event; Hypercorn then
-stops accepting and lets in-flight requests finish within ``graceful_timeout``.
+(``fd://N``), and for HTTPS the TLS context built at start (core/process/tls.py), which wraps
+every connection accepted. SIGINT/SIGTERM and ``--killafter`` idleness set one shutdown event;
+Hypercorn then stops accepting and lets in-flight requests finish within ``graceful_timeout``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
@@ -91,18 +93,22 @@ def check_port_free(host: str, port: int) -> None:
 WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 
-def socket_url(sock: socket.socket) -> str:
+def socket_url(sock: socket.socket, name: str | None = None, *, tls: bool = False) -> str:
     """The URL a person on this machine opens: ``localhost`` for a wildcard bind (0.0.0.0 is an
-    address to listen on, not one to connect to)."""
+    address to listen on, not one to connect to). With ``tls`` the URL names the host as
+    ``--host`` gave it (``name``), not the address it resolved to: a certificate names hosts, and
+    to a client that checks it ``localhost`` is not ``127.0.0.1``."""
     host, port = sock.getsockname()[:2]
+    if tls and name and name not in WILDCARDS:
+        host = name
     if host in WILDCARDS:
         host = "localhost"
-    elif sock.family == socket.AF_INET6:
+    elif ":" in host:  # an IPv6 address
         host = f"[{host}]"
-    return f"http://{host}:{port}/"
+    return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
-def outside_url(sock: socket.socket) -> str | None:
+def outside_url(sock: socket.socket, *, tls: bool = False) -> str | None:
     """For a wildcard bind, the URL other machines may use: this machine's outgoing address
     (no packet is sent to find it), else its host name; None for a bind to one address."""
     host, port = sock.getsockname()[:2]
@@ -116,7 +122,7 @@ def outside_url(sock: socket.socket) -> str | None:
         address = ""
     if not address or address.startswith("127.") or address in WILDCARDS:
         address = socket.gethostname()
-    return f"http://{address}:{port}/"
+    return f"{'https' if tls else 'http'}://{address}:{port}/"
 
 
 async def _idle_watch(activity: Activity, killafter: float, shutdown: asyncio.Event) -> None:
@@ -140,9 +146,24 @@ _HYPERCORN_LOG.addFilter(_not_hypercorn_banner)
 HEADER_TIMEOUT = 5.0
 HEADER_LIMIT = 16 * 1024
 APP_QUEUE = 10
+HANDSHAKE_TIMEOUT = 10.0
 
 
-def hypercorn_config(read_timeout: float = 0) -> Config:
+class ServerConfig(Config):
+    """Hypercorn's settings, serving HTTPS with the context built and checked at start
+    (core/process/tls.py) instead of reading the certificate files again in every process."""
+
+    tls: ssl.SSLContext | None = None
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return self.tls is not None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls
+
+
+def hypercorn_config(read_timeout: float = 0, tls: ssl.SSLContext | None = None) -> Config:
     """Hypercorn's settings, the ones that guard against slow or greedy clients set explicitly
     (so a change of Hypercorn's defaults cannot drop them silently).
 
@@ -159,8 +180,14 @@ def hypercorn_config(read_timeout: float = 0) -> Config:
       and on Python 3.11 ``asyncio.wait_for`` wraps every read in a task. The body timeout is
       ours (``--read-timeout``, core/http/body_guard.py).
     - ``backlog``: connections the kernel queues before we accept them.
+    - ``ssl_handshake_timeout`` (HTTPS): Hypercorn's 60 s would let a client that connects and
+      sends nothing hold its connection for a minute, before the header timeout even starts.
+      10 s, or ``--read-timeout`` when that is shorter (as for the headers).
     """
-    config = Config()
+    config = ServerConfig()
+    config.tls = tls
+    config.ssl_handshake_timeout = (min(HANDSHAKE_TIMEOUT, read_timeout) if read_timeout > 0
+                                    else HANDSHAKE_TIMEOUT)
     config.accesslog = None
     config.errorlog = _HYPERCORN_LOG
     config.backlog = 1024
@@ -179,12 +206,14 @@ def run_server(
     graceful_timeout: float = 30.0,
     read_timeout: float = 0,
     worker: bool = False,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Serve ``app`` on ``sock`` until a signal or idleness; returns the exit status (0).
     ``worker``: a forked worker, whose signal comes from its supervisor (a drain, or its planned
-    replacement in a rolling reload): its lines name the worker, not the server."""
+    replacement in a rolling reload): its lines name the worker, not the server. ``tls``: serve
+    HTTPS with this context (core/process/tls.py): every connection accepted is wrapped."""
     who = f"worker {os.getpid()}" if worker else "server"
-    config = hypercorn_config(read_timeout)
+    config = hypercorn_config(read_timeout, tls)
     # Hypercorn takes ownership of the descriptor it is given (and closes it): give it a copy.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.graceful_timeout = graceful_timeout

@@ -24,6 +24,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "keys": {"keys": ("a", "b-2")},
     "port": {"port": 8080},
     "host": {"host": "0.0.0.0"},
+    "certfile": {"certfile": "/etc/studio/server.pem"},
+    "keyfile": {"keyfile": "/etc/studio/server key.pem"},
+    "ca_certs": {"ca_certs": "clients-ca.pem"},
     "killafter": {"killafter": 0.1 + 0.2},  # not exact in %g: written in full
     "store_url": {"store_url": "s3://bucket/prefix"},
     "token": {"token": "s3cret token"},
