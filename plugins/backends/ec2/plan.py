@@ -258,7 +258,11 @@ def await_ready(plan: Plan, url: str, timeout: float) -> None:
 
 def announce(plan: Plan, url: str, what: str) -> None:
     """What a launch prints on stdout, a line each and in this order (scripts read them): the
-    URL, what serves there, and the token."""
+    URL, what serves there, and the token. Without ``--wait-ready`` stderr says first that
+    nothing answers there yet."""
+    if not plan.ec2_options.wait_ready:
+        say(f"booting: {url} does not answer until the instance has installed and loaded the "
+            "model (minutes); `studio-plug ls` shows when it does, --wait-ready waits for it")
     print(url, flush=True)
     print(what, flush=True)
     if plan.token:
