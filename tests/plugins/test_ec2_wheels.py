@@ -212,7 +212,8 @@ def test_ls_answers_within_seconds_when_a_server_never_replies(
         assert time.monotonic() - started < 8.0
 
 
-def installed_plugin(site: Path, name: str, version: str, direct_url: str | None) -> None:
+def installed_plugin(site: Path, name: str, version: str, direct_url: str | None,
+                     entry_point: bool = True) -> None:
     """Distribution ``name`` installed into ``site`` as pip leaves one: its module (the example
     plugin of docs/plugins.md), a dist-info with the entry point, a RECORD, and with
     ``direct_url`` (a local path install) a ``direct_url.json``."""
@@ -223,7 +224,8 @@ def installed_plugin(site: Path, name: str, version: str, direct_url: str | None
     info = site / f"{module}-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[studio_plugins]\n{module} = {module}\n")
+    (info / "entry_points.txt").write_text(f"[studio_plugins]\n{module} = {module}\n" if entry_point
+                                           else "")
     files = [f"{module}.py", f"{info.name}/METADATA", f"{info.name}/entry_points.txt"]
     if direct_url:
         (info / "direct_url.json").write_text(f'{{"url": "{direct_url}", "archive_info": {{}}}}')
@@ -241,9 +243,13 @@ def test_plugin_distributions_from_a_local_path_travel_as_wheels_and_from_an_ind
     site.mkdir()
     installed_plugin(site, "studio-acme", "1.2.3", f"file://{tmp_path}/studio_acme-1.2.3.tar.gz")
     installed_plugin(site, "studio-indexed", "0.5", None)
+    installed_plugin(site, "wrapmod", "2.0", f"file://{tmp_path}/wrapmod", entry_point=False)
     monkeypatch.syspath_prepend(str(site))
 
-    shipment = build_shipment()
+    # wrapmod provides no plugin: it travels only when a wrapper is named as its module
+    assert [w.distribution for w in build_shipment(["wrapmod.sub"]).wheels] == [
+        "studio-plugins", "studio-acme", "wrapmod"]
+    shipment = build_shipment(["matmul_wrapper", "some-registered-name"])
     ours, acme = shipment.wheels
     assert ours.path.name == f"studio_plugins-{__version__}-py3-none-any.whl"
     assert (acme.distribution, acme.path.name) == ("studio-acme", "studio_acme-1.2.3-py3-none-any.whl")

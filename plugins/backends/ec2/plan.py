@@ -198,7 +198,8 @@ def plan(context: LaunchContext) -> Plan:
     }
     shipment = Shipment((), ())
     if not settings.install:  # ship what runs here (--install names something else)
-        shipment = build_shipment()
+        modules = [w for w in (options.wrapper, *options.wrappers.values()) if w and not Path(w).is_file()]
+        shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
                 served, uploads, fetches, tags, shipment)
 

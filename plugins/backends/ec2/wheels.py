@@ -20,6 +20,7 @@ and a launch that fails deletes only the wheels it uploaded itself.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import functools
 import hashlib
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,18 @@ def plugin_distributions() -> list[importlib.metadata.Distribution]:
         if dist is not None and _normal(dist.name) != _normal(DISTRIBUTION):
             found.setdefault(_normal(dist.name), dist)
     return [found[name] for name in sorted(found)]
+
+
+def module_distributions(modules: Iterable[str]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions providing these modules (a ``--wrapper`` named as a module,
+    ``pkg.wrap``), found by top-level package; a file or a registered name finds none."""
+    providers = importlib.metadata.packages_distributions()
+    found = []
+    for module in modules:
+        for name in providers.get(module.split(".")[0], []):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                found.append(importlib.metadata.distribution(name))
+    return found
 
 
 def from_an_index(dist: importlib.metadata.Distribution) -> bool:
@@ -253,9 +266,10 @@ class Shipment:
     """The temporary folder holding ``wheels``, removed once this is garbage (or at exit)."""
 
 
-def build_shipment() -> Shipment:
+def build_shipment(modules: Iterable[str] = ()) -> Shipment:
     """Wheels of the running ``studio-plugins`` and of every plugin distribution on no index
-    (in a temporary folder); ``name==version`` for the plugin distributions from an index."""
+    (in a temporary folder); ``name==version`` for the plugin distributions from an index.
+    ``modules`` (wrappers named as modules) add the distributions that provide them."""
     folder = tempfile.TemporaryDirectory(prefix="studio-plug-wheels-")
     out = Path(folder.name)
     try:
@@ -270,7 +284,11 @@ def build_shipment() -> Shipment:
         )
     built = [(DISTRIBUTION, wheel_of(ours, tree, out))]
     requirements = []
-    for dist in plugin_distributions():
+    wanted: dict[str, importlib.metadata.Distribution] = {}
+    for dist in [*plugin_distributions(), *module_distributions(modules)]:
+        if _normal(dist.metadata["Name"]) != _normal(DISTRIBUTION):
+            wanted.setdefault(_normal(dist.metadata["Name"]), dist)
+    for dist in wanted.values():
         if from_an_index(dist):
             requirements.append(f"{dist.metadata['Name']}=={dist.version}")
         else:
