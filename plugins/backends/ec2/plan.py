@@ -36,6 +36,7 @@ from plugins.backends.ec2.instances import (
 from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
+from plugins.backends.ec2.wheels import Shipment, build_shipment, upload
 from plugins.stores.s3 import S3Store, parse_s3_url
 from studio_plugins import (
     BackendError,
@@ -116,6 +117,8 @@ class Plan:
     """(local file, object key) to upload before starting."""
     wrapper_fetches: list[WrapperFetch] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    shipment: Shipment = field(default_factory=lambda: Shipment((), ()))
+    """The wheels built here for the instance (none with --install); ``wheels.py``."""
 
     def user_data(self) -> UserData:
         environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance()}
@@ -127,6 +130,9 @@ class Plan:
             install=self.ec2_options.install or default_install_spec(),
             cpu_only=self.options.gpus == 0 and not self.instance_type.startswith(("g", "p")),
             wrappers=tuple(self.wrapper_fetches),
+            wheels=tuple(WrapperFetch(self.store.location.bucket, w.key(self.store),
+                                      f"{VENV}/wheels/{w.path.name}") for w in self.shipment.wheels),
+            requirements=self.shipment.requirements,
         )
 
 
@@ -190,8 +196,12 @@ def plan(context: LaunchContext) -> Plan:
         STARTED_BY_TAG: started_by(),
         STORE_TAG: store.url,
     }
+    shipment = Shipment((), ())
+    if not settings.install:  # ship what runs here (--install names something else)
+        modules = [w for w in (options.wrapper, *options.wrappers.values()) if w and not Path(w).is_file()]
+        shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
-                served, uploads, fetches, tags)
+                served, uploads, fetches, tags, shipment)
 
 
 
@@ -241,6 +251,7 @@ def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
         say(f"warning: --no-auth: anyone who can reach port {port} from {s.cidr} may use the model")
     undo = Undo()
     with undo.on_failure():
+        upload(plan.store, plan.shipment.wheels, undo.push, say)
         for local, key in plan.wrapper_uploads:
             plan.store.upload(local, key)
             undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
@@ -258,7 +269,11 @@ def await_ready(plan: Plan, url: str, timeout: float) -> None:
 
 def announce(plan: Plan, url: str, what: str) -> None:
     """What a launch prints on stdout, a line each and in this order (scripts read them): the
-    URL, what serves there, and the token."""
+    URL, what serves there, and the token. Without ``--wait-ready`` stderr says first that
+    nothing answers there yet."""
+    if not plan.ec2_options.wait_ready:
+        say(f"booting: {url} does not answer until the instance has installed and loaded the "
+            "model (minutes); `studio-plug ls` shows when it does, --wait-ready waits for it")
     print(url, flush=True)
     print(what, flush=True)
     if plan.token:
