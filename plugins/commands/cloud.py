@@ -68,7 +68,8 @@ def ls_command(region: str | None) -> None:
     now = datetime.now(UTC)
     if found:
         _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "AGE", "STARTED BY")] + [
-            (s.instance_id, s.key, s.address or "-", str(s.port), s.instance_type, s.state,
+            (s.instance_id, s.key, s.address or "-", str(s.port),
+             s.instance_type + (" spot" if s.spot else ""), s.state,
              _age(s.launched, now), s.started_by)
             for s in found
         ])
@@ -77,7 +78,8 @@ def ls_command(region: str | None) -> None:
     if groups:
         _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "AGE", "STARTED BY")] + [
             (f.name, f.key, "-" if f.desired is None else str(f.desired),
-             "-" if f.in_service is None else str(f.in_service), f.url, _age(f.created, now),
+             ("-" if f.in_service is None else str(f.in_service))
+             + ("" if f.spot is None else f" ({f.spot} spot)"), f.url, _age(f.created, now),
              f.started_by)
             for f in groups
         ])

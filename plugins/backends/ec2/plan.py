@@ -35,6 +35,7 @@ from plugins.backends.ec2.instances import (
 )
 from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
 from plugins.backends.ec2.options import Ec2Options
+from plugins.backends.ec2.spot import spot_environment
 from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
 from plugins.stores.s3 import S3Store, parse_s3_url
 from studio_plugins import (
@@ -116,9 +117,12 @@ class Plan:
     """(local file, object key) to upload before starting."""
     wrapper_fetches: list[WrapperFetch] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    """More for the user data to export (``spot.spot_environment``)."""
 
     def user_data(self) -> UserData:
-        environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance()}
+        environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance(),
+                       **self.environment}
         if self.token:
             environment["STUDIO_TOKEN"] = self.token
         return UserData(
@@ -191,7 +195,8 @@ def plan(context: LaunchContext) -> Plan:
         STORE_TAG: store.url,
     }
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
-                served, uploads, fetches, tags)
+                served, uploads, fetches, tags,
+                environment=spot_environment(drain=0.0) if settings.spot else {})
 
 
 
