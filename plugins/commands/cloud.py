@@ -73,7 +73,8 @@ def ls_command(region: str | None) -> None:
     if found:
         _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "SERVER", "AGE",
                  "STARTED BY")] + [
-            (s.instance_id, s.key, s.address or "-", str(s.port), s.instance_type, s.state,
+            (s.instance_id, s.key, s.address or "-", str(s.port),
+             s.instance_type + (" spot" if s.spot else ""), s.state,
              answers.get(s.url, "-") if s.state == "running" else "-", _age(s.launched, now),
              s.started_by)
             for s in found
@@ -83,7 +84,8 @@ def ls_command(region: str | None) -> None:
     if groups:
         _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE", "STARTED BY")] + [
             (f.name, f.key, "-" if f.desired is None else str(f.desired),
-             "-" if f.in_service is None else str(f.in_service), f.url, answers.get(f.url, "-"),
+             ("-" if f.in_service is None else str(f.in_service))
+             + ("" if f.spot is None else f" ({f.spot} spot)"), f.url, answers.get(f.url, "-"),
              _age(f.created, now),
              f.started_by)
             for f in groups

@@ -31,6 +31,7 @@ from plugins.backends.ec2.fleet_options import FleetOptions, Sizes, generate_fle
 from plugins.backends.ec2.instances import tags_of
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.plan import Plan, plan
+from plugins.backends.ec2.spot import FLEET_DRAIN, fleet_types, spot_environment
 from studio_plugins import BackendError, ConfigurationError, LaunchContext
 
 FLEET_TAG = "studio-plug:fleet"
@@ -84,6 +85,9 @@ class FleetPlan:
     replica_subnets: list[str]
     """The group's: those where the instance type is offered."""
     tags: dict[str, str]
+    spot_types: list[str] = dataclasses.field(default_factory=list)
+    """With ``--spot``: the instance types of the mixed-instances policy (``spot.py``)."""
+    on_demand_base: int = 0
 
 
 def security_group_names(name: str) -> list[str]:
@@ -116,6 +120,9 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         validate_fleet_name(fleet.fleet_name)
     base = plan(context)
     base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0))
+    settings = base.ec2_options
+    if settings.spot:  # a replica answers not-ready first, so the balancer takes it out
+        base = dataclasses.replace(base, environment=spot_environment(drain=FLEET_DRAIN))
     c = clients(base.region, base.ec2)
     by_zone = fleet_subnets(base.ec2, base.vpc_id)
     subnets = [by_zone[zone] for zone in sorted(by_zone)]
@@ -136,4 +143,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         FLEET_TAG: name,
         LB_PORT_TAG: str(fleet.port),
     }
-    return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags)
+    types = (fleet_types(base.ec2, base.instance_type, chosen=bool(settings.instance_type))
+             if settings.spot else [])
+    return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags,
+                     types, fleet.on_demand_base or 0)

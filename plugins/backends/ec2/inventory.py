@@ -38,6 +38,8 @@ class Server:
     launched: datetime
     started_by: str
     group_ids: tuple[str, ...]
+    spot: bool = False
+    """Runs on spot capacity (``--spot``)."""
 
     @property
     def url(self) -> str:
@@ -60,6 +62,7 @@ class Server:
             launched=instance.get("LaunchTime") or datetime.now(UTC),
             started_by=tags.get(STARTED_BY_TAG, "?"),
             group_ids=tuple(g["GroupId"] for g in instance.get("SecurityGroups", [])),
+            spot=instance.get("InstanceLifecycle") == "spot",
         )
 
 

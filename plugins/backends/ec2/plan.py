@@ -35,6 +35,7 @@ from plugins.backends.ec2.instances import (
 )
 from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
 from plugins.backends.ec2.options import Ec2Options
+from plugins.backends.ec2.spot import spot_environment
 from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
 from plugins.backends.ec2.wheels import Shipment, build_shipment, upload
 from plugins.stores.s3 import S3Store, parse_s3_url
@@ -119,9 +120,12 @@ class Plan:
     tags: dict[str, str] = field(default_factory=dict)
     shipment: Shipment = field(default_factory=lambda: Shipment((), ()))
     """The wheels built here for the instance (none with --install); ``wheels.py``."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """More for the user data to export (``spot.spot_environment``)."""
 
     def user_data(self) -> UserData:
-        environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance()}
+        environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance(),
+                       **self.environment}
         if self.token:
             environment["STUDIO_TOKEN"] = self.token
         return UserData(
@@ -201,7 +205,8 @@ def plan(context: LaunchContext) -> Plan:
         modules = [w for w in (options.wrapper, *options.wrappers.values()) if w and not Path(w).is_file()]
         shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
-                served, uploads, fetches, tags, shipment)
+                served, uploads, fetches, tags, shipment,
+                environment=spot_environment(drain=0.0) if settings.spot else {})
 
 
 
