@@ -8,6 +8,7 @@ is not the fleet's, and can be run again, also after a part was removed by other
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -71,8 +72,11 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     servers, fleets = out.split("\n\n")
     assert [row.split()[0] for row in servers.splitlines()[1:]] == [single]  # replicas not here
     header, *rows = fleets.splitlines()
-    assert header.split() == ["FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "AGE", "STARTED", "BY"]
+    assert header.split() == ["FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "AGE", "STARTED", "BY",
+                              "PARAMETERS"]
     listed = {row.split()[0]: row.split()[1:6] for row in rows}
+    token_parameter = {row.split()[0]: row.split()[-1] for row in rows}[alpha]
+    assert re.fullmatch(r"/studio-plug/[0-9a-f]+/token", token_parameter)
     assert listed == {alpha: ["exp", "2", "2", alpha_url, "0m"], beta: ["exp", "1", "1", beta_url, "0m"]}
 
     (listener,) = listeners_of(aws, alpha)
@@ -82,7 +86,7 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     steps = [line.split()[1] + " " + line.split()[2] for line in err.splitlines()
              if line.startswith("deleting ")]
     assert steps == ["auto scaling", "load balancer", "target group", "launch template",
-                     "security group", "security group"]
+                     f"parameters {token_parameter}", "security group", "security group"]
     assert "(replicas)" in err.splitlines()[-2] and "(balancer)" in err.splitlines()[-1]
     assert parts(aws, alpha) == {"group": [], "policies": [], "instances": [], "balancer": False,
                                  "target group": False, "template": False, "security groups": []}

@@ -45,6 +45,8 @@ class Clients:
     ec2: Any
     elb: Any
     asg: Any
+    ssm: Any = None
+    """Parameter Store, where the fleet's token is."""
 
     @property
     def region(self) -> str:
@@ -55,7 +57,8 @@ def clients(region: str | None, ec2: Any = None) -> Clients:
     with aws_errors(BackendError, "EC2"):
         ec2 = ec2 or client("ec2", region)
         region = str(ec2.meta.region_name)
-        return Clients(ec2, client("elbv2", region), client("autoscaling", region))
+        return Clients(ec2, client("elbv2", region), client("autoscaling", region),
+                       client("ssm", region))
 
 
 def ours(resource: dict[str, Any], name: str) -> bool:
@@ -114,8 +117,14 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         )
     if fleet.fleet_name:
         validate_fleet_name(fleet.fleet_name)
+    if options.certfile:
+        raise ConfigurationError(
+            "a fleet's replicas serve plain HTTP to its balancer; --certfile is for a single "
+            "instance", hint="leave --certfile/--keyfile out")
     base = plan(context)
-    base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0))
+    # the replicas serve HTTP inside the VPC (the balancer's target group checks them so)
+    base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0),
+                               tls=False)
     c = clients(base.region, base.ec2)
     by_zone = fleet_subnets(base.ec2, base.vpc_id)
     subnets = [by_zone[zone] for zone in sorted(by_zone)]
@@ -136,4 +145,5 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         FLEET_TAG: name,
         LB_PORT_TAG: str(fleet.port),
     }
+    base = dataclasses.replace(base, parameter_tags=tags)  # the token's: the fleet's
     return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags)

@@ -24,6 +24,7 @@ from plugins.backends.ec2.instances import (
     describe,
     tags_of,
 )
+from plugins.backends.ec2.parameters import RUN_TAG
 from studio_plugins import BackendError
 
 
@@ -38,6 +39,8 @@ class Server:
     launched: datetime
     started_by: str
     group_ids: tuple[str, ...]
+    run: str = ""
+    """The run id naming its parameters (``parameters.py``)."""
 
     @property
     def url(self) -> str:
@@ -60,6 +63,7 @@ class Server:
             launched=instance.get("LaunchTime") or datetime.now(UTC),
             started_by=tags.get(STARTED_BY_TAG, "?"),
             group_ids=tuple(g["GroupId"] for g in instance.get("SecurityGroups", [])),
+            run=tags.get(RUN_TAG, ""),
         )
 
 

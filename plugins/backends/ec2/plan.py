@@ -35,7 +35,16 @@ from plugins.backends.ec2.instances import (
 )
 from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
 from plugins.backends.ec2.options import Ec2Options
-from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
+from plugins.backends.ec2.parameters import (
+    RUN_TAG,
+    delete_parameter,
+    new_run_id,
+    parameter_name,
+    put_secret,
+    read_own_tls,
+    tls_value,
+)
+from plugins.backends.ec2.userdata import TLS_DIR, VENV, UserData, WrapperFetch, default_install_spec
 from plugins.stores.s3 import S3Store, parse_s3_url
 from studio_plugins import (
     BackendError,
@@ -116,17 +125,45 @@ class Plan:
     """(local file, object key) to upload before starting."""
     wrapper_fetches: list[WrapperFetch] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    ssm: Any = None
+    run_id: str = ""
+    """Names this launch's parameters (``parameters.py``); tagged on what it creates."""
+    tls: bool = False
+    """Whether the instance serves HTTPS with the key and certificate of its ``tls`` parameter."""
+    own_tls: dict[str, bytes] | None = None
+    """The user's own ``--certfile``/``--keyfile`` (``--ca-certs``), shipped as the parameter."""
+    parameter_tags: dict[str, str] = field(default_factory=dict)
+    """The parameters' tags when not ``tags`` (a fleet's)."""
+
+    @property
+    def token_parameter(self) -> str | None:
+        return parameter_name(self.run_id, "token") if self.token else None
+
+    @property
+    def tls_parameter(self) -> str | None:
+        return parameter_name(self.run_id, "tls") if self.tls else None
+
+    def put_parameter(self, undo: Undo, name: str, value: str) -> None:
+        """Create one of this launch's SecureStrings, deleted again if the launch fails."""
+        put_secret(self.ssm, name, value, self.parameter_tags or self.tags)
+        say(f"parameter {name} (SecureString): the instance reads it at boot")
+        undo.push(f"deleting parameter {name}", functools.partial(delete_parameter, self.ssm, name))
 
     def user_data(self) -> UserData:
         environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance()}
-        if self.token:
-            environment["STUDIO_TOKEN"] = self.token
+        served = self.served
+        if self.tls:  # the files the instance writes from its tls parameter
+            served = dataclasses.replace(
+                served, certfile=f"{TLS_DIR}/cert.pem", keyfile=f"{TLS_DIR}/key.pem",
+                ca_certs=f"{TLS_DIR}/ca-certs.pem" if self.options.ca_certs else None)
         return UserData(
-            serve_argv=serve_argv(self.served),
+            serve_argv=serve_argv(served),
             environment=environment,
             install=self.ec2_options.install or default_install_spec(),
             cpu_only=self.options.gpus == 0 and not self.instance_type.startswith(("g", "p")),
             wrappers=tuple(self.wrapper_fetches),
+            token_parameter=self.token_parameter,
+            tls_parameter=self.tls_parameter,
         )
 
 
@@ -139,12 +176,23 @@ def plan(context: LaunchContext) -> Plan:
         )
     if settings.no_auth and options.token:
         raise ConfigurationError("--no-auth and --token contradict each other")
+    if settings.no_tls and options.certfile:
+        raise ConfigurationError("--no-tls and --certfile contradict each other")
+    if options.ca_certs and settings.wait_ready and not settings.no_tls:
+        raise ConfigurationError(
+            "--wait-ready cannot check a server that asks for client certificates (--ca-certs)",
+            hint="leave --wait-ready out and poll /v2/health/ready with your client certificate")
+    # the user's own certificate travels as the tls parameter: a local path means nothing there
+    own_tls = (read_own_tls(options.certfile, options.keyfile or options.certfile, options.ca_certs)
+               if options.certfile else None)
     wanted_rules(options.port, settings.cidr, False)  # validates --cidr early
     store = s3_store(options)
 
     with aws_errors(BackendError, "EC2"):
         ec2 = client("ec2", settings.region)
     region = str(ec2.meta.region_name)
+    with aws_errors(BackendError, "Parameter Store"):
+        ssm = client("ssm", region)
     instance_type = settings.instance_type or instance_type_for(options.gpus)
     architecture, type_gpus = describe_type(ec2, instance_type, region)
     if type_gpus < options.gpus:
@@ -178,6 +226,7 @@ def plan(context: LaunchContext) -> Plan:
     served = dataclasses.replace(
         options,
         host="0.0.0.0",
+        certfile=None, keyfile=None, ca_certs=None,  # the instance's own: see Plan.user_data
         wrapper=ship(options.wrapper, ()),
         wrappers={name: ship(wrapper, (name,)) or wrapper
                   for name, wrapper in options.wrappers.items()},
@@ -189,9 +238,11 @@ def plan(context: LaunchContext) -> Plan:
         PORT_TAG: str(options.port),
         STARTED_BY_TAG: started_by(),
         STORE_TAG: store.url,
+        RUN_TAG: new_run_id(),
     }
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
-                served, uploads, fetches, tags)
+                served, uploads, fetches, tags, ssm=ssm, run_id=tags[RUN_TAG],
+                tls=not settings.no_tls, own_tls=own_tls)
 
 
 
@@ -239,21 +290,27 @@ def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
         say(f"note: without --iam-profile {readers} another way to read {plan.store.url}")
     if plan.token is None:
         say(f"warning: --no-auth: anyone who can reach port {port} from {s.cidr} may use the model")
+    if s.no_tls:
+        say("warning: --no-tls: the token and the data cross the network in the clear")
     undo = Undo()
     with undo.on_failure():
         for local, key in plan.wrapper_uploads:
             plan.store.upload(local, key)
             undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
                       functools.partial(plan.store.delete, key))
+        if plan.token_parameter and plan.token:
+            plan.put_parameter(undo, plan.token_parameter, plan.token)
+        if plan.tls_parameter and plan.own_tls:
+            plan.put_parameter(undo, plan.tls_parameter, tls_value(plan.own_tls))
         yield undo
 
 
-def await_ready(plan: Plan, url: str, timeout: float) -> None:
-    """With ``--wait-ready``, wait until ``url`` answers ready: called inside ``creating``, so
-    a server not ready in time is removed again."""
+def await_ready(plan: Plan, url: str, timeout: float, cafile: str | None = None) -> None:
+    """With ``--wait-ready``, wait until ``url`` answers ready (over HTTPS, trusting ``cafile``):
+    called inside ``creating``, so a server not ready in time is removed again."""
     if plan.ec2_options.wait_ready:
         say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-        wait_ready(url, timeout)
+        wait_ready(url, timeout, cafile=cafile)
 
 
 def announce(plan: Plan, url: str, what: str) -> None:
