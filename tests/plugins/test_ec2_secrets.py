@@ -144,6 +144,8 @@ def test_the_users_own_certificate_travels_as_a_parameter_not_a_path(
     assert "--no-tls and --certfile contradict each other" in err
     code, _out, err = launch("--certfile", str(tmp_path / "missing.pem"), "--keyfile", str(keyfile))
     assert code != 0 and "missing.pem" in err and "Traceback" not in err
+    code, _out, err = launch("--ca-certs", str(certfile))  # without a certificate of its own
+    assert code != 0 and "--keyfile and --ca-certs go with --certfile" in err
 
 
 def test_the_boot_fetch_waits_bounded_and_writes_private_files(aws, tmp_path: Path) -> None:

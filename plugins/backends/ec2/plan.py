@@ -178,6 +178,10 @@ def plan(context: LaunchContext) -> Plan:
         raise ConfigurationError("--no-auth and --token contradict each other")
     if settings.no_tls and options.certfile:
         raise ConfigurationError("--no-tls and --certfile contradict each other")
+    if (options.keyfile or options.ca_certs) and not options.certfile:
+        raise ConfigurationError(
+            "--keyfile and --ca-certs go with --certfile (the instance's own certificate)",
+            hint="leave them out: the instance gets a certificate from your CA by default")
     if options.ca_certs and settings.wait_ready and not settings.no_tls:
         raise ConfigurationError(
             "--wait-ready cannot check a server that asks for client certificates (--ca-certs)",
@@ -281,13 +285,16 @@ class Undo:
 @contextlib.contextmanager
 def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
     """The opening a single server and a fleet share: say what the user should know before
-    anything is created, then upload the wrappers, under the ``Undo`` the body goes on with.
+    anything is created, then upload the wrappers and put the token's parameter (and a user's
+    own certificate's), under the ``Undo`` the body goes on with.
 
     ``readers`` says who reads the store (``the instance needs``), ``port`` is where the
     server is reached (a fleet's is the balancer's)."""
     s = plan.ec2_options
     if not s.iam_profile:
-        say(f"note: without --iam-profile {readers} another way to read {plan.store.url}")
+        secrets_too = " and its parameters" if plan.token or plan.tls else ""
+        say(f"note: without --iam-profile {readers} another way to read {plan.store.url}"
+            f"{secrets_too} (see README: the instance profile's policy)")
     if plan.token is None:
         say(f"warning: --no-auth: anyone who can reach port {port} from {s.cidr} may use the model")
     if s.no_tls:
