@@ -10,29 +10,38 @@ from __future__ import annotations
 
 import json
 import shlex
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from plugins.backends.ec2.boot import fetch, write_tls
 from plugins.backends.ec2.ca import CertificateAuthority
 from plugins.backends.ec2.parameters import RUN_TAG, put_secret, to_delete
 from plugins.backends.ec2.userdata import VENV, serve_lines
+from studio_plugins.client import predict
+from studio_plugins.testing import ServerProcess
 from studio_plugins.tls import user_ca_file
 from tests.plugins import test_ec2_backend
 from tests.plugins.test_ec2_backend import (
+    WRAPPER,
     cli,
     instance,
     launch,
     launched,
     live_instances,
+    loopback_instances,
+    run_user_data_locally,
     user_data,
 )
 from tests.plugins.test_ec2_fleet import launch_fleet, launched_fleet, template_user_data
 
 cloud = test_ec2_backend.cloud
 """The fixture: moto with experiment ``exp`` in ``s3://models/prod``; an EC2 client."""
+__all__ = ["loopback_instances"]  # a fixture too
 
 
 def ssm() -> Any:
@@ -196,3 +205,36 @@ def test_a_fleets_token_is_a_parameter_not_in_its_launch_template(fleet_cloud, t
     code, _out, err = cli("stop", name)  # again: nothing left, no failure
     assert code in (0, 1) and "Traceback" not in err
 
+
+
+@pytest.mark.timeout(120)
+def test_wait_ready_verifies_the_instance_over_https_with_the_ca(
+    cloud, loopback_instances, tmp_path: Path, free_tcp_port: int
+) -> None:
+    # the launch runs meanwhile; the "instance" (the user data's boot and serve lines, run here
+    # on the address moto gave it, 127.0.0.1) waits for its certificate, as the real one does
+    wrapper = tmp_path / "matmul_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    result: dict[str, Any] = {}
+    launching = threading.Thread(target=lambda: result.update(ran=launch(
+        "--wait-ready", "--port", str(free_tcp_port), "--launch-timeout", "60",
+        "--wrapper", str(wrapper))))
+    launching.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not live_instances(cloud) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (instance_id,) = live_instances(cloud)
+        argv, env = run_user_data_locally(user_data(cloud, instance_id), tmp_path / "instance")
+        argv[argv.index("--port") + 1] = str(free_tcp_port)
+        with ServerProcess(*argv, env=env, port=None) as server:
+            launching.join(60)
+            code, out, err = result["ran"]
+            assert code == 0, err
+            url, _instance_id, token = launched(out)
+            assert url == f"https://127.0.0.1:{free_tcp_port}/" == server.url
+            assert "waiting for " + url in err
+            x = np.ones((1, 3), np.float32)
+            assert predict(url, {"x": x}, token=token)["x"].tolist() == [[6.0]]
+    finally:
+        launching.join(60)
