@@ -64,10 +64,12 @@ region_option = click.option("--region", default=None,
 @region_option
 @report_errors
 def ls_command(region: str | None) -> None:
-    """List the servers and fleets started with --cloud ec2: key, address, size, age."""
+    """List the servers and fleets started with --cloud ec2: key, address, size, age, and
+    whether each server answers yet (ready, loading, or booting: nothing answers)."""
     from plugins.backends.ec2.fleet import clients
     from plugins.backends.ec2.fleet_inventory import fleets
     from plugins.backends.ec2.inventory import servers
+    from plugins.backends.ec2.probe import probe_all
 
     ec2 = _ec2(region)
     found = servers(ec2)
@@ -80,22 +82,26 @@ def ls_command(region: str | None) -> None:
         click.echo("no studio-plug servers running", err=True)
         return
     now = datetime.now(UTC)
+    # does each server answer /v2/health/ready yet? all asked at once, a few seconds at most
+    answers = probe_all([s.url for s in found if s.state == "running"] + [f.url for f in groups])
     if found:
         stored = _parameters(region, "true")
-        _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "AGE", "STARTED BY",
-                 "PARAMETERS")] + [
+        _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "SERVER", "AGE",
+                 "STARTED BY", "PARAMETERS")] + [
             (s.instance_id, s.key, s.address or "-", str(s.port), s.instance_type, s.state,
-             _age(s.launched, now), s.started_by, ",".join(stored.get(s.run, [])) or "-")
+             answers.get(s.url, "-") if s.state == "running" else "-", _age(s.launched, now),
+             s.started_by, ",".join(stored.get(s.run, [])) or "-")
             for s in found
         ])
     if found and groups:
         click.echo()
     if groups:
         stored = _parameters(region, "fleet")
-        _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "AGE", "STARTED BY",
+        _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE", "STARTED BY",
                  "PARAMETERS")] + [
             (f.name, f.key, "-" if f.desired is None else str(f.desired),
-             "-" if f.in_service is None else str(f.in_service), f.url, _age(f.created, now),
+             "-" if f.in_service is None else str(f.in_service), f.url, answers.get(f.url, "-"),
+             _age(f.created, now),
              f.started_by, ",".join(stored.get(f.run, [])) or "-")
             for f in groups
         ])

@@ -65,11 +65,15 @@ def test_ls_and_stop(ec2) -> None:
     code, out, err = cli("ls")
     assert code == 0, err
     header, *rows = out.splitlines()
-    assert header.split()[:7] == ["INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "AGE"]
-    listed = {row.split()[0]: row.split()[1:7] for row in rows}  # oldest first; same second here
+    assert header.split()[:8] == ["INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "SERVER",
+                                  "AGE"]
+    cells = {row.split()[0]: row.split() for row in rows}  # oldest first; same second here
+    listed = {name: row[1:6] + row[7:8] for name, row in cells.items()}
     assert sorted(listed) == sorted([first, second])
     described = ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]
     assert listed[first] == ["alpha", described["PublicIpAddress"], "8080", "g5.xlarge", "running", "0m"]
+    # SERVER: no studio-plug server is at moto's address (nothing, or this network's stand-in)
+    assert cells[first][6] == "booting" or cells[first][6].startswith("http-")
     assert listed[second][0] == "beta"
     assert foreign not in out
 

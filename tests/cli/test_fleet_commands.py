@@ -72,12 +72,14 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     servers, fleets = out.split("\n\n")
     assert [row.split()[0] for row in servers.splitlines()[1:]] == [single]  # replicas not here
     header, *rows = fleets.splitlines()
-    assert header.split() == ["FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "AGE", "STARTED", "BY",
-                              "PARAMETERS"]
-    listed = {row.split()[0]: row.split()[1:6] for row in rows}
+    assert header.split() == ["FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE",
+                              "STARTED", "BY", "PARAMETERS"]
+    listed = {row.split()[0]: row.split()[1:5] + row.split()[6:7] for row in rows}
     token_parameter = {row.split()[0]: row.split()[-1] for row in rows}[alpha]
     assert re.fullmatch(r"/studio-plug/[0-9a-f]+/token", token_parameter)
     assert listed == {alpha: ["exp", "2", "2", alpha_url, "0m"], beta: ["exp", "1", "1", beta_url, "0m"]}
+    # SERVER: no studio-plug server behind moto's balancer (nothing, or this network's stand-in)
+    assert all(row.split()[5] == "booting" or row.split()[5].startswith("http-") for row in rows)
 
     (listener,) = listeners_of(aws, alpha)
     code, out, err = cli("stop", alpha)

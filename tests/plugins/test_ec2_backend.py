@@ -149,7 +149,7 @@ def test_launch_creates_the_instance_firewall_and_user_data_asked_for(cloud) -> 
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True, timeout=10)
     assert syntax.returncode == 0, syntax.stderr
     assert "trap '" in script and "shutdown -h now' EXIT" in script
-    assert f"pip install -q 'studio-plugins[all]=={__version__}'" in script
+    assert f"/wheels/studio_plugins-{__version__}-py3-none-any.whl[all]" in script  # shipped
     assert token not in script and "PRIVATE KEY" not in script  # read from SSM at boot
     (line,) = serve_lines(script)
     argv = shlex.split(line)
@@ -368,7 +368,8 @@ def two_wrappers(tmp_path: Path) -> list[str]:
 def wrapper_fetches(script: str) -> set[tuple[str, str, str]]:
     """(bucket, key, path on the instance) of each wrapper the user data copies from the store."""
     fetches = (shlex.split(line)[-3:] for line in script.splitlines() if line.startswith("python -c "))
-    return {(bucket, key, path) for bucket, key, path in fetches}
+    return {(bucket, key, path) for bucket, key, path in fetches
+            if path.startswith(f"{VENV}/wrapper/")}  # not the shipped wheels
 
 
 def check_two_wrappers_shipped(script: str, token: str | None, monkeypatch: pytest.MonkeyPatch,

@@ -282,8 +282,12 @@ def test_shapes_are_bounded_before_anything_is_multiplied_or_built(decode: Any) 
     assert "below 2**63" in refused(decode, "x", "FP32", [2**63, 0], data)
     assert "below 2**63" in refused(decode, "x", "FP32", [1.0], data)
     # the 500: numpy cannot hold it even empty
-    assert "more than 2**60 elements" in refused(decode, "x", "FP32", [2**40, 2**40, 0], data)
-    assert "more than 2**60 elements" in refused(decode, "x", "BYTES", [2**40, 2**40, 0], data)
+    assert "more than 2**59 elements" in refused(decode, "x", "FP32", [2**40, 2**40, 0], data)
+    assert "more than 2**59 elements" in refused(decode, "x", "BYTES", [2**40, 2**40, 0], data)
+    # exactly 2**60 8-byte elements pass 2**63 - 1 bytes: numpy's ValueError was a 500 (found by
+    # the fuzzer: tests/corpus/v2_struct/2-to-the-60-empty-fp64)
+    assert "more than 2**59 elements" in refused(decode, "x", "FP64", [2**60, 0], data)
+    assert decode("x", "FP64", [2**59, 0], data).shape == (2**59, 0)
     empty = decode("x", "FP32", [10**12, 0], data)  # zero-size: cheap
     assert empty.shape == (10**12, 0) and empty.dtype == np.float32
 

@@ -28,7 +28,7 @@ from plugins.backends.ec2.autoscaling import find_launch_template, find_scaling_
 from plugins.backends.ec2.balancer import find_balancer, find_target_group, fleet_subnets
 from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet_options import FleetOptions, Sizes, generate_fleet_name, validate_fleet_name
-from plugins.backends.ec2.instances import tags_of
+from plugins.backends.ec2.instances import SCHEME_TAG, tags_of
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.plan import Plan, plan
 from studio_plugins import BackendError, ConfigurationError, LaunchContext
@@ -144,6 +144,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         MANAGED_TAG: FLEET,
         FLEET_TAG: name,
         LB_PORT_TAG: str(fleet.port),
+        SCHEME_TAG: "http",  # the replicas behind the balancer
     }
     base = dataclasses.replace(base, parameter_tags=tags)  # the token's: the fleet's
     return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags)

@@ -24,6 +24,8 @@ KEY_TAG = "studio-plug:key"
 PORT_TAG = "studio-plug:port"
 STARTED_BY_TAG = "studio-plug:started-by"
 STORE_TAG = "studio-plug:store"
+SCHEME_TAG = "studio-plug:scheme"
+"""``https`` when the server serves TLS (``ls`` probes it there), else ``http``."""
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 ENDED_STATES = ("shutting-down", "terminated", "stopping", "stopped")
 

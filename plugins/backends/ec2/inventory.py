@@ -20,6 +20,7 @@ from plugins.backends.ec2.instances import (
     KEY_TAG,
     LIVE_STATES,
     PORT_TAG,
+    SCHEME_TAG,
     STARTED_BY_TAG,
     describe,
     tags_of,
@@ -41,10 +42,11 @@ class Server:
     group_ids: tuple[str, ...]
     run: str = ""
     """The run id naming its parameters (``parameters.py``)."""
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.port}/" if self.address else "-"
+        return f"{self.scheme}://{self.address}:{self.port}/" if self.address else "-"
 
     @classmethod
     def from_instance(cls, instance: dict[str, Any]) -> Server:
@@ -64,6 +66,7 @@ class Server:
             started_by=tags.get(STARTED_BY_TAG, "?"),
             group_ids=tuple(g["GroupId"] for g in instance.get("SecurityGroups", [])),
             run=tags.get(RUN_TAG, ""),
+            scheme="https" if tags.get(SCHEME_TAG) == "https" else "http",
         )
 
 

@@ -50,5 +50,7 @@ class Ec2Options(Flags):
         900.0, "[ec2] Seconds to wait for the instance (and with --wait-ready, the server) before "
         "giving up and removing it.", click_type=lambda click: click.FloatRange(min=1))
     install: str | None = flag(
-        None, f"[ec2] What the instance pip-installs; default: {default_install_spec()}.",
+        None, "[ec2] What the instance pip-installs (e.g. "
+        f"'{default_install_spec()}'); default: wheels of the studio-plugins and plugin "
+        "distributions that run here, shipped through the store.",
         envvar="STUDIO_EC2_INSTALL")

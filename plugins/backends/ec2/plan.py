@@ -28,6 +28,7 @@ from plugins.backends.ec2.firewall import MANAGED_TAG, vpc_for, wanted_rules
 from plugins.backends.ec2.instances import (
     KEY_TAG,
     PORT_TAG,
+    SCHEME_TAG,
     STARTED_BY_TAG,
     STORE_TAG,
     started_by,
@@ -45,6 +46,7 @@ from plugins.backends.ec2.parameters import (
     tls_value,
 )
 from plugins.backends.ec2.userdata import TLS_DIR, VENV, UserData, WrapperFetch, default_install_spec
+from plugins.backends.ec2.wheels import Shipment, build_shipment, upload
 from plugins.stores.s3 import S3Store, parse_s3_url
 from studio_plugins import (
     BackendError,
@@ -148,6 +150,8 @@ class Plan:
         put_secret(self.ssm, name, value, self.parameter_tags or self.tags)
         say(f"parameter {name} (SecureString): the instance reads it at boot")
         undo.push(f"deleting parameter {name}", functools.partial(delete_parameter, self.ssm, name))
+    shipment: Shipment = field(default_factory=lambda: Shipment((), ()))
+    """The wheels built here for the instance (none with --install); ``wheels.py``."""
 
     def user_data(self) -> UserData:
         environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance()}
@@ -164,6 +168,9 @@ class Plan:
             wrappers=tuple(self.wrapper_fetches),
             token_parameter=self.token_parameter,
             tls_parameter=self.tls_parameter,
+            wheels=tuple(WrapperFetch(self.store.location.bucket, w.key(self.store),
+                                      f"{VENV}/wheels/{w.path.name}") for w in self.shipment.wheels),
+            requirements=self.shipment.requirements,
         )
 
 
@@ -243,10 +250,15 @@ def plan(context: LaunchContext) -> Plan:
         STARTED_BY_TAG: started_by(),
         STORE_TAG: store.url,
         RUN_TAG: new_run_id(),
+        SCHEME_TAG: "http" if settings.no_tls else "https",
     }
+    shipment = Shipment((), ())
+    if not settings.install:  # ship what runs here (--install names something else)
+        modules = [w for w in (options.wrapper, *options.wrappers.values()) if w and not Path(w).is_file()]
+        shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
                 served, uploads, fetches, tags, ssm=ssm, run_id=tags[RUN_TAG],
-                tls=not settings.no_tls, own_tls=own_tls)
+                tls=not settings.no_tls, own_tls=own_tls, shipment=shipment)
 
 
 
@@ -301,6 +313,7 @@ def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
         say("warning: --no-tls: the token and the data cross the network in the clear")
     undo = Undo()
     with undo.on_failure():
+        upload(plan.store, plan.shipment.wheels, undo.push, say)
         for local, key in plan.wrapper_uploads:
             plan.store.upload(local, key)
             undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
@@ -322,7 +335,11 @@ def await_ready(plan: Plan, url: str, timeout: float, cafile: str | None = None)
 
 def announce(plan: Plan, url: str, what: str) -> None:
     """What a launch prints on stdout, a line each and in this order (scripts read them): the
-    URL, what serves there, and the token."""
+    URL, what serves there, and the token. Without ``--wait-ready`` stderr says first that
+    nothing answers there yet."""
+    if not plan.ec2_options.wait_ready:
+        say(f"booting: {url} does not answer until the instance has installed and loaded the "
+            "model (minutes); `studio-plug ls` shows when it does, --wait-ready waits for it")
     print(url, flush=True)
     print(what, flush=True)
     if plan.token:

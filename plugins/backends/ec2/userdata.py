@@ -24,6 +24,9 @@ TLS_DIR = f"{VENV}/tls"
 TLS_WAIT = 900
 """Seconds the instance waits for its ``tls`` parameter (the CLI writes it once the address is known)."""
 BOOT = "python -m plugins.backends.ec2.boot"
+WHEEL_EXTRAS = "all"
+"""The extras of the shipped ``studio-plugins`` wheel the instance installs from the index:
+every framework, as the model's loader is found on the instance from its checkpoint."""
 
 
 def default_install_spec() -> str:
@@ -53,6 +56,12 @@ class UserData:
     """The Parameter Store name of the token, read into ``STUDIO_TOKEN`` before serving."""
     tls_parameter: str | None = None
     """The Parameter Store name of the key and certificate, written to ``TLS_DIR``."""
+    wheels: tuple[WrapperFetch, ...] = ()
+    """Wheels shipped from the launching machine (``wheels.py``): fetched from the store (with
+    boto3, installed first for that) and installed instead of ``install``; the first is
+    ``studio-plugins``, installed with its extras."""
+    requirements: tuple[str, ...] = ()
+    """Beside ``wheels``: plugin distributions the index has (``name==version``)."""
 
     def serve_line(self) -> str:
         return shlex.join(self.serve_argv)
@@ -78,9 +87,16 @@ class UserData:
         ]
         if self.cpu_only:
             lines.append(f"pip install -q torch --index-url {CPU_TORCH_INDEX}")
-        lines.append(f"pip install -q {q(self.install)}")
         fetch = ('import sys, boto3; '
                  'boto3.client("s3").download_file(sys.argv[1], sys.argv[2], sys.argv[3])')
+        if self.wheels:
+            lines += ["pip install -q boto3", f"mkdir -p {VENV}/wheels"]
+            lines += [shlex.join(["python", "-c", fetch, w.bucket, w.key, w.path]) for w in self.wheels]
+            ours, *plugins = (w.path for w in self.wheels)
+            lines.append(shlex.join(["pip", "install", "-q", f"{ours}[{WHEEL_EXTRAS}]", *plugins,
+                                     *self.requirements]))
+        else:
+            lines.append(f"pip install -q {q(self.install)}")
         for wrapper in self.wrappers:
             directory = wrapper.path.rsplit("/", 1)[0]
             lines.append(f"mkdir -p {q(directory)}")
