@@ -16,7 +16,16 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from core.types import Backend, Codec, CreateModel, Loader, RouteFactory, Stage, StoreFactory
+    from core.types import (
+        Backend,
+        Codec,
+        CreateModel,
+        Loader,
+        RouteFactory,
+        ServeOptions,
+        Stage,
+        StoreFactory,
+    )
 
 PROJECT_NAME = "studio_plugins"
 
@@ -82,6 +91,20 @@ def studio_configure_threads(threads: int) -> None:
     ran a multi-threaded op before ``fork`` hangs its children — and with
     ``--threads-per-worker`` in each worker right after the fork. Import nothing heavy that the
     process has not imported yet: set the framework's environment variables instead.
+    """
+
+
+@hookspec
+def studio_watch_shutdown(options: ServeOptions, request_shutdown: Callable[[str, float], None]) -> None:
+    """Watch for a reason to shut the server down, e.g. a cloud's notice that the machine goes.
+
+    Called once in the serving process (with ``--workers``, the supervising parent), after the
+    models are loaded and before it serves. Return at once: watch from your own daemon thread
+    (a parent forks workers later: hold no lock they would need), and when the server must go
+    call ``request_shutdown(reason, drain)`` (any thread, any time; the first call wins).
+    Readiness turns false at once; after ``drain`` seconds (at most 600) the server stops
+    accepting, finishes the requests in flight and exits 0, as on SIGTERM. Core knows no
+    concrete cloud: deciding whether to watch (an option, the environment) is the plugin's.
     """
 
 

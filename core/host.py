@@ -20,7 +20,16 @@ import pluggy
 
 from core import hookspecs
 from core.errors import PluginError
-from core.types import Backend, Codec, CreateModel, Loader, RouteFactory, Stage, StoreFactory
+from core.types import (
+    Backend,
+    Codec,
+    CreateModel,
+    Loader,
+    RouteFactory,
+    ServeOptions,
+    Stage,
+    StoreFactory,
+)
 
 if TYPE_CHECKING:
     import click
@@ -241,6 +250,16 @@ class PluginHost:
 
     def configure_threads(self, threads: int) -> None:
         self.pm.hook.studio_configure_threads(threads=threads)
+
+    def watch_shutdown(self, options: ServeOptions, request: Callable[[str, float], None]) -> None:
+        """Let every plugin start watching for a reason to shut the server down
+        (``studio_watch_shutdown``). A plugin that fails here is logged, not fatal: the server
+        serves on without its watch."""
+        for impl in self.pm.hook.studio_watch_shutdown.get_hookimpls():
+            try:
+                impl.function(options=options, request_shutdown=request)
+            except Exception:
+                log.exception("plugin %s could not start watching for shutdown", impl.plugin_name)
 
     def add_commands(self, cli: click.Group) -> None:
         """Let every plugin add its subcommands, in registration order (a later one wins), and

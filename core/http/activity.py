@@ -10,7 +10,8 @@ class Activity:
         self.in_flight = 0
         self.last_seen = time.monotonic()
         self.draining = False
-        """Set once shutdown began: readiness turns false while in-flight requests finish."""
+        """Set once shutdown began (or a plugin asked for it, core/process/shutdown.py):
+        readiness turns false while in-flight requests finish."""
 
     def started(self) -> None:
         self.in_flight += 1  # idle_for() is 0 from here on: last_seen is set when it finishes

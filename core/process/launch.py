@@ -33,6 +33,7 @@ from core.process.serving import (
     socket_url,
     tune_malloc,
 )
+from core.process.shutdown import ShutdownRequests
 from core.process.tls import server_context
 from core.process.workers import Supervisor, WorkerPlan
 from core.types import ServeOptions
@@ -93,9 +94,11 @@ class Launch:
         settings.heap = HeapKeeper()
         app = build_app(repository, settings, self.host.route_factories())
         settings.heap.freeze()  # everything loaded so far lives as long as the server
+        requests = ShutdownRequests()
+        self.host.watch_shutdown(options, requests.request)
         with sock:
             return run_server(app, sock, activity, killafter=options.killafter,
-                              read_timeout=options.read_timeout, tls=tls)
+                              read_timeout=options.read_timeout, tls=tls, requests=requests)
 
     def _serve_with_workers(self, tls: ssl.SSLContext | None) -> int:
         """Load once here, fork the workers, supervise them (core/process/workers.py)."""
@@ -126,11 +129,14 @@ class Launch:
                 killafter=options.killafter,
                 watch=options.watch,
             )
+            requests = ShutdownRequests()
+            self.host.watch_shutdown(options, requests.request)
             supervisor = Supervisor(
                 sock, plan, serve_in_worker,
                 worker_init=self.host.configure_threads,
                 reload=lambda: bool(repository.poll()),
                 on_worker_exit=mark_worker_dead if metrics_dir else None,
+                requests=requests,
             )
             with sock:
                 return supervisor.run(

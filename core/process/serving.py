@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 
 from core.errors import ConfigurationError
 from core.http.activity import Activity
+from core.process.shutdown import ShutdownRequests
 
 log = logging.getLogger("studio_plugins.serving")
 
@@ -207,11 +208,14 @@ def run_server(
     read_timeout: float = 0,
     worker: bool = False,
     tls: ssl.SSLContext | None = None,
+    requests: ShutdownRequests | None = None,
 ) -> int:
-    """Serve ``app`` on ``sock`` until a signal or idleness; returns the exit status (0).
+    """Serve ``app`` on ``sock`` until a signal, idleness or a plugin's request; returns the
+    exit status (0).
     ``worker``: a forked worker, whose signal comes from its supervisor (a drain, or its planned
     replacement in a rolling reload): its lines name the worker, not the server. ``tls``: serve
-    HTTPS with this context (core/process/tls.py): every connection accepted is wrapped."""
+    HTTPS with this context (core/process/tls.py): every connection accepted is wrapped.
+    ``requests``: a plugin's shutdown requests (core/process/shutdown.py)."""
     who = f"worker {os.getpid()}" if worker else "server"
     config = hypercorn_config(read_timeout, tls)
     # Hypercorn takes ownership of the descriptor it is given (and closes it): give it a copy.
@@ -228,8 +232,27 @@ def run_server(
             activity.draining = True
             shutdown.set()
 
+        def on_request(reason: str, drain: float) -> None:  # on the event loop
+            log.info("%s; not ready from now on, stopping in %gs, then finishing the request(s) "
+                     "in flight", reason, drain)
+            activity.draining = True
+            loop.call_later(drain, stop_accepting)
+
+        def stop_accepting() -> None:
+            shutdown.set()
+            # Hypercorn closes its copy of the socket; without ours closed too, the kernel
+            # would still queue new connections that nobody will ever accept
+            if not worker:
+                sock.close()
+
+        def from_thread(reason: str, drain: float) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: already shut down
+                loop.call_soon_threadsafe(on_request, reason, drain)
+
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
+        if requests is not None:
+            requests.attach(from_thread)
         watcher = None
         if killafter > 0:
             watcher = asyncio.create_task(_idle_watch(activity, killafter, shutdown))

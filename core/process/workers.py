@@ -34,9 +34,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from core.errors import StudioError
 from core.http.activity import Activity
+from core.process.shutdown import ShutdownRequests
 
 log = logging.getLogger("studio_plugins.workers")
 
@@ -52,11 +54,23 @@ class WorkersDiedError(StudioError):
 class SharedActivity(Activity):
     """A worker's Activity, mirrored into shared memory for the parent's idle count."""
 
-    def __init__(self, table: ctypes.Array[ctypes.c_double], slot: int) -> None:
+    def __init__(self, table: ctypes.Array[ctypes.c_double], slot: int,
+                 leaving: Any = None) -> None:
+        self.leaving = leaving
+        """The supervisor's shared flag: set, every worker answers not-ready (a plugin asked the
+        server to go, core/process/shutdown.py)."""
         super().__init__()
         self.table = table
         self.slot = slot
         self._publish()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining or bool(self.leaving is not None and self.leaving.value)
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
 
     def _publish(self) -> None:
         self.table[FIELDS * self.slot] = self.in_flight
@@ -100,8 +114,13 @@ class Supervisor:
         worker_init: Callable[[int], None],
         reload: Callable[[], bool] | None = None,
         on_worker_exit: Callable[[int], None] | None = None,
+        requests: ShutdownRequests | None = None,
     ) -> None:
         self.sock = sock
+        self.requests = requests
+        self.leaving = multiprocessing.RawValue(ctypes.c_bool, False)
+        self.stop_at: float | None = None
+        """When a plugin's shutdown request stops the workers (monotonic)."""
         self.plan = plan
         self.serve = serve
         self.worker_init = worker_init
@@ -139,7 +158,7 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent(parent)
             self.worker_init(self.plan.threads_per_worker)
-            code = self.serve(self.sock, SharedActivity(self.table, slot))
+            code = self.serve(self.sock, SharedActivity(self.table, slot, self.leaving))
         except BaseException:
             log.exception("worker %d failed", os.getpid())
         finally:
@@ -163,11 +182,15 @@ class Supervisor:
             self.stopping = True
 
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        if self.requests is not None:
+            self.requests.attach(self._leave)
         next_watch = time.monotonic() + self.plan.watch
         try:
             while not self.stopping:
                 time.sleep(0.1)
                 self._reap_and_replace()
+                if self.stop_at is not None and time.monotonic() >= self.stop_at:
+                    break
                 if self.plan.killafter and self._idle_for() >= self.plan.killafter:
                     log.info("no requests for %.0fs (--killafter); shutting down",
                              self.plan.killafter)
@@ -182,6 +205,14 @@ class Supervisor:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return 0
+
+    def _leave(self, reason: str, drain: float) -> None:
+        """A plugin's shutdown request (from its thread): every worker answers not-ready now;
+        ``drain`` seconds later they are drained as on SIGTERM."""
+        log.info("%s; not ready from now on, stopping in %gs, then draining %d workers",
+                 reason, drain, len(self.pids))
+        self.leaving.value = True
+        self.stop_at = time.monotonic() + drain
 
     def _idle_for(self) -> float:
         in_flight = sum(self.table[FIELDS * slot] for slot in self.pids)

@@ -88,7 +88,8 @@ def ls_command(region: str | None) -> None:
         stored = _parameters(region, "true")
         _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "SERVER", "AGE",
                  "STARTED BY", "PARAMETERS")] + [
-            (s.instance_id, s.key, s.address or "-", str(s.port), s.instance_type, s.state,
+            (s.instance_id, s.key, s.address or "-", str(s.port),
+             s.instance_type + (" spot" if s.spot else ""), s.state,
              answers.get(s.url, "-") if s.state == "running" else "-", _age(s.launched, now),
              s.started_by, ",".join(stored.get(s.run, [])) or "-")
             for s in found
@@ -100,7 +101,8 @@ def ls_command(region: str | None) -> None:
         _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE", "STARTED BY",
                  "PARAMETERS")] + [
             (f.name, f.key, "-" if f.desired is None else str(f.desired),
-             "-" if f.in_service is None else str(f.in_service), f.url, answers.get(f.url, "-"),
+             ("-" if f.in_service is None else str(f.in_service))
+             + ("" if f.spot is None else f" ({f.spot} spot)"), f.url, answers.get(f.url, "-"),
              _age(f.created, now),
              f.started_by, ",".join(stored.get(f.run, [])) or "-")
             for f in groups

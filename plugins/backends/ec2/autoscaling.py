@@ -76,11 +76,17 @@ def replica_subnets(ec2: Any, instance_type: str, subnets: dict[str, str]) -> li
 def create_scaling_group(
     asg: Any, name: str, *, template_id: str, subnets: list[str], sizes: Sizes,
     target_group_arn: str, grace: float, tags: dict[str, str],
+    mixed: dict[str, Any] | None = None,
 ) -> None:
+    """``mixed``: a mixed-instances policy (``spot.py``) in place of the template alone; capacity
+    rebalancing comes with it."""
+    launch: dict[str, Any] = (
+        {"MixedInstancesPolicy": mixed, "CapacityRebalance": True} if mixed
+        else {"LaunchTemplate": {"LaunchTemplateId": template_id, "Version": "$Latest"}})
     with aws_errors(BackendError, f"auto scaling group {name}"):
         asg.create_auto_scaling_group(
             AutoScalingGroupName=name,
-            LaunchTemplate={"LaunchTemplateId": template_id, "Version": "$Latest"},
+            **launch,
             MinSize=sizes.minimum, MaxSize=sizes.maximum, DesiredCapacity=sizes.desired,
             VPCZoneIdentifier=",".join(subnets),
             TargetGroupARNs=[target_group_arn],

@@ -31,6 +31,7 @@ from plugins.backends.ec2.fleet_options import FleetOptions, Sizes, generate_fle
 from plugins.backends.ec2.instances import SCHEME_TAG, tags_of
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.plan import Plan, plan
+from plugins.backends.ec2.spot import FLEET_DRAIN, fleet_types, spot_environment
 from studio_plugins import BackendError, ConfigurationError, LaunchContext
 
 FLEET_TAG = "studio-plug:fleet"
@@ -87,6 +88,9 @@ class FleetPlan:
     replica_subnets: list[str]
     """The group's: those where the instance type is offered."""
     tags: dict[str, str]
+    spot_types: list[str] = dataclasses.field(default_factory=list)
+    """With ``--spot``: the instance types of the mixed-instances policy (``spot.py``)."""
+    on_demand_base: int = 0
 
 
 def security_group_names(name: str) -> list[str]:
@@ -125,6 +129,9 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
     # the replicas serve HTTP inside the VPC (the balancer's target group checks them so)
     base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0),
                                tls=False)
+    settings = base.ec2_options
+    if settings.spot:  # a replica answers not-ready first, so the balancer takes it out
+        base = dataclasses.replace(base, environment=spot_environment(drain=FLEET_DRAIN))
     c = clients(base.region, base.ec2)
     by_zone = fleet_subnets(base.ec2, base.vpc_id)
     subnets = [by_zone[zone] for zone in sorted(by_zone)]
@@ -147,4 +154,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         SCHEME_TAG: "http",  # the replicas behind the balancer
     }
     base = dataclasses.replace(base, parameter_tags=tags)  # the token's: the fleet's
-    return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags)
+    types = (fleet_types(base.ec2, base.instance_type, chosen=bool(settings.instance_type))
+             if settings.spot else [])
+    return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags,
+                     types, fleet.on_demand_base or 0)

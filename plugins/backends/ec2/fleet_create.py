@@ -29,6 +29,7 @@ from plugins.backends.ec2.balancer import (
 from plugins.backends.ec2.firewall import create_group, delete_group, normalise_cidr
 from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
 from plugins.backends.ec2.plan import announce, await_ready, creating, say
+from plugins.backends.ec2.spot import mixed_instances_policy
 
 
 def create_security_group(
@@ -89,13 +90,18 @@ def execute_fleet(fp: FleetPlan) -> int:
 
         create_scaling_group(
             c.asg, name, template_id=template, subnets=fp.replica_subnets, sizes=fp.sizes,
-            target_group_arn=target_group, grace=s.launch_timeout, tags=fp.tags)
+            target_group_arn=target_group, grace=s.launch_timeout, tags=fp.tags,
+            mixed=mixed_instances_policy(template, fp.spot_types, fp.on_demand_base, s.bid)
+            if s.spot else None)
         undo.push(f"deleting auto scaling group {name} and its instances",
                   lambda: delete_scaling_group(c.asg, c.ec2, name))
         sizes = fp.sizes
         say(f"auto scaling group {name}: {sizes.desired} x {base.instance_type} in "
             f"{len(fp.replica_subnets)} zones" + (f", scaling {sizes.minimum}-{sizes.maximum}"
                                                   if sizes.scales else ""))
+        if s.spot:
+            say(f"spot: {fp.on_demand_base} on-demand, the rest spot, on "
+                f"{', '.join(fp.spot_types)}; capacity rebalancing on")
         if fp.target_rps is not None:
             policy = put_request_policy(c.asg, name, resource_label(balancer.arn, target_group),
                                         fp.target_rps)

@@ -8,11 +8,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugins.aws import aws_errors
-from plugins.backends.ec2.autoscaling import in_service, tagged_launch_templates, tagged_scaling_groups
+from plugins.backends.ec2.autoscaling import (
+    GROUP_TAG,
+    in_service,
+    tagged_launch_templates,
+    tagged_scaling_groups,
+)
 from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups
 from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, Clients, balancer_url
-from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tags_of
+from plugins.backends.ec2.instances import KEY_TAG, LIVE_STATES, STARTED_BY_TAG, describe, tags_of
 from plugins.backends.ec2.parameters import RUN_TAG
 from studio_plugins import BackendError
 
@@ -28,6 +33,8 @@ class Fleet:
     started_by: str
     run: str = ""
     """The run id naming its parameters (``parameters.py``)."""
+    spot: int | None = None
+    """How many of its live replicas run on spot capacity; None for a fleet without --spot."""
 
 
 def tagged_security_groups(ec2: Any, name: str | None = None) -> list[dict[str, Any]]:
@@ -36,6 +43,13 @@ def tagged_security_groups(ec2: Any, name: str | None = None) -> list[dict[str, 
         filters.append({"Name": f"tag:{FLEET_TAG}", "Values": [name]})
     with aws_errors(BackendError, "security groups"):
         return list(ec2.describe_security_groups(Filters=filters)["SecurityGroups"])
+
+
+def spot_replicas(ec2: Any, name: str) -> int:
+    """The fleet's live replicas that run on spot capacity."""
+    found = describe(ec2, [{"Name": f"tag:{GROUP_TAG}", "Values": [name]},
+                           {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+    return sum(1 for i in found if i.get("InstanceLifecycle") == "spot")
 
 
 def fleets(c: Clients) -> list[Fleet]:
@@ -61,6 +75,7 @@ def fleets(c: Clients) -> list[Fleet]:
             in_service=in_service(group) if group else None,
             url=url, created=created, started_by=tags.get(STARTED_BY_TAG, "?"),
             run=tags.get(RUN_TAG, ""),
+            spot=spot_replicas(c.ec2, name) if group and group.get("MixedInstancesPolicy") else None,
         ))
     return sorted(found, key=lambda f: (f.created, f.name))
 

@@ -83,6 +83,9 @@ class FleetOptions(Flags):
     lb_port: int | None = flag(
         None, f"[ec2 fleet] Port the load balancer listens on (HTTP; default {DEFAULT_LB_PORT}); "
         "it forwards to --port on the instances.", click_type=lambda click: click.IntRange(1, 65535))
+    on_demand_base: int | None = flag(
+        None, "[ec2 fleet] With --spot: this many replicas on-demand, the rest spot (default 0).",
+        click_type=lambda click: click.IntRange(min=0))
     fleet_name: str | None = flag(
         None, "[ec2 fleet] Name of the fleet and of each of its AWS resources; default: "
         "KEY-adjective-animal. `studio-plug stop NAME` removes it.")

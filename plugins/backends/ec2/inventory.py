@@ -43,6 +43,8 @@ class Server:
     run: str = ""
     """The run id naming its parameters (``parameters.py``)."""
     scheme: str = "http"
+    spot: bool = False
+    """Runs on spot capacity (``--spot``)."""
 
     @property
     def url(self) -> str:
@@ -67,6 +69,7 @@ class Server:
             group_ids=tuple(g["GroupId"] for g in instance.get("SecurityGroups", [])),
             run=tags.get(RUN_TAG, ""),
             scheme="https" if tags.get(SCHEME_TAG) == "https" else "http",
+            spot=instance.get("InstanceLifecycle") == "spot",
         )
 
 

@@ -33,6 +33,14 @@ GPU_INSTANCE_TYPES: tuple[tuple[int, str], ...] = (
     (4, "g5.12xlarge"),
     (8, "g5.48xlarge"),
 )
+SAME_SIZE: dict[str, tuple[str, ...]] = {
+    "m5.large": ("m5.large", "m5a.large", "m6i.large", "m6a.large"),
+    "g5.xlarge": ("g5.xlarge", "g6.xlarge"),
+    "g5.12xlarge": ("g5.12xlarge", "g6.12xlarge"),
+    "g5.48xlarge": ("g5.48xlarge", "g6.48xlarge"),
+}
+"""Per row of the table, the types of the same size (vCPUs, memory, GPU count and GPU memory:
+A10G and L4 both have 24 GB) that a spot fleet may also run on (``spot.py``)."""
 AMI_NAME_ENV = "STUDIO_EC2_AMI_NAME"
 AMI_OWNER_ENV = "STUDIO_EC2_AMI_OWNER"
 DEFAULT_AMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"
@@ -48,6 +56,11 @@ def instance_type_for(gpus: int) -> str:
         f"no instance type in the table has {gpus} GPUs (at most {most})",
         hint="name one with --instance-type (e.g. p4d.24xlarge)",
     )
+
+
+def same_size_types(instance_type: str) -> tuple[str, ...]:
+    """``instance_type`` and the types of its size (itself alone when it is not in the table)."""
+    return SAME_SIZE.get(instance_type, (instance_type,))
 
 
 def describe_type(ec2: Any, instance_type: str, region: str) -> tuple[str, int]:

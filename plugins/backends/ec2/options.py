@@ -49,6 +49,13 @@ class Ec2Options(Flags):
     launch_timeout: float = flag(
         900.0, "[ec2] Seconds to wait for the instance (and with --wait-ready, the server) before "
         "giving up and removing it.", click_type=lambda click: click.FloatRange(min=1))
+    spot: bool = flag(
+        False, "[ec2] Run on spot capacity (a fraction of the on-demand price; AWS may take it "
+        "back with two minutes' notice, on which the server drains and exits). --cloud ec2spot "
+        "is the same.")
+    bid: float | None = flag(
+        None, "[ec2] With --spot: the most to pay per instance-hour, in USD; default: the "
+        "on-demand price.", click_type=lambda click: click.FloatRange(min=0.0001, max=10000))
     install: str | None = flag(
         None, "[ec2] What the instance pip-installs (e.g. "
         f"'{default_install_spec()}'); default: wheels of the studio-plugins and plugin "

@@ -45,6 +45,7 @@ from plugins.backends.ec2.parameters import (
     read_own_tls,
     tls_value,
 )
+from plugins.backends.ec2.spot import spot_environment
 from plugins.backends.ec2.userdata import TLS_DIR, VENV, UserData, WrapperFetch, default_install_spec
 from plugins.backends.ec2.wheels import Shipment, build_shipment, upload
 from plugins.stores.s3 import S3Store, parse_s3_url
@@ -152,9 +153,12 @@ class Plan:
         undo.push(f"deleting parameter {name}", functools.partial(delete_parameter, self.ssm, name))
     shipment: Shipment = field(default_factory=lambda: Shipment((), ()))
     """The wheels built here for the instance (none with --install); ``wheels.py``."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """More for the user data to export (``spot.spot_environment``)."""
 
     def user_data(self) -> UserData:
-        environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance()}
+        environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance(),
+                       **self.environment}
         served = self.served
         if self.tls:  # the files the instance writes from its tls parameter
             served = dataclasses.replace(
@@ -258,7 +262,8 @@ def plan(context: LaunchContext) -> Plan:
         shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
                 served, uploads, fetches, tags, ssm=ssm, run_id=tags[RUN_TAG],
-                tls=not settings.no_tls, own_tls=own_tls, shipment=shipment)
+                tls=not settings.no_tls, own_tls=own_tls, shipment=shipment,
+                environment=spot_environment(drain=0.0) if settings.spot else {})
 
 
 

@@ -17,6 +17,7 @@ from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wa
 from plugins.backends.ec2.inventory import terminate
 from plugins.backends.ec2.parameters import tls_value
 from plugins.backends.ec2.plan import Plan, announce, await_ready, creating, say
+from plugins.backends.ec2.spot import market_options
 from studio_plugins import BackendError
 
 
@@ -42,6 +43,8 @@ def run_instance(plan: Plan, group_id: str) -> str:
         kwargs["KeyName"] = s.key_name
     if s.iam_profile:
         kwargs["IamInstanceProfile"] = {"Name": s.iam_profile}
+    if s.spot:
+        kwargs["InstanceMarketOptions"] = market_options(s)
     with aws_errors(BackendError, f"a {plan.instance_type} instance for {','.join(o.keys)}"):
         response = plan.ec2.run_instances(**kwargs)
     return str(response["Instances"][0]["InstanceId"])
