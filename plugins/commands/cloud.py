@@ -36,6 +36,20 @@ def _ec2(region: str | None) -> Any:
         return client("ec2", region)
 
 
+def _parameters(region: str | None, managed: str) -> dict[str, list[str]]:
+    """Our parameters by run id, for ``ls`` (``{}`` with a warning when they cannot be listed)."""
+    from plugins.aws import aws_errors, client
+    from plugins.backends.ec2.parameters import by_run, our_parameters
+
+    try:
+        with aws_errors(BackendError, "Parameter Store"):
+            ssm = client("ssm", region)
+        return by_run(our_parameters(ssm, managed))
+    except BackendError as exc:
+        click.echo(f"warning: could not list parameters: {exc.message}", err=True)
+        return {}
+
+
 def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -71,23 +85,26 @@ def ls_command(region: str | None) -> None:
     # does each server answer /v2/health/ready yet? all asked at once, a few seconds at most
     answers = probe_all([s.url for s in found if s.state == "running"] + [f.url for f in groups])
     if found:
+        stored = _parameters(region, "true")
         _table([("INSTANCE", "KEY", "ADDRESS", "PORT", "TYPE", "STATE", "SERVER", "AGE",
-                 "STARTED BY")] + [
+                 "STARTED BY", "PARAMETERS")] + [
             (s.instance_id, s.key, s.address or "-", str(s.port),
              s.instance_type + (" spot" if s.spot else ""), s.state,
              answers.get(s.url, "-") if s.state == "running" else "-", _age(s.launched, now),
-             s.started_by)
+             s.started_by, ",".join(stored.get(s.run, [])) or "-")
             for s in found
         ])
     if found and groups:
         click.echo()
     if groups:
-        _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE", "STARTED BY")] + [
+        stored = _parameters(region, "fleet")
+        _table([("FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE", "STARTED BY",
+                 "PARAMETERS")] + [
             (f.name, f.key, "-" if f.desired is None else str(f.desired),
              ("-" if f.in_service is None else str(f.in_service))
              + ("" if f.spot is None else f" ({f.spot} spot)"), f.url, answers.get(f.url, "-"),
              _age(f.created, now),
-             f.started_by)
+             f.started_by, ",".join(stored.get(f.run, [])) or "-")
             for f in groups
         ])
 
@@ -145,8 +162,27 @@ def stop_command(targets: tuple[str, ...], stop_all: bool, timeout: float,
     deleted, kept = delete_unused_groups(ec2)
     for group_id in deleted:
         click.echo(f"deleted security group {group_id}")
+    kept += _delete_parameters(ec2, region, [s.run for s in ours if s.run])
     if left or kept or left_in_fleets:
         _unfinished(left + kept + left_in_fleets, again)
+
+
+def _delete_parameters(ec2: Any, region: str | None, runs: list[str]) -> list[str]:
+    """Delete the stopped servers' parameters and those left behind; returns what is left."""
+    from plugins.aws import aws_errors, client
+    from plugins.backends.ec2.inventory import servers
+    from plugins.backends.ec2.parameters import delete_parameters, to_delete
+
+    try:
+        with aws_errors(BackendError, "Parameter Store"):
+            ssm = client("ssm", region)
+        live = [s.run for s in servers(ec2) if s.run and s.run not in runs]
+        for name in delete_parameters(ssm, to_delete(ssm, runs, live)):
+            click.echo(f"deleted parameter {name}")
+    except BackendError as exc:
+        click.echo(f"warning: could not delete parameters: {exc.message}", err=True)
+        return ["parameters"]
+    return []
 
 
 def _unfinished(what: list[str], command: str) -> None:

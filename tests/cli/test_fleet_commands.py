@@ -8,6 +8,7 @@ is not the fleet's, and can be run again, also after a part was removed by other
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -72,8 +73,10 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     assert [row.split()[0] for row in servers.splitlines()[1:]] == [single]  # replicas not here
     header, *rows = fleets.splitlines()
     assert header.split() == ["FLEET", "KEY", "DESIRED", "IN-SERVICE", "URL", "SERVER", "AGE",
-                              "STARTED", "BY"]
+                              "STARTED", "BY", "PARAMETERS"]
     listed = {row.split()[0]: row.split()[1:5] + row.split()[6:7] for row in rows}
+    token_parameter = {row.split()[0]: row.split()[-1] for row in rows}[alpha]
+    assert re.fullmatch(r"/studio-plug/[0-9a-f]+/token", token_parameter)
     assert listed == {alpha: ["exp", "2", "2", alpha_url, "0m"], beta: ["exp", "1", "1", beta_url, "0m"]}
     # SERVER: no studio-plug server behind moto's balancer (nothing, or this network's stand-in)
     assert all(row.split()[5] == "booting" or row.split()[5].startswith("http-") for row in rows)
@@ -85,7 +88,7 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     steps = [line.split()[1] + " " + line.split()[2] for line in err.splitlines()
              if line.startswith("deleting ")]
     assert steps == ["auto scaling", "load balancer", "target group", "launch template",
-                     "security group", "security group"]
+                     f"parameters {token_parameter}", "security group", "security group"]
     assert "(replicas)" in err.splitlines()[-2] and "(balancer)" in err.splitlines()[-1]
     assert parts(aws, alpha) == {"group": [], "policies": [], "instances": [], "balancer": False,
                                  "target group": False, "template": False, "security groups": []}

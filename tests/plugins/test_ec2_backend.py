@@ -21,6 +21,7 @@ from studio_plugins import ConfigurationError, ModelSpec, ServeOptions, __versio
 from studio_plugins.cli import build_cli, parse_serve_argv
 from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess, make_host
+from studio_plugins.tls import user_ca_file
 
 BUCKET = "models"
 STORE = f"s3://{BUCKET}/prod"
@@ -52,6 +53,16 @@ def cloud(aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     np.save(source / "weights.npy", WEIGHTS)
     assert cli("experiments", "push", "exp", str(source), "--store", STORE)[0] == 0
     return boto3.client("ec2")
+
+
+@pytest.fixture
+def loopback_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto (a thread of this process) gives instances 127.0.0.1 as their public address: the
+    certificate the CLI signs for that address then names the one the test's local server is
+    reached at, and the client verifies it for real."""
+    from moto.ec2.models import elastic_network_interfaces
+
+    monkeypatch.setattr(elastic_network_interfaces, "random_public_ip", lambda: "127.0.0.1")
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -113,7 +124,7 @@ def test_launch_creates_the_instance_firewall_and_user_data_asked_for(cloud) -> 
     assert code == 0, err
     url, instance_id, token = launched(out)
     described = instance(cloud, instance_id)
-    assert url == f"http://{described['PublicIpAddress']}:8080/"
+    assert url == f"https://{described['PublicIpAddress']}:8080/"  # HTTPS by default
     assert token and len(token) >= 24
 
     assert described["InstanceType"] == "g5.xlarge"
@@ -139,12 +150,14 @@ def test_launch_creates_the_instance_firewall_and_user_data_asked_for(cloud) -> 
     assert syntax.returncode == 0, syntax.stderr
     assert "trap '" in script and "shutdown -h now' EXIT" in script
     assert f"/wheels/studio_plugins-{__version__}-py3-none-any.whl[all]" in script  # shipped
-    assert f"export STUDIO_TOKEN={token}" in script
+    assert token not in script and "PRIVATE KEY" not in script  # read from SSM at boot
     (line,) = serve_lines(script)
     argv = shlex.split(line)
     assert argv[:3] == ["studio-plug", "serve", "exp"]
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     assert argv[argv.index("--port") + 1] == "8080"
+    assert argv[argv.index("--certfile") + 1] == f"{VENV}/tls/cert.pem"
+    assert argv[argv.index("--keyfile") + 1] == f"{VENV}/tls/key.pem"
     assert argv[argv.index("--killafter") + 1] == "600"
     assert argv[argv.index("--store") + 1] == STORE
     assert argv[argv.index("--gpus") + 1] == "1"
@@ -209,6 +222,7 @@ def test_every_backend_option_given_on_the_command_line_is_read_back() -> None:
     argv = shlex.split(
         "studio-plug serve exp --cloud ec2 --instance-type g5.xlarge --region eu-west-1 --ami ami-1 "
         "--key-name mine --cidr 10.0.0.0/8 --subnet-id subnet-1 --iam-profile reader --no-auth "
+        "--no-tls "
         "--wait-ready --launch-timeout 60 --install studio-plugins --replicas 2 --min-replicas 1 "
         "--max-replicas 3 --target-rps 2.5 --lb-port 8000 --fleet-name exp-prod --spot --bid 0.5 "
         "--on-demand-base 1")
@@ -217,7 +231,8 @@ def test_every_backend_option_given_on_the_command_line_is_read_back() -> None:
     assert ec2 == Ec2Options(
         instance_type="g5.xlarge", region="eu-west-1", ami="ami-1", key_name="mine",
         cidr="10.0.0.0/8", subnet_id="subnet-1", iam_profile="reader", no_auth=True,
-        wait_ready=True, launch_timeout=60.0, install="studio-plugins", spot=True, bid=0.5)
+        no_tls=True, wait_ready=True, launch_timeout=60.0, install="studio-plugins", spot=True,
+        bid=0.5)
     assert fleet == FleetOptions(replicas=2, min_replicas=1, max_replicas=3, target_rps=2.5,
                                  lb_port=8000, fleet_name="exp-prod", on_demand_base=1)
     for given in (ec2, fleet):  # every field was given (a new one must join the command line)
@@ -311,10 +326,20 @@ def run_user_data_locally(script: str, workdir: Path) -> tuple[list[str], dict[s
             argv[0], argv[-1] = sys.executable, here(argv[-1])
             Path(argv[-1]).parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(argv, check=True, timeout=60)
+        if line.startswith('STUDIO_TOKEN="$(') and line.endswith(')"'):  # the token, from SSM
+            argv = shlex.split(line.removeprefix('STUDIO_TOKEN="$(').removesuffix(')"'))
+            argv[0] = sys.executable
+            env["STUDIO_TOKEN"] = subprocess.run(argv, check=True, timeout=60, text=True,
+                                                 capture_output=True).stdout
+        if line.startswith("python -m plugins.backends.ec2.boot tls "):  # key and certificate
+            argv = [here(arg) for arg in shlex.split(line)]
+            argv[0] = sys.executable
+            subprocess.run(argv, check=True, timeout=60)
     (line,) = serve_lines(script)
     argv = shlex.split(line)[2:]
     argv[argv.index("--host") + 1] = "127.0.0.1"
     argv[argv.index("--port") + 1] = "0"
+    argv = [here(arg) for arg in argv]  # --certfile/--keyfile
     for i, arg in enumerate(argv[:-1]):
         if arg == "--wrapper":
             name, sep, path = argv[i + 1].rpartition("=")
@@ -350,7 +375,7 @@ def wrapper_fetches(script: str) -> set[tuple[str, str, str]]:
 
 
 def check_two_wrappers_shipped(script: str, token: str | None, monkeypatch: pytest.MonkeyPatch,
-                               killafter: float) -> None:
+                               killafter: float, tls: bool = False) -> None:
     """Both files of ``two_wrappers`` are in the store at the keys the user data fetches them
     from, to the paths its serve line names; that line parses back to both wrappers (they once
     came out as two commons)."""
@@ -367,12 +392,14 @@ def check_two_wrappers_shipped(script: str, token: str | None, monkeypatch: pyte
         assert parse_serve_argv(make_host(), shlex.split(line)) == ServeOptions(
             keys=("exp",), models=(ModelSpec("twice", "exp"),), host="0.0.0.0", killafter=killafter,
             store_url=STORE, token=token, wrapper=COMMON_PATH, wrappers={"twice": OWN_PATH},
+            certfile=f"{VENV}/tls/cert.pem" if tls else None,
+            keyfile=f"{VENV}/tls/key.pem" if tls else None,
         )
 
 
 @pytest.mark.timeout(120)
 def test_the_user_data_command_serves_the_models_with_their_wrappers(
-    cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cloud, loopback_instances, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a common wrapper and one model's own: both files reach the store and the instance, and
     # the instance's command line gives each model its own
@@ -380,7 +407,7 @@ def test_the_user_data_command_serves_the_models_with_their_wrappers(
     assert code == 0, err
     _url, instance_id, token = launched(out)
     script = user_data(cloud, instance_id)
-    check_two_wrappers_shipped(script, token, monkeypatch, killafter=120.0)
+    check_two_wrappers_shipped(script, token, monkeypatch, killafter=120.0, tls=True)
 
     workdir = tmp_path / "instance"
     workdir.mkdir()
@@ -389,6 +416,7 @@ def test_the_user_data_command_serves_the_models_with_their_wrappers(
     assert (workdir / "wrapper" / "twice" / "matmul_wrapper.py").read_text() == OWN_WRAPPER
     assert env["STUDIO_TOKEN"] == token
     with ServerProcess(*argv, env=env) as server:
+        assert server.url.startswith("https://127.0.0.1:")  # the CLI's certificate, verified
         x = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], np.float32)
         result = predict(server.url, {"x": x}, token=token)
         np.testing.assert_allclose(result["x"], x @ WEIGHTS)
@@ -397,11 +425,13 @@ def test_the_user_data_command_serves_the_models_with_their_wrappers(
         with pytest.raises(PredictionError) as caught:
             predict(server.url, {"x": x})
         assert caught.value.status == 401
-        wait_ready(server.url, timeout=10)  # what --wait-ready polls
+        wait_ready(server.url, timeout=10, cafile=str(user_ca_file()))  # what --wait-ready polls
 
 
 @pytest.mark.timeout(180)
-def test_the_user_data_command_serves_a_keras_checkpoint(cloud, tmp_path: Path) -> None:
+def test_the_user_data_command_serves_a_keras_checkpoint(
+    cloud, loopback_instances, tmp_path: Path
+) -> None:
     if "keras" not in make_host().loaders():
         pytest.skip("needs the keras loader (issue 3)")
     import keras

@@ -192,7 +192,7 @@ def test_a_scaling_fleet_is_wired_template_to_group_to_balancer(fleet_cloud) -> 
     assert syntax.returncode == 0, syntax.stderr
     assert "shutdown -h now' EXIT" in script
     assert f"/wheels/studio_plugins-{__version__}-py3-none-any.whl[all]" in script  # shipped
-    assert f"export STUDIO_TOKEN={token}" in script
+    assert token and token not in script  # the replicas read it from SSM at boot
     (line,) = serve_lines(script)
     argv = shlex.split(line)
     assert argv[:3] == ["studio-plug", "serve", "exp"]
@@ -300,13 +300,15 @@ def test_a_failure_after_the_balancer_was_created_leaves_nothing(
     assert listener, err
     cleaning = [line.removeprefix("cleaning up: ") for line in err.splitlines()
                 if line.startswith("cleaning up: ")]
-    assert [re.sub(r"(sg|lt)-[0-9a-f]+|wheels/[0-9a-f]{64}/.*", r"\1-", line) for line in cleaning] == [
+    assert [re.sub(r"(sg|lt)-[0-9a-f]+|wheels/[0-9a-f]{64}/.*|(?<=/studio-plug/)[0-9a-f]+", r"\1-",
+                   line) for line in cleaning] == [
         "deleting listener on port 80",
         "deleting load balancer exp-broken",
         "deleting target group exp-broken",
         "deleting launch template lt-",
         "deleting security group sg-",  # the replicas' (it refers to the balancer's)
         "deleting security group sg-",
+        "deleting parameter /studio-plug/-/token",  # the token, in Parameter Store
         "deleting s3://models/prod/-",  # the wheel of studio-plugins this launch uploaded
     ]
     assert leftovers(fleet_cloud) == {}

@@ -33,6 +33,7 @@ from tests.plugins.test_ec2_backend import (
     cloud,  # noqa: F401  (the fixture)
     launch,
     launched,
+    loopback_instances,  # noqa: F401  (the fixture: the certificate names 127.0.0.1)
     run_user_data_locally,
     user_data,
 )
@@ -123,7 +124,7 @@ def ls_rows() -> dict[str, list[str]]:
 
 @pytest.mark.timeout(120)
 def test_the_instance_installs_the_wheel_of_what_runs_here_and_serves(
-    cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    cloud, loopback_instances, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     code, out, err = launch("--wrapper", wrapper_file(tmp_path))
     assert code == 0, err

@@ -7,7 +7,8 @@ paths share), ``single`` and ``fleet``/``fleet_create`` (creating), ``inventory`
 ``fleet_inventory``/``fleet_teardown`` (``ls``/``stop``), ``options``/``fleet_options`` (the
 ``serve`` flags, each declared once with ``flags``), ``backoff`` (waiting on AWS), and one module
 per kind of AWS resource (``instances``, ``firewall``, ``balancer``, ``autoscaling``,
-``machine``, ``userdata``); ``spot`` and ``spot_watch`` are ``--spot``.
+``machine``, ``userdata``, ``parameters``: the token and TLS key in Parameter Store, which the
+instance reads with ``boot``); ``spot`` and ``spot_watch`` are ``--spot``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from plugins.backends.ec2.autoscaling import find_launch_template, find_scaling_
 from plugins.backends.ec2.balancer import find_balancer, find_target_group, fleet_subnets
 from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet_options import FleetOptions, Sizes, generate_fleet_name, validate_fleet_name
-from plugins.backends.ec2.instances import tags_of
+from plugins.backends.ec2.instances import SCHEME_TAG, tags_of
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.plan import Plan, plan
 from plugins.backends.ec2.spot import FLEET_DRAIN, fleet_types, spot_environment
@@ -46,6 +46,8 @@ class Clients:
     ec2: Any
     elb: Any
     asg: Any
+    ssm: Any = None
+    """Parameter Store, where the fleet's token is."""
 
     @property
     def region(self) -> str:
@@ -56,7 +58,8 @@ def clients(region: str | None, ec2: Any = None) -> Clients:
     with aws_errors(BackendError, "EC2"):
         ec2 = ec2 or client("ec2", region)
         region = str(ec2.meta.region_name)
-        return Clients(ec2, client("elbv2", region), client("autoscaling", region))
+        return Clients(ec2, client("elbv2", region), client("autoscaling", region),
+                       client("ssm", region))
 
 
 def ours(resource: dict[str, Any], name: str) -> bool:
@@ -118,8 +121,14 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         )
     if fleet.fleet_name:
         validate_fleet_name(fleet.fleet_name)
+    if options.certfile:
+        raise ConfigurationError(
+            "a fleet's replicas serve plain HTTP to its balancer; --certfile is for a single "
+            "instance", hint="leave --certfile/--keyfile out")
     base = plan(context)
-    base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0))
+    # the replicas serve HTTP inside the VPC (the balancer's target group checks them so)
+    base = dataclasses.replace(base, served=dataclasses.replace(base.served, killafter=0.0),
+                               tls=False)
     settings = base.ec2_options
     if settings.spot:  # a replica answers not-ready first, so the balancer takes it out
         base = dataclasses.replace(base, environment=spot_environment(drain=FLEET_DRAIN))
@@ -142,7 +151,9 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         MANAGED_TAG: FLEET,
         FLEET_TAG: name,
         LB_PORT_TAG: str(fleet.port),
+        SCHEME_TAG: "http",  # the replicas behind the balancer
     }
+    base = dataclasses.replace(base, parameter_tags=tags)  # the token's: the fleet's
     types = (fleet_types(base.ec2, base.instance_type, chosen=bool(settings.instance_type))
              if settings.spot else [])
     return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags,

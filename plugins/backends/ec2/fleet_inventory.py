@@ -18,6 +18,7 @@ from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups
 from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, Clients, balancer_url
 from plugins.backends.ec2.instances import KEY_TAG, LIVE_STATES, STARTED_BY_TAG, describe, tags_of
+from plugins.backends.ec2.parameters import RUN_TAG
 from studio_plugins import BackendError
 
 
@@ -30,6 +31,8 @@ class Fleet:
     url: str
     created: datetime
     started_by: str
+    run: str = ""
+    """The run id naming its parameters (``parameters.py``)."""
     spot: int | None = None
     """How many of its live replicas run on spot capacity; None for a fleet without --spot."""
 
@@ -71,6 +74,7 @@ def fleets(c: Clients) -> list[Fleet]:
             desired=int(group["DesiredCapacity"]) if group else None,
             in_service=in_service(group) if group else None,
             url=url, created=created, started_by=tags.get(STARTED_BY_TAG, "?"),
+            run=tags.get(RUN_TAG, ""),
             spot=spot_replicas(c.ec2, name) if group and group.get("MixedInstancesPolicy") else None,
         ))
     return sorted(found, key=lambda f: (f.created, f.name))

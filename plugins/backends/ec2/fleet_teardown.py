@@ -22,9 +22,10 @@ from plugins.backends.ec2.balancer import (
     find_target_group,
 )
 from plugins.backends.ec2.firewall import delete_group
-from plugins.backends.ec2.fleet import ROLE_TAG, Clients, ours
+from plugins.backends.ec2.fleet import FLEET, ROLE_TAG, Clients, ours
 from plugins.backends.ec2.fleet_inventory import tagged_security_groups
 from plugins.backends.ec2.instances import tags_of
+from plugins.backends.ec2.parameters import delete_parameters, our_parameters
 from plugins.backends.ec2.plan import say
 from studio_plugins import BackendError
 
@@ -79,6 +80,15 @@ def stop_fleet(c: Clients, name: str, timeout: float = 300.0,
     remove("launch template", lambda: find_launch_template(c.ec2, name),
            lambda t: f"launch template {t['LaunchTemplateId']}",
            lambda t: delete_launch_template(c.ec2, t["LaunchTemplateId"]))
+    if c.ssm is not None:  # the token: by its tags, whatever else is left
+        try:
+            found = [str(p["Name"]) for p in our_parameters(c.ssm, FLEET, fleet=name)]
+        except BackendError as exc:
+            done.left.append(f"parameters: {exc.message}")
+            found = []
+        if found:
+            step(f"parameters {', '.join(found)}",
+                 lambda: set(delete_parameters(c.ssm, found)) == set(found))
     groups = tagged_security_groups(c.ec2, name)
     for sg in sorted(groups, key=lambda g: tags_of(g).get(ROLE_TAG) != "replicas"):
         step(f"security group {sg['GroupId']} ({tags_of(sg).get(ROLE_TAG, '?')})",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,8 @@ KEY_TAG = "studio-plug:key"
 PORT_TAG = "studio-plug:port"
 STARTED_BY_TAG = "studio-plug:started-by"
 STORE_TAG = "studio-plug:store"
+SCHEME_TAG = "studio-plug:scheme"
+"""``https`` when the server serves TLS (``ls`` probes it there), else ``http``."""
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 ENDED_STATES = ("shutting-down", "terminated", "stopping", "stopped")
 
@@ -91,14 +94,17 @@ def wait_for_address(
         backoff.pause()
 
 
-def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep) -> None:
-    """Poll ``GET {url}v2/health/ready`` until it answers 200 (at most ``timeout`` s)."""
+def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep, cafile: str | None = None) -> None:
+    """Poll ``GET {url}v2/health/ready`` until it answers 200 (at most ``timeout`` s); an
+    ``https`` URL's certificate must verify against ``cafile`` (default: the system's CAs)."""
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
     backoff = Backoff(timeout, sleep=sleep)
     last = "no answer"
     while True:
         remaining = backoff.deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(url + "v2/health/ready", timeout=max(min(5.0, remaining), 0.1)) as r:
+            with urllib.request.urlopen(url + "v2/health/ready", timeout=max(min(5.0, remaining), 0.1),
+                                        context=context) as r:
                 if r.status == 200:
                     return
                 last = f"HTTP {r.status}"

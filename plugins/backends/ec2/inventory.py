@@ -20,10 +20,12 @@ from plugins.backends.ec2.instances import (
     KEY_TAG,
     LIVE_STATES,
     PORT_TAG,
+    SCHEME_TAG,
     STARTED_BY_TAG,
     describe,
     tags_of,
 )
+from plugins.backends.ec2.parameters import RUN_TAG
 from studio_plugins import BackendError
 
 
@@ -38,12 +40,15 @@ class Server:
     launched: datetime
     started_by: str
     group_ids: tuple[str, ...]
+    run: str = ""
+    """The run id naming its parameters (``parameters.py``)."""
+    scheme: str = "http"
     spot: bool = False
     """Runs on spot capacity (``--spot``)."""
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.port}/" if self.address else "-"
+        return f"{self.scheme}://{self.address}:{self.port}/" if self.address else "-"
 
     @classmethod
     def from_instance(cls, instance: dict[str, Any]) -> Server:
@@ -62,6 +67,8 @@ class Server:
             launched=instance.get("LaunchTime") or datetime.now(UTC),
             started_by=tags.get(STARTED_BY_TAG, "?"),
             group_ids=tuple(g["GroupId"] for g in instance.get("SecurityGroups", [])),
+            run=tags.get(RUN_TAG, ""),
+            scheme="https" if tags.get(SCHEME_TAG) == "https" else "http",
             spot=instance.get("InstanceLifecycle") == "spot",
         )
 

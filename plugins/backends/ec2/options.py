@@ -42,6 +42,9 @@ class Ec2Options(Flags):
     no_auth: bool = flag(
         False, "[ec2] Serve without a token (anyone who can reach the port may use it). Default: "
         "a token is generated and printed.")
+    no_tls: bool = flag(
+        False, "[ec2] Serve plain HTTP: the token and the data cross the network readable by "
+        "anyone on the way. Default: HTTPS with a certificate from your own CA (see ls/README).")
     wait_ready: bool = flag(False, "[ec2] Also wait until the server answers /v2/health/ready.")
     launch_timeout: float = flag(
         900.0, "[ec2] Seconds to wait for the instance (and with --wait-ready, the server) before "

@@ -28,6 +28,7 @@ from plugins.backends.ec2.firewall import MANAGED_TAG, vpc_for, wanted_rules
 from plugins.backends.ec2.instances import (
     KEY_TAG,
     PORT_TAG,
+    SCHEME_TAG,
     STARTED_BY_TAG,
     STORE_TAG,
     started_by,
@@ -35,8 +36,17 @@ from plugins.backends.ec2.instances import (
 )
 from plugins.backends.ec2.machine import Image, check_ami, describe_type, find_ami, instance_type_for
 from plugins.backends.ec2.options import Ec2Options
+from plugins.backends.ec2.parameters import (
+    RUN_TAG,
+    delete_parameter,
+    new_run_id,
+    parameter_name,
+    put_secret,
+    read_own_tls,
+    tls_value,
+)
 from plugins.backends.ec2.spot import spot_environment
-from plugins.backends.ec2.userdata import VENV, UserData, WrapperFetch, default_install_spec
+from plugins.backends.ec2.userdata import TLS_DIR, VENV, UserData, WrapperFetch, default_install_spec
 from plugins.backends.ec2.wheels import Shipment, build_shipment, upload
 from plugins.stores.s3 import S3Store, parse_s3_url
 from studio_plugins import (
@@ -118,6 +128,29 @@ class Plan:
     """(local file, object key) to upload before starting."""
     wrapper_fetches: list[WrapperFetch] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    ssm: Any = None
+    run_id: str = ""
+    """Names this launch's parameters (``parameters.py``); tagged on what it creates."""
+    tls: bool = False
+    """Whether the instance serves HTTPS with the key and certificate of its ``tls`` parameter."""
+    own_tls: dict[str, bytes] | None = None
+    """The user's own ``--certfile``/``--keyfile`` (``--ca-certs``), shipped as the parameter."""
+    parameter_tags: dict[str, str] = field(default_factory=dict)
+    """The parameters' tags when not ``tags`` (a fleet's)."""
+
+    @property
+    def token_parameter(self) -> str | None:
+        return parameter_name(self.run_id, "token") if self.token else None
+
+    @property
+    def tls_parameter(self) -> str | None:
+        return parameter_name(self.run_id, "tls") if self.tls else None
+
+    def put_parameter(self, undo: Undo, name: str, value: str) -> None:
+        """Create one of this launch's SecureStrings, deleted again if the launch fails."""
+        put_secret(self.ssm, name, value, self.parameter_tags or self.tags)
+        say(f"parameter {name} (SecureString): the instance reads it at boot")
+        undo.push(f"deleting parameter {name}", functools.partial(delete_parameter, self.ssm, name))
     shipment: Shipment = field(default_factory=lambda: Shipment((), ()))
     """The wheels built here for the instance (none with --install); ``wheels.py``."""
     environment: dict[str, str] = field(default_factory=dict)
@@ -126,14 +159,19 @@ class Plan:
     def user_data(self) -> UserData:
         environment = {"AWS_DEFAULT_REGION": self.region, **_s3_endpoint_for_instance(),
                        **self.environment}
-        if self.token:
-            environment["STUDIO_TOKEN"] = self.token
+        served = self.served
+        if self.tls:  # the files the instance writes from its tls parameter
+            served = dataclasses.replace(
+                served, certfile=f"{TLS_DIR}/cert.pem", keyfile=f"{TLS_DIR}/key.pem",
+                ca_certs=f"{TLS_DIR}/ca-certs.pem" if self.options.ca_certs else None)
         return UserData(
-            serve_argv=serve_argv(self.served),
+            serve_argv=serve_argv(served),
             environment=environment,
             install=self.ec2_options.install or default_install_spec(),
             cpu_only=self.options.gpus == 0 and not self.instance_type.startswith(("g", "p")),
             wrappers=tuple(self.wrapper_fetches),
+            token_parameter=self.token_parameter,
+            tls_parameter=self.tls_parameter,
             wheels=tuple(WrapperFetch(self.store.location.bucket, w.key(self.store),
                                       f"{VENV}/wheels/{w.path.name}") for w in self.shipment.wheels),
             requirements=self.shipment.requirements,
@@ -149,12 +187,27 @@ def plan(context: LaunchContext) -> Plan:
         )
     if settings.no_auth and options.token:
         raise ConfigurationError("--no-auth and --token contradict each other")
+    if settings.no_tls and options.certfile:
+        raise ConfigurationError("--no-tls and --certfile contradict each other")
+    if (options.keyfile or options.ca_certs) and not options.certfile:
+        raise ConfigurationError(
+            "--keyfile and --ca-certs go with --certfile (the instance's own certificate)",
+            hint="leave them out: the instance gets a certificate from your CA by default")
+    if options.ca_certs and settings.wait_ready and not settings.no_tls:
+        raise ConfigurationError(
+            "--wait-ready cannot check a server that asks for client certificates (--ca-certs)",
+            hint="leave --wait-ready out and poll /v2/health/ready with your client certificate")
+    # the user's own certificate travels as the tls parameter: a local path means nothing there
+    own_tls = (read_own_tls(options.certfile, options.keyfile or options.certfile, options.ca_certs)
+               if options.certfile else None)
     wanted_rules(options.port, settings.cidr, False)  # validates --cidr early
     store = s3_store(options)
 
     with aws_errors(BackendError, "EC2"):
         ec2 = client("ec2", settings.region)
     region = str(ec2.meta.region_name)
+    with aws_errors(BackendError, "Parameter Store"):
+        ssm = client("ssm", region)
     instance_type = settings.instance_type or instance_type_for(options.gpus)
     architecture, type_gpus = describe_type(ec2, instance_type, region)
     if type_gpus < options.gpus:
@@ -188,6 +241,7 @@ def plan(context: LaunchContext) -> Plan:
     served = dataclasses.replace(
         options,
         host="0.0.0.0",
+        certfile=None, keyfile=None, ca_certs=None,  # the instance's own: see Plan.user_data
         wrapper=ship(options.wrapper, ()),
         wrappers={name: ship(wrapper, (name,)) or wrapper
                   for name, wrapper in options.wrappers.items()},
@@ -199,13 +253,16 @@ def plan(context: LaunchContext) -> Plan:
         PORT_TAG: str(options.port),
         STARTED_BY_TAG: started_by(),
         STORE_TAG: store.url,
+        RUN_TAG: new_run_id(),
+        SCHEME_TAG: "http" if settings.no_tls else "https",
     }
     shipment = Shipment((), ())
     if not settings.install:  # ship what runs here (--install names something else)
         modules = [w for w in (options.wrapper, *options.wrappers.values()) if w and not Path(w).is_file()]
         shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
-                served, uploads, fetches, tags, shipment,
+                served, uploads, fetches, tags, ssm=ssm, run_id=tags[RUN_TAG],
+                tls=not settings.no_tls, own_tls=own_tls, shipment=shipment,
                 environment=spot_environment(drain=0.0) if settings.spot else {})
 
 
@@ -245,15 +302,20 @@ class Undo:
 @contextlib.contextmanager
 def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
     """The opening a single server and a fleet share: say what the user should know before
-    anything is created, then upload the wrappers, under the ``Undo`` the body goes on with.
+    anything is created, then upload the wrappers and put the token's parameter (and a user's
+    own certificate's), under the ``Undo`` the body goes on with.
 
     ``readers`` says who reads the store (``the instance needs``), ``port`` is where the
     server is reached (a fleet's is the balancer's)."""
     s = plan.ec2_options
     if not s.iam_profile:
-        say(f"note: without --iam-profile {readers} another way to read {plan.store.url}")
+        secrets_too = " and its parameters" if plan.token or plan.tls else ""
+        say(f"note: without --iam-profile {readers} another way to read {plan.store.url}"
+            f"{secrets_too} (see README: the instance profile's policy)")
     if plan.token is None:
         say(f"warning: --no-auth: anyone who can reach port {port} from {s.cidr} may use the model")
+    if s.no_tls:
+        say("warning: --no-tls: the token and the data cross the network in the clear")
     undo = Undo()
     with undo.on_failure():
         upload(plan.store, plan.shipment.wheels, undo.push, say)
@@ -261,15 +323,19 @@ def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
             plan.store.upload(local, key)
             undo.push(f"deleting s3://{plan.store.location.bucket}/{key}",
                       functools.partial(plan.store.delete, key))
+        if plan.token_parameter and plan.token:
+            plan.put_parameter(undo, plan.token_parameter, plan.token)
+        if plan.tls_parameter and plan.own_tls:
+            plan.put_parameter(undo, plan.tls_parameter, tls_value(plan.own_tls))
         yield undo
 
 
-def await_ready(plan: Plan, url: str, timeout: float) -> None:
-    """With ``--wait-ready``, wait until ``url`` answers ready: called inside ``creating``, so
-    a server not ready in time is removed again."""
+def await_ready(plan: Plan, url: str, timeout: float, cafile: str | None = None) -> None:
+    """With ``--wait-ready``, wait until ``url`` answers ready (over HTTPS, trusting ``cafile``):
+    called inside ``creating``, so a server not ready in time is removed again."""
     if plan.ec2_options.wait_ready:
         say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-        wait_ready(url, timeout)
+        wait_ready(url, timeout, cafile=cafile)
 
 
 def announce(plan: Plan, url: str, what: str) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from plugins.aws import aws_errors
+from plugins.backends.ec2.ca import CertificateAuthority
 from plugins.backends.ec2.firewall import delete_group, ensure_group, wanted_rules
 from plugins.backends.ec2.instances import KEY_TAG, STARTED_BY_TAG, tag_list, wait_for_address
 from plugins.backends.ec2.inventory import terminate
+from plugins.backends.ec2.parameters import tls_value
 from plugins.backends.ec2.plan import Plan, announce, await_ready, creating, say
 from plugins.backends.ec2.spot import market_options
 from studio_plugins import BackendError
@@ -50,6 +52,8 @@ def run_instance(plan: Plan, group_id: str) -> str:
 
 def execute(plan: Plan) -> int:
     o, s, ec2 = plan.options, plan.ec2_options, plan.ec2
+    # the user's CA (created on first use) before anything is created: it must be readable
+    ca = CertificateAuthority.load_or_create() if plan.tls_parameter and not plan.own_tls else None
     with creating(plan, readers="the instance needs", port=o.port) as undo:
         rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
         group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
@@ -64,9 +68,17 @@ def execute(plan: Plan) -> int:
         say(f"started {instance_id} ({plan.instance_type}, {plan.image.image_id} {plan.image.name}) "
             f"in {plan.region}; waiting for it to run (at most {s.launch_timeout:g} s)")
         address = wait_for_address(ec2, instance_id, s.launch_timeout)
-        url = f"http://{address}:{o.port}/"
-        await_ready(plan, url, s.launch_timeout)
+        if ca is not None and plan.tls_parameter:  # the instance waits for it at boot
+            issued = ca.issue(ip_addresses=[address])
+            plan.put_parameter(undo, plan.tls_parameter, tls_value(
+                {"cert.pem": issued.chain_pem, "key.pem": issued.key_pem}))
+        url = f"{'https' if plan.tls else 'http'}://{address}:{o.port}/"
+        cafile = str(ca.cert_file) if ca else None
+        await_ready(plan, url, s.launch_timeout, cafile=cafile)
     announce(plan, url, f"instance: {instance_id} ({plan.instance_type} in {plan.region})")
+    if cafile:
+        say(f"HTTPS with a certificate from your CA (the Python client trusts it by itself): "
+            f"curl --cacert {cafile} {url}v2/health/ready")
     say(f"it stops itself after {o.killafter:g} s without requests; now: "
         f"`studio-plug stop {instance_id} --region {plan.region}`")
     return 0

@@ -3,7 +3,8 @@
 The script is plain bash run once by cloud-init as root. Whatever way it ends — ``serve`` exits
 after ``--killafter`` idle seconds, is stopped, or a step fails — the ``EXIT`` trap shuts the
 machine down, and the instance was launched with ``InstanceInitiatedShutdownBehavior=terminate``,
-so it is terminated: nothing is left billing. The token travels as ``STUDIO_TOKEN`` in the
+so it is terminated: nothing is left billing. The script holds no secret: the token and the TLS
+key are read from Parameter Store at boot (``boot.py``), the token into ``STUDIO_TOKEN`` in the
 environment, never on the command line (process listings).
 """
 
@@ -18,6 +19,11 @@ from studio_plugins import __version__
 VENV = "/opt/studio-plug"
 LOG = "/var/log/studio-plug.log"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+TLS_DIR = f"{VENV}/tls"
+"""Where the instance writes its key and certificate (mode 0600) from the ``tls`` parameter."""
+TLS_WAIT = 900
+"""Seconds the instance waits for its ``tls`` parameter (the CLI writes it once the address is known)."""
+BOOT = "python -m plugins.backends.ec2.boot"
 WHEEL_EXTRAS = "all"
 """The extras of the shipped ``studio-plugins`` wheel the instance installs from the index:
 every framework, as the model's loader is found on the instance from its checkpoint."""
@@ -46,6 +52,10 @@ class UserData:
     """Install the CPU build of torch first (no GB of CUDA wheels on a CPU instance)."""
     wrappers: tuple[WrapperFetch, ...] = ()
     """The wrapper files ``serve_argv`` names, each copied from the store before serving."""
+    token_parameter: str | None = None
+    """The Parameter Store name of the token, read into ``STUDIO_TOKEN`` before serving."""
+    tls_parameter: str | None = None
+    """The Parameter Store name of the key and certificate, written to ``TLS_DIR``."""
     wheels: tuple[WrapperFetch, ...] = ()
     """Wheels shipped from the launching machine (``wheels.py``): fetched from the store (with
     boto3, installed first for that) and installed instead of ``install``; the first is
@@ -91,6 +101,11 @@ class UserData:
             directory = wrapper.path.rsplit("/", 1)[0]
             lines.append(f"mkdir -p {q(directory)}")
             lines.append(shlex.join(["python", "-c", fetch, wrapper.bucket, wrapper.key, wrapper.path]))
+        if self.token_parameter:  # assigned, then exported: `export X="$(...)"` hides a failure
+            lines.append(f'STUDIO_TOKEN="$({BOOT} token {q(self.token_parameter)})"')
+            lines.append("export STUDIO_TOKEN")
+        if self.tls_parameter:
+            lines.append(f"{BOOT} tls {q(self.tls_parameter)} {TLS_DIR} --wait {TLS_WAIT}")
         lines.append(f"cd {VENV}")
         lines.append(self.serve_line())
         return "\n".join(lines) + "\n"
