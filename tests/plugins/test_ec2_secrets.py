@@ -3,7 +3,9 @@ on the instance with a certificate from the user's CA (moto's standalone server,
 
 The end-to-end run of the boot script's secret fetch and serve line, verified over HTTPS with
 the CA, is ``test_the_user_data_command_serves_the_models_with_their_wrappers`` in
-test_ec2_backend.py (its instance's address is 127.0.0.1, so the certificate names it).
+test_ec2_backend.py (its instance's address is 127.0.0.1, so the certificate names it); all of
+it run as the instance does, from the shipped wheel in a fresh venv, is
+``test_the_instance_installs_the_wheel_of_what_runs_here_and_serves`` in test_ec2_wheels.py.
 """
 
 from __future__ import annotations

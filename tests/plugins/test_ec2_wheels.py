@@ -1,30 +1,37 @@
 """``serve --cloud ec2`` ships what runs here: a wheel of the running ``studio-plugins`` in the
-store, which the user data installs (tried here in a fresh venv against moto's S3) and serves;
-and ``ls`` says which servers answer yet."""
+store, which the user data installs and serves (tried here in a fresh venv against moto's S3 and
+SSM: HTTPS with the certificate the CLI signed, verified with the user's CA); and ``ls`` says
+which servers answer yet."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shlex
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
 import studio_plugins
 from plugins.backends.ec2.inventory import Server
-from plugins.backends.ec2.userdata import VENV
+from plugins.backends.ec2.userdata import BOOT, VENV
 from studio_plugins import __version__
 from studio_plugins.client import predict
 from studio_plugins.testing import ServerProcess
+from studio_plugins.tls import user_ca_file
 from tests.plugins.test_ec2_backend import (
     BUCKET,
     WEIGHTS,
@@ -39,6 +46,7 @@ from tests.plugins.test_ec2_backend import (
 )
 
 PREFIX = "prod/wheels/"
+END_CERT = "-----END CERTIFICATE-----\n"
 
 
 def stored_wheels() -> dict[str, bytes]:
@@ -76,28 +84,59 @@ def check_is_the_running_version(key: str, data: bytes) -> None:
         assert not [n for n in wheel.namelist() if n.startswith(("tests/", ".venv/", "build/"))]
 
 
-def install_locally(script: str, workdir: Path) -> Path:
-    """Run the script's ``pip install`` lines (its fetches ran already: ``run_user_data_locally``)
-    in a fresh venv under ``workdir``, with the instance's paths under ``workdir`` too; returns
-    the venv. The packages of this interpreter stand in for the index (``PIP_NO_INDEX``): they
-    are on the new venv's path behind its own site-packages, where the wheel goes."""
+def fresh_venv(workdir: Path) -> Path:
+    """A new venv under ``workdir`` with nothing of ours in it. The packages of this interpreter
+    stand in for the index (``PIP_NO_INDEX``): they are on the new venv's path behind its own
+    site-packages, where the wheel goes."""
     venv = workdir / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
                     str(venv)], check=True, timeout=60)
     purelib = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
     outer = [p for p in sys.path if p.endswith("site-packages")]
     Path(purelib, "outer-site.pth").write_text("\n".join(outer) + "\n")
+    return venv
+
+
+def boot_as_the_instance(script: str, workdir: Path) -> tuple[Path, list[str], dict[str, str]]:
+    """Run the user data's lines in their order as the instance does, each with the python of a
+    fresh venv (its ``PATH``) and this checkout nowhere on the path: fetch the wheels and the
+    wrapper from moto's S3, ``pip install`` them, then read the token and the key and certificate
+    from moto's SSM with the installed wheel's ``boot``. The instance's paths (under its venv)
+    are the same paths under ``workdir``. Returns the venv and the serve arguments and
+    environment (``run_user_data_locally``'s, with the token read here)."""
+    venv = fresh_venv(workdir)
+    python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    installs = [shlex.split(line) for line in script.splitlines()
-                if line.startswith("pip install ") and "--upgrade pip" not in line]
-    assert installs, script
-    for argv in installs:
-        argv = [str(workdir / Path(a).relative_to(VENV)) if a.startswith(VENV) else a for a in argv]
-        done = subprocess.run([str(venv / "bin" / "python"), "-m", *argv], env=env, cwd=workdir,
+
+    def here(arg: str) -> str:
+        return str(workdir / Path(arg).relative_to(VENV)) if arg.startswith(VENV) else arg
+
+    def run(argv: list[str]) -> str:
+        done = subprocess.run([python, *map(here, argv)], env=env, cwd=workdir,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-    return venv
+        return done.stdout
+
+    token, rest, installed = None, [], False
+    for line in script.splitlines():
+        if line.startswith("mkdir -p "):
+            for folder in shlex.split(line)[2:]:
+                Path(here(folder)).mkdir(parents=True, exist_ok=True)
+        elif line.startswith("pip install ") and "--upgrade pip" not in line:
+            run(["-m", *shlex.split(line)])
+            installed = True
+        elif line.startswith("python "):  # a fetch from S3, or boot's key and certificate
+            assert installed or " -c " in line, line  # boot comes from the installed wheel
+            run(shlex.split(line)[1:])
+        elif line.startswith('STUDIO_TOKEN="$(') and line.endswith(')"'):  # boot's token
+            assert installed, line
+            token = run(shlex.split(line.removeprefix('STUDIO_TOKEN="$(').removesuffix(')"'))[1:])
+        else:
+            rest.append(line)
+    assert token, script
+    argv, serve_env = run_user_data_locally("\n".join(rest), workdir)  # exports, serve line
+    return venv, argv, {**serve_env, "STUDIO_TOKEN": token}
 
 
 class VenvServer(ServerProcess):
@@ -126,6 +165,8 @@ def ls_rows() -> dict[str, list[str]]:
 def test_the_instance_installs_the_wheel_of_what_runs_here_and_serves(
     cloud, loopback_instances, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
+    import boto3
+
     code, out, err = launch("--wrapper", wrapper_file(tmp_path))
     assert code == 0, err
     url, instance_id, token = launched(out)
@@ -151,17 +192,33 @@ def test_the_instance_installs_the_wheel_of_what_runs_here_and_serves(
     assert ls_rows()[instance_id][5] == "booting"
 
     workdir = tmp_path / "instance"
-    argv, env = run_user_data_locally(script, workdir)  # fetches the wheel and the wrapper
+    venv, argv, env = boot_as_the_instance(script, workdir)
     assert (workdir / "wheels" / Path(key).name).read_bytes() == data
-    venv = install_locally(script, workdir)
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import studio_plugins, core; print(studio_plugins.__file__)"],
+        [str(venv / "bin" / "python"), "-c",
+         "import studio_plugins, plugins.backends.ec2.boot as boot; "
+         "print(studio_plugins.__file__, boot.__file__)"],
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=workdir,
-        capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    assert Path(where).is_relative_to(venv), where  # the wheel's copy, not this checkout's
+        capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert all(Path(w).is_relative_to(venv) for w in where), where  # the wheel's, not this checkout's
+    assert env["STUDIO_TOKEN"] == token  # read from moto's SSM by the wheel's boot
+    (tls_name,) = [line.split()[4] for line in script.splitlines() if line.startswith(BOOT + " tls ")]
+    signed = json.loads(boto3.client("ssm").get_parameter(
+        Name=tls_name, WithDecryption=True)["Parameter"]["Value"])["cert.pem"]
+    assert (workdir / "tls" / "cert.pem").read_text() == signed
+    assert (workdir / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
     with VenvServer(venv, *argv, env=env) as server:
+        assert server.url.startswith("https://127.0.0.1:"), server.url
+        served = ssl.get_server_certificate(("127.0.0.1", urlsplit(server.url).port or 0))
+        leaf = signed.split(END_CERT)[0] + END_CERT
+        assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(leaf)  # the CLI's
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(server.url + "v2/health/ready", timeout=10,
+                                   context=ssl.create_default_context())  # only the user's CA
         x = np.array([[1.0, 1.0, 1.0]], np.float32)
-        np.testing.assert_allclose(predict(server.url, {"x": x}, token=token)["x"], x @ WEIGHTS)
+        for cafile in (str(user_ca_file()), None):  # given, and found by the client itself
+            reply = predict(server.url, {"x": x}, token=token, cafile=cafile)
+            np.testing.assert_allclose(reply["x"], x @ WEIGHTS)
         target[0] = server.url
         assert ls_rows()[instance_id][5] == "ready"
 
