@@ -16,7 +16,8 @@ from plugins.backends.ec2.autoscaling import (
 )
 from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups
 from plugins.backends.ec2.firewall import MANAGED_TAG
-from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, Clients, balancer_url
+from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, LB_SCHEME_TAG, Clients, balancer_url
+from plugins.backends.ec2.fleet_tls import tagged_certificates
 from plugins.backends.ec2.instances import KEY_TAG, LIVE_STATES, STARTED_BY_TAG, describe, tags_of
 from plugins.backends.ec2.parameters import RUN_TAG
 from studio_plugins import BackendError
@@ -58,7 +59,8 @@ def fleets(c: Clients) -> list[Fleet]:
     balancers = {tags_of(b).get(FLEET_TAG, ""): b for b in tagged_balancers(c.elb, MANAGED_TAG, FLEET)}
     others = {tags_of(r).get(FLEET_TAG, ""): r for r in [
         *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET),
-        *tagged_target_groups(c.elb, MANAGED_TAG, FLEET), *tagged_security_groups(c.ec2)]}
+        *tagged_target_groups(c.elb, MANAGED_TAG, FLEET), *tagged_security_groups(c.ec2),
+        *(tagged_certificates(c.acm, MANAGED_TAG, FLEET) if c.acm is not None else [])]}
     found = []
     for name in sorted((set(groups) | set(balancers) | set(others)) - {""}):
         group, balancer = groups.get(name), balancers.get(name)
@@ -66,7 +68,8 @@ def fleets(c: Clients) -> list[Fleet]:
         url = "-"
         if balancer:
             port = int(tags_of(balancer).get(LB_PORT_TAG, "80"))
-            url = balancer_url(balancer["DNSName"], port)
+            url = balancer_url(balancer["DNSName"], port,
+                               https=tags_of(balancer).get(LB_SCHEME_TAG) == "https")
         created = ((group or {}).get("CreatedTime") or (balancer or {}).get("CreatedTime")
                    or others.get(name, {}).get("CreateTime") or datetime.now(UTC))
         found.append(Fleet(
