@@ -9,15 +9,16 @@ on ``--lb-port`` redirecting to it (``--no-tls``: one HTTP listener forwarding);
 the default VPC's subnets attached to the target group; the scaling policy measuring that
 balancer's target group; the security groups' rules), that the group starts N tagged instances,
 that a failure after the balancer exists removes everything (the imported certificate too),
-that ``--certificate-arn`` uses the user's certificate and imports none, and that the template's serve
-command really serves the experiment with the fleet's token and ships a per-model wrapper beside
+that ``--certificate-arn`` uses the user's certificate and imports none, and that the template's
+serve command really serves the experiment with the fleet's token and ships a per-model wrapper beside
 the common one as a single instance does (run here, against moto's S3).
 
 What they cannot prove: moto runs no health checks (every target reports ``healthy`` at once),
 routes no traffic through the balancer (so no TLS handshake with it: the certificate is checked
-as ACM holds it), never scales on the policy, and puts every replica in
-the first subnet. Nor does it refuse to delete a security group still in use, so the order of
-deletion is checked from what ``stop`` prints, not from AWS refusing a wrong one.
+as ACM holds it, and ``--wait-ready`` against a local stand-in at the balancer's name), never
+scales on the policy, and puts every replica in the first subnet. Nor does it refuse to delete a
+security group still in use, so the order of deletion is checked from what ``stop`` prints, not
+from AWS refusing a wrong one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from tests.plugins.test_ec2_backend import (
 )
 
 STORE = "s3://models/prod"  # the fleet_cloud fixture (tests/conftest.py) pushed "exp" here
+ARN = "arn:aws:acm:us-east-1:123456789012:certificate/0b4e4a4e-1111-2222-3333-444455556666"
+"""A certificate's ARN that moto's ACM does not hold."""
 
 
 def launch_fleet(*args: str, key: str = "exp") -> tuple[int, str, str]:
@@ -331,12 +334,162 @@ def test_replicas_n_gives_n_tagged_instances_under_a_generated_name(fleet_cloud)
     (("--replicas", "2", "--fleet-name", "i-0123456789abcdef0"), "cannot name a load balancer"),
     (("--replicas", "2", "--subnet-id", "subnet-1"), "--subnet-id is for a single instance"),
     (("--replicas", "2", "--port", "0"), "fixed --port"),
+    (("--certificate-arn", ARN), "--certificate-arn only applies to a fleet"),
+    (("--replicas", "2", "--no-tls", "--certificate-arn", ARN), "--no-tls and --certificate-arn"),
+    (("--replicas", "2", "--lb-port", "443"), "--lb-port 443 is the HTTPS listener's"),
+    (("--replicas", "2", "--certificate-arn", "mine"), "'mine' is not an ACM certificate's ARN"),
+    (("--replicas", "2", "--certificate-arn", ARN.replace("us-east-1", "eu-west-1")),
+     "a balancer in us-east-1 can only use a certificate from us-east-1"),
+    (("--replicas", "2", "--certificate-arn", ARN), "no certificate arn:aws:acm:us-east-1"),
 ])
 def test_refusals_before_anything_is_created(fleet_cloud, args: tuple[str, ...], message: str) -> None:
     code, _out, err = launch_fleet(*args)
     assert code == 1, err
     assert message in err
     assert leftovers(fleet_cloud) == {}
+
+
+# --- HTTPS: the user's own certificate, or none ------------------------------------------------
+
+
+def test_certificate_arn_puts_the_users_certificate_on_the_balancer_and_imports_none(
+    fleet_cloud, tmp_path: Path
+) -> None:
+    from plugins.backends.ec2.ca import CertificateAuthority
+
+    aws = fleet_cloud
+    theirs = CertificateAuthority.load_or_create(tmp_path / "their-ca").issue(
+        dns_names=["models.example.com"])
+    own = acm().import_certificate(Certificate=theirs.cert_pem, PrivateKey=theirs.key_pem,
+                                   CertificateChain=theirs.ca_pem)["CertificateArn"]
+    code, out, err = launch_fleet("--replicas", "1", "--certificate-arn", own, "--fleet-name", "own")
+    assert code == 0, err
+    url, name, _token = launched_fleet(out)
+    (balancer,) = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"]
+    assert url == f"https://{balancer['DNSName']}/"
+    redirect, listener = listeners_of(aws, name)
+    assert (listener["Protocol"], listener["Port"]) == ("HTTPS", 443)
+    assert listener["Certificates"] == [{"CertificateArn": own}]
+    assert redirect["DefaultActions"] == [redirect_to_https(80)]
+    assert leftovers(aws)["certificates"] == [own]  # nothing imported
+    assert "certificate arn:" not in err and "--cacert" not in err
+    assert f"point that name at {balancer['DNSName']}" in err and "models.example.com" in err
+
+    code, _out, err = cli("stop", name)  # the user's certificate is theirs to keep
+    assert code == 0, err
+    assert "deleting certificate" not in err
+    assert leftovers(aws) == {"certificates": [own]}
+
+
+def test_no_tls_keeps_one_plain_http_listener(fleet_cloud) -> None:
+    aws = fleet_cloud
+    code, out, err = launch_fleet("--replicas", "1", "--no-tls", "--lb-port", "8000")
+    assert code == 0, err
+    assert "warning: --no-tls" in err
+    url, name, _token = launched_fleet(out)
+    (balancer,) = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"]
+    assert url == f"http://{balancer['DNSName']}:8000/"
+    (listener,) = listeners_of(aws, name)
+    (target_group,) = aws.elb.describe_target_groups(Names=[name])["TargetGroups"]
+    assert (listener["Protocol"], listener["Port"]) == ("HTTP", 8000)
+    assert listener["DefaultActions"] == [{"Type": "forward",
+                                           "TargetGroupArn": target_group["TargetGroupArn"]}]
+    (lb_group,) = balancer["SecurityGroups"]
+    group = aws.ec2.describe_security_groups(GroupIds=[lb_group])["SecurityGroups"][0]
+    assert permissions(group) == {(8000, "0.0.0.0/0")}  # no 443
+    assert "certificates" not in leftovers(aws)
+    code, listed, err = cli("ls")
+    assert code == 0, err
+    assert url in listed.split()
+
+
+class BalancerStandIn:
+    """What moto's balancer cannot be: something that answers at its DNS name. A local HTTPS
+    server answers ``/v2/health/ready`` with 200 and presents, for whatever name the client
+    asks for (SNI), a certificate that ``signer`` (a ``CertificateAuthority``) issues; the
+    launch's connections to a balancer's name on 443 are sent here instead."""
+
+    def __init__(self, signer: Any, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import http.server
+        import socket
+        import ssl
+        import threading
+
+        class Ready(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200 if self.path == "/v2/health/ready" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.names: list[str] = []
+
+        def for_name(sock: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+            if not name:
+                return
+            self.names.append(name)
+            issued = signer.issue(dns_names=[name])
+            (directory / "chain.pem").write_bytes(issued.chain_pem)
+            (directory / "key.pem").write_bytes(issued.key_pem)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
+            sock.context = context
+
+        base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        base.sni_callback = for_name  # type: ignore[assignment]
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+        self.server.socket = base.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        here = ("127.0.0.1", self.server.server_address[1])
+        real = socket.create_connection
+
+        def redirected(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+            to_balancer = str(address[0]).endswith(".elb.amazonaws.com") and address[1] == 443
+            return real(here if to_balancer else address, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "create_connection", redirected)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.timeout(90)
+def test_wait_ready_checks_the_balancer_against_the_users_ca(
+    fleet_cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugins.backends.ec2.ca import CertificateAuthority
+
+    # a stand-in whose certificate another CA signed (as a balancer not ours would present)
+    # is not ready: the launch gives up and removes everything, its certificate too
+    (tmp_path / "other").mkdir()
+    impostor = BalancerStandIn(CertificateAuthority.load_or_create(tmp_path / "other-ca"),
+                               tmp_path / "other", monkeypatch)
+    try:
+        code, _out, err = launch_fleet("--replicas", "1", "--wait-ready", "--launch-timeout", "4",
+                                       "--fleet-name", "impostor")
+    finally:
+        impostor.close()
+    assert code == 1
+    assert impostor.names and impostor.names[0].startswith("impostor-")  # it was asked
+    assert "was not ready after" in err and "CERTIFICATE_VERIFY_FAILED" in err
+    assert leftovers(fleet_cloud) == {}
+
+    # one with a certificate from the user's CA for the balancer's name is
+    (tmp_path / "ours").mkdir()
+    ours = BalancerStandIn(CertificateAuthority.load_or_create(), tmp_path / "ours", monkeypatch)
+    try:
+        code, out, err = launch_fleet("--replicas", "1", "--wait-ready", "--launch-timeout", "30",
+                                       "--fleet-name", "ready")
+    finally:
+        ours.close()
+    assert code == 0, err
+    url, name, _token = launched_fleet(out)
+    (balancer,) = fleet_cloud.elb.describe_load_balancers(Names=[name])["LoadBalancers"]
+    assert url == f"https://{balancer['DNSName']}/" and ours.names == [balancer["DNSName"]]
+    assert "booting:" not in err
 
 
 # --- failures after something was created remove all of it -------------------------------------
