@@ -146,6 +146,8 @@ def check_certificate_for(arn: str, dns_name: str) -> dict[str, str]:
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [dns_name]
     assert san.get_values_for_type(x509.IPAddress) == []
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc  # the fleet runs until stopped
+    assert 396 <= lifetime.days <= 397
     verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(x509.DNSName(dns_name))
     verifier.verify(leaf, [])  # raises when the CA does not vouch for it under that name
     with pytest.raises(VerificationError):  # and for that name only

@@ -31,6 +31,7 @@ from plugins.backends.ec2.ca import CertificateAuthority
 from plugins.backends.ec2.firewall import create_group, delete_group, normalise_cidr
 from plugins.backends.ec2.fleet import FLEET_TAG, ROLE_TAG, FleetPlan, balancer_url, security_group_names
 from plugins.backends.ec2.fleet_tls import (
+    CERTIFICATE_DAYS,
     HTTPS_PORT,
     TLS_POLICY,
     create_https_listener,
@@ -70,7 +71,7 @@ def https_listeners(fp: FleetPlan, undo: Undo, balancer: Balancer, target_group:
     c = fp.clients
     certificate = fp.certificate_arn
     if ca is not None:
-        issued = ca.issue(dns_names=[balancer.dns_name])
+        issued = ca.issue(dns_names=[balancer.dns_name], days=CERTIFICATE_DAYS)
         imported = import_certificate(c.acm, issued, fp.tags)
         undo.push(f"deleting certificate {imported}", lambda: delete_certificate(c.acm, imported))
         say(f"certificate {imported} (ACM): {balancer.dns_name}, signed by your CA, valid until "

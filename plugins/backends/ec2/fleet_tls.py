@@ -31,6 +31,11 @@ from plugins.backends.ec2.instances import tags_of
 from studio_plugins import BackendError, ConfigurationError
 
 HTTPS_PORT = 443
+CERTIFICATE_DAYS = 397
+"""How long the balancer's certificate is valid: a fleet runs until it is stopped, not for a
+launch's ``--killafter``, and its key never leaves ACM (nothing can read it back), so the short
+lifetime of an instance's certificate (``ca.SERVER_DAYS``) would only break it; 397 days is
+what browsers accept of any server certificate."""
 TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
 """AWS's recommended policy: TLS 1.3 and 1.2 with forward-secret AEAD ciphers only."""
 KEY_TYPES = ["RSA_1024", "RSA_2048", "RSA_3072", "RSA_4096", "EC_prime256v1", "EC_secp384r1",
