@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 from tests.plugins.test_ec2_backend import cli
 from tests.plugins.test_ec2_fleet import (
     STORE,
+    acm,
     fleet_instances,
     launch_fleet,
     launched_fleet,
@@ -81,19 +82,27 @@ def test_ls_lists_fleets_beside_servers_and_stop_removes_one_fleet_entirely(flee
     # SERVER: no studio-plug server behind moto's balancer (nothing, or this network's stand-in)
     assert all(row.split()[5] == "booting" or row.split()[5].startswith("http-") for row in rows)
 
-    (listener,) = listeners_of(aws, alpha)
+    assert alpha_url.startswith("https://") and beta_url.startswith("https://")
+    listeners = listeners_of(aws, alpha)
+    (certificate,) = {c["CertificateArn"] for li in listeners for c in li.get("Certificates", [])}
     code, out, err = cli("stop", alpha)
     assert code == 0, err
     assert out == f"stopped fleet {alpha}\n"
     steps = [line.split()[1] + " " + line.split()[2] for line in err.splitlines()
              if line.startswith("deleting ")]
-    assert steps == ["auto scaling", "load balancer", "target group", "launch template",
-                     f"parameters {token_parameter}", "security group", "security group"]
+    # the certificate after the balancer and the listener that used it
+    assert steps == ["auto scaling", "load balancer", f"certificate {certificate}", "target group",
+                     "launch template", f"parameters {token_parameter}", "security group",
+                     "security group"]
+    with pytest.raises(ClientError, match="ResourceNotFound"):
+        acm().describe_certificate(CertificateArn=certificate)
+    assert len(leftovers(aws)["certificates"]) == 1  # beta's
     assert "(replicas)" in err.splitlines()[-2] and "(balancer)" in err.splitlines()[-1]
     assert parts(aws, alpha) == {"group": [], "policies": [], "instances": [], "balancer": False,
                                  "target group": False, "template": False, "security groups": []}
-    with pytest.raises(ClientError, match="ListenerNotFound"):
-        aws.elb.describe_listeners(ListenerArns=[listener["ListenerArn"]])
+    for listener in listeners:
+        with pytest.raises(ClientError, match="ListenerNotFound"):
+            aws.elb.describe_listeners(ListenerArns=[listener["ListenerArn"]])
     left = parts(aws, beta)  # the other fleet and the single server are untouched
     assert len(left["instances"]) == 1 and len(left["policies"]) == 1 and left["balancer"]
     assert len(left["security groups"]) == 2
@@ -166,3 +175,30 @@ def test_stop_touches_neither_lookalikes_nor_a_fleets_replicas(fleet_cloud) -> N
     assert code == 0, err
     assert aws.elb.describe_target_groups(Names=["lookalike"])["TargetGroups"]
     assert set(leftovers(aws)) == {"target groups", "launch templates"}
+
+
+def test_a_fleets_certificate_left_alone_still_shows_and_stop_deletes_it(fleet_cloud) -> None:
+    aws = fleet_cloud
+    name, _url = start_fleet("--replicas", "1")
+    (certificate,) = leftovers(aws)["certificates"]
+    # as if an earlier stop had removed everything but the certificate (ACM still counted the
+    # deleted listener as using it, and the stop ran out of time)
+    aws.asg.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
+    balancer = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"][0]
+    aws.elb.delete_load_balancer(LoadBalancerArn=balancer["LoadBalancerArn"])
+    target_group = aws.elb.describe_target_groups(Names=[name])["TargetGroups"][0]
+    aws.elb.delete_target_group(TargetGroupArn=target_group["TargetGroupArn"])
+    aws.ec2.delete_launch_template(LaunchTemplateName=name)
+    for group in parts(aws, name)["security groups"]:
+        aws.ec2.delete_security_group(GroupId=group["GroupId"])
+    assert set(leftovers(aws)) == {"certificates"}
+
+    code, out, err = cli("ls")  # the certificate alone keeps the fleet listed: not forgotten
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:5] == [name, "exp", "-", "-", "-"]
+    code, out, err = cli("stop", "--all")
+    assert code == 0, err
+    assert out == f"stopped fleet {name}\n" and f"deleting certificate {certificate}" in err
+    assert leftovers(aws) == {}
+    code, out, err = cli("stop", name)  # again: nothing left, and fine
+    assert code == 0 and out == "", err

@@ -225,7 +225,7 @@ def test_every_backend_option_given_on_the_command_line_is_read_back() -> None:
         "--no-tls "
         "--wait-ready --launch-timeout 60 --install studio-plugins --replicas 2 --min-replicas 1 "
         "--max-replicas 3 --target-rps 2.5 --lb-port 8000 --fleet-name exp-prod --spot --bid 0.5 "
-        "--on-demand-base 1")
+        "--on-demand-base 1 --certificate-arn arn:aws:acm:eu-west-1:123456789012:certificate/c")
     options = parse_serve_argv(make_host(), argv)
     ec2, fleet = Ec2Options.from_options(options), FleetOptions.from_options(options)
     assert ec2 == Ec2Options(
@@ -234,7 +234,8 @@ def test_every_backend_option_given_on_the_command_line_is_read_back() -> None:
         no_tls=True, wait_ready=True, launch_timeout=60.0, install="studio-plugins", spot=True,
         bid=0.5)
     assert fleet == FleetOptions(replicas=2, min_replicas=1, max_replicas=3, target_rps=2.5,
-                                 lb_port=8000, fleet_name="exp-prod", on_demand_base=1)
+                                 lb_port=8000, fleet_name="exp-prod", on_demand_base=1,
+                                 certificate_arn="arn:aws:acm:eu-west-1:123456789012:certificate/c")
     for given in (ec2, fleet):  # every field was given (a new one must join the command line)
         assert all(getattr(given, f.name) != f.default for f in dataclasses.fields(given))
     defaults = parse_serve_argv(make_host(), ["studio-plug", "serve", "exp", "--cloud", "ec2"])

@@ -8,7 +8,8 @@ paths share), ``single`` and ``fleet``/``fleet_create`` (creating), ``inventory`
 ``serve`` flags, each declared once with ``flags``), ``backoff`` (waiting on AWS), and one module
 per kind of AWS resource (``instances``, ``firewall``, ``balancer``, ``autoscaling``,
 ``machine``, ``userdata``, ``parameters``: the token and TLS key in Parameter Store, which the
-instance reads with ``boot``); ``spot`` and ``spot_watch`` are ``--spot``.
+instance reads with ``boot``; ``fleet_tls``: a balancer's certificate in ACM and its HTTPS
+listener); ``spot`` and ``spot_watch`` are ``--spot``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,10 +17,13 @@ from plugins.backends.ec2.autoscaling import (
 )
 from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups
 from plugins.backends.ec2.firewall import MANAGED_TAG
-from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, Clients, balancer_url
+from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, LB_SCHEME_TAG, Clients, balancer_url
+from plugins.backends.ec2.fleet_tls import tagged_certificates
 from plugins.backends.ec2.instances import KEY_TAG, LIVE_STATES, STARTED_BY_TAG, describe, tags_of
 from plugins.backends.ec2.parameters import RUN_TAG
 from studio_plugins import BackendError
+
+log = logging.getLogger("studio_plugins.ec2")
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,26 @@ def spot_replicas(ec2: Any, name: str) -> int:
     return sum(1 for i in found if i.get("InstanceLifecycle") == "spot")
 
 
+def certificates(c: Clients) -> list[dict[str, Any]]:
+    """The certificates imported for fleets; none when ACM cannot be read (a user allowed no
+    ``acm:ListCertificates`` still sees their fleets by their other parts)."""
+    if c.acm is None:
+        return []
+    try:
+        return tagged_certificates(c.acm, MANAGED_TAG, FLEET)
+    except BackendError as exc:
+        log.warning("could not list the fleets' certificates: %s", exc.message)
+        return []
+
+
 def fleets(c: Clients) -> list[Fleet]:
     """Every fleet with any part left, oldest first; parts that are gone show as ``-``."""
     groups = {tags_of(g).get(FLEET_TAG, ""): g for g in tagged_scaling_groups(c.asg, MANAGED_TAG, FLEET)}
     balancers = {tags_of(b).get(FLEET_TAG, ""): b for b in tagged_balancers(c.elb, MANAGED_TAG, FLEET)}
     others = {tags_of(r).get(FLEET_TAG, ""): r for r in [
         *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET),
-        *tagged_target_groups(c.elb, MANAGED_TAG, FLEET), *tagged_security_groups(c.ec2)]}
+        *tagged_target_groups(c.elb, MANAGED_TAG, FLEET), *tagged_security_groups(c.ec2),
+        *certificates(c)]}
     found = []
     for name in sorted((set(groups) | set(balancers) | set(others)) - {""}):
         group, balancer = groups.get(name), balancers.get(name)
@@ -66,7 +83,8 @@ def fleets(c: Clients) -> list[Fleet]:
         url = "-"
         if balancer:
             port = int(tags_of(balancer).get(LB_PORT_TAG, "80"))
-            url = balancer_url(balancer["DNSName"], port)
+            url = balancer_url(balancer["DNSName"], port,
+                               https=tags_of(balancer).get(LB_SCHEME_TAG) == "https")
         created = ((group or {}).get("CreatedTime") or (balancer or {}).get("CreatedTime")
                    or others.get(name, {}).get("CreateTime") or datetime.now(UTC))
         found.append(Fleet(

@@ -81,11 +81,15 @@ class FleetOptions(Flags):
         "removing instances (target tracking on the balancer's request count per target).",
         click_type=lambda click: click.FloatRange(min=0, min_open=True))
     lb_port: int | None = flag(
-        None, f"[ec2 fleet] Port the load balancer listens on (HTTP; default {DEFAULT_LB_PORT}); "
-        "it forwards to --port on the instances.", click_type=lambda click: click.IntRange(1, 65535))
+        None, f"[ec2 fleet] Port of the load balancer's HTTP listener (default {DEFAULT_LB_PORT}): "
+        "it redirects to HTTPS on 443, or with --no-tls forwards to --port on the instances.",
+        click_type=lambda click: click.IntRange(1, 65535))
     on_demand_base: int | None = flag(
         None, "[ec2 fleet] With --spot: this many replicas on-demand, the rest spot (default 0).",
         click_type=lambda click: click.IntRange(min=0))
+    certificate_arn: str | None = flag(
+        None, "[ec2 fleet] Your own ACM certificate (same region) for the balancer's HTTPS "
+        "listener; default: one for the balancer's DNS name signed by your CA, imported into ACM.")
     fleet_name: str | None = flag(
         None, "[ec2 fleet] Name of the fleet and of each of its AWS resources; default: "
         "KEY-adjective-animal. `studio-plug stop NAME` removes it.")
@@ -102,6 +106,7 @@ class FleetOptions(Flags):
     def refuse_without_fleet(self) -> None:
         given = [flag for flag, value in (("--target-rps", self.target_rps),
                                           ("--lb-port", self.lb_port),
+                                          ("--certificate-arn", self.certificate_arn),
                                           ("--fleet-name", self.fleet_name)) if value is not None]
         if given and not self.wanted:
             raise ConfigurationError(

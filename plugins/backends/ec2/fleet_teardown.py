@@ -22,8 +22,9 @@ from plugins.backends.ec2.balancer import (
     find_target_group,
 )
 from plugins.backends.ec2.firewall import delete_group
-from plugins.backends.ec2.fleet import FLEET, ROLE_TAG, Clients, ours
+from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, ROLE_TAG, Clients, ours
 from plugins.backends.ec2.fleet_inventory import tagged_security_groups
+from plugins.backends.ec2.fleet_tls import delete_certificate, tagged_certificates
 from plugins.backends.ec2.instances import tags_of
 from plugins.backends.ec2.parameters import delete_parameters, our_parameters
 from plugins.backends.ec2.plan import say
@@ -42,10 +43,11 @@ class Stopped:
 
 def stop_fleet(c: Clients, name: str, timeout: float = 300.0,
                progress: Callable[[str], None] = say) -> Stopped:
-    """Remove fleet ``name`` in dependency order: the group with its instances, the listener
-    and the balancer, the target group, the launch template, then the security groups (the
-    replicas' first: its rule names the balancer's). Parts already gone are skipped, so this
-    can run again after a partial failure."""
+    """Remove fleet ``name`` in dependency order: the group with its instances, the listeners
+    and the balancer, the certificate imported for it (after the listener that used it), the
+    target group, the launch template, then the security groups (the replicas' first: its rule
+    names the balancer's). Parts already gone are skipped, so this can run again after a
+    partial failure."""
     done = Stopped()
 
     def step(what: str, action: Callable[[], bool]) -> None:
@@ -74,6 +76,15 @@ def stop_fleet(c: Clients, name: str, timeout: float = 300.0,
     remove("load balancer", lambda: find_balancer(c.elb, name),
            lambda b: f"load balancer {name} and its listener",
            lambda b: delete_balancer(c.elb, b["LoadBalancerArn"], timeout))
+    if c.acm is not None:  # ours only: a --certificate-arn one carries no fleet tags
+        try:
+            certificates = [str(t["CertificateArn"]) for t in tagged_certificates(c.acm, FLEET_TAG, name)
+                            if ours(t, name)]
+        except BackendError as exc:
+            done.left.append(f"certificates: {exc.message}")
+            certificates = []
+        for arn in certificates:
+            step(f"certificate {arn}", functools.partial(delete_certificate, c.acm, arn, timeout))
     remove("target group", lambda: find_target_group(c.elb, name),
            lambda t: f"target group {name}",
            lambda t: delete_target_group(c.elb, t["TargetGroupArn"], timeout))

@@ -94,10 +94,15 @@ def wait_for_address(
         backoff.pause()
 
 
-def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep, cafile: str | None = None) -> None:
+def wait_ready(url: str, timeout: float, sleep: Sleep = time.sleep, cafile: str | None = None,
+               check_hostname: bool = True) -> None:
     """Poll ``GET {url}v2/health/ready`` until it answers 200 (at most ``timeout`` s); an
-    ``https`` URL's certificate must verify against ``cafile`` (default: the system's CAs)."""
+    ``https`` URL's certificate must verify against ``cafile`` (default: the system's CAs),
+    and name its host unless not ``check_hostname`` (a balancer's certificate that names the
+    user's domain: the health path sends nothing secret)."""
     context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    if context is not None:
+        context.check_hostname = check_hostname
     backoff = Backoff(timeout, sleep=sleep)
     last = "no answer"
     while True:

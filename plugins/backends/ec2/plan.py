@@ -330,12 +330,13 @@ def creating(plan: Plan, *, readers: str, port: int) -> Iterator[Undo]:
         yield undo
 
 
-def await_ready(plan: Plan, url: str, timeout: float, cafile: str | None = None) -> None:
+def await_ready(plan: Plan, url: str, timeout: float, cafile: str | None = None,
+                check_hostname: bool = True) -> None:
     """With ``--wait-ready``, wait until ``url`` answers ready (over HTTPS, trusting ``cafile``):
     called inside ``creating``, so a server not ready in time is removed again."""
     if plan.ec2_options.wait_ready:
         say(f"waiting for {url}v2/health/ready (installing takes a few minutes)")
-        wait_ready(url, timeout, cafile=cafile)
+        wait_ready(url, timeout, cafile=cafile, check_hostname=check_hostname)
 
 
 def announce(plan: Plan, url: str, what: str) -> None:
