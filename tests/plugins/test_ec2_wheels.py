@@ -124,7 +124,11 @@ def boot_as_the_instance(script: str, workdir: Path) -> tuple[Path, list[str], d
             for folder in shlex.split(line)[2:]:
                 Path(here(folder)).mkdir(parents=True, exist_ok=True)
         elif line.startswith("pip install ") and "--upgrade pip" not in line:
-            run(["-m", *shlex.split(line)])
+            # the dependencies come from the outer site-packages, which may also hold this
+            # project installed editable (tox): pip would call the wheel "already satisfied"
+            # and install nothing, so the wheels are forced in, each alone (no dependencies)
+            forced = ["--force-reinstall", "--no-deps"] if ".whl" in line else []
+            run(["-m", *shlex.split(line), *forced])
             installed = True
         elif line.startswith("python "):  # a fetch from S3, or boot's key and certificate
             assert installed or " -c " in line, line  # boot comes from the installed wheel
