@@ -41,6 +41,7 @@ from core.http.codecs import CodecSet
 from core.http.context import ServerContext
 from core.http.cors import with_cors
 from core.http.inference import InferenceEndpoint, send_reply
+from core.http.listeners import ListenerGroup
 from core.http.openapi import DocumentBuilder
 from core.http.pages import (
     DOCS_HEADERS,
@@ -104,6 +105,9 @@ class AppSettings:
     on_ready: Callable[[], None] | None = None
     cors: tuple[str, ...] = ()
     """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""
+    listeners: ListenerGroup | None = None
+    """The plugins' listeners (gRPC) on this app's data plane: started in its lifespan before
+    ``on_ready``, stopped before the data plane closes (core/http/listeners.py)."""
 
 
 class RouteLabels:
@@ -362,6 +366,8 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal started
+        if settings.listeners:  # first: if one cannot start, nothing else was started
+            await settings.listeners.start(context, settings.activity)
         background = []
         if settings.watch > 0:
             background.append(asyncio.create_task(repository.watch(settings.watch)))
@@ -374,6 +380,8 @@ def build_app(
             yield
         finally:
             started = False
+            if settings.listeners:
+                await settings.listeners.stop()  # at once, or waits for the drain under way
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
