@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -272,6 +273,24 @@ class ServingContext(Protocol):
         """Tell the access log and metrics which model (and batch size) a request used;
         ``status=499`` for a request answered nothing because its client went away
         (``ClientGone``)."""
+        ...
+
+    # For protocols served beside the HTTP app (gRPC): what the app's edge does for its routes.
+
+    def authorized(self, authorization: bytes | str | None) -> bool:
+        """Whether a request with this ``Authorization`` value (``Bearer <token>``; None when it
+        sent none) passes ``--token``; always True when the server has no token."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether the server is ready, as ``GET /v2/health/ready`` answers: started, not
+        draining, and some model ready."""
+        ...
+
+    def counted(self, route: str) -> AbstractContextManager[Any]:
+        """Count a request as the HTTP app counts its own (in flight for ``--killafter`` and
+        draining; metrics labelled ``route``); yields the ``scope`` that ``record`` takes, whose
+        status is 500 until ``record`` gives another."""
         ...
 
 

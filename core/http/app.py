@@ -307,7 +307,8 @@ def build_app(
     guard = BodyGuard(default_budget(settings.max_body) if budget is None else budget,
                       settings.read_timeout, settings.min_rate)
     context = ServerContext(repository, dataplane, BodyReader(settings.max_body, guard),
-                            in_worker=settings.in_worker)
+                            in_worker=settings.in_worker, token=settings.token,
+                            activity=settings.activity)
     endpoint = InferenceEndpoint(context, settings.codecs, settings.debug)
 
     def on_swap(name: str, model: ServedModel | None, seconds: float, old: ServedModel | None) -> None:
@@ -331,6 +332,8 @@ def build_app(
 
     def is_ready() -> bool:
         return started and not settings.activity.draining and repository.any_ready()
+
+    context.is_ready = is_ready  # for other protocols' readiness (gRPC's ServerReady)
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
