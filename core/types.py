@@ -300,17 +300,6 @@ RouteFactory = Callable[[ServingContext], Sequence[Any]]
 
 # --- listeners: protocols on ports of their own ---------------------------------------------
 
-@dataclass(frozen=True)
-class ListenerContext:
-    """What a listener is started with in a serving process: the server's ``ServingContext``
-    (the same data plane as HTTP) and the counters that keep ``--killafter`` and a drain aware
-    of its calls: ``call_started()`` when a call arrives, ``call_finished()`` when it is done."""
-
-    serving: ServingContext
-    call_started: Callable[[], None]
-    call_finished: Callable[[], None]
-
-
 class OpenListener(ABC):
     """A listener whose port is reserved (``Listener.reserve``): started in each serving process.
 
@@ -323,8 +312,10 @@ class OpenListener(ABC):
     127.0.0.1:50051``; printed before the ``Serving ... on URL`` line."""
 
     @abstractmethod
-    async def start(self, context: ListenerContext) -> None:
-        """Start serving on the running event loop; return once clients can connect."""
+    async def start(self, context: ServingContext) -> None:
+        """Start serving on the running event loop, for the server's models in ``context`` (the
+        app's own: one data plane for both protocols); return once clients can connect. Wrap
+        each call in ``context.counted(...)`` so ``--killafter``, a drain and the metrics see it."""
 
     @abstractmethod
     async def stop(self, grace: float) -> None:

@@ -370,7 +370,7 @@ def build_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal started
         if settings.listeners:  # first: if one cannot start, nothing else was started
-            await settings.listeners.start(context, settings.activity)
+            await settings.listeners.start(context)
         background = []
         if settings.watch > 0:
             background.append(asyncio.create_task(repository.watch(settings.watch)))

@@ -15,8 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from core.http.activity import Activity
-from core.types import ListenerContext, OpenListener, ServingContext
+from core.types import OpenListener, ServingContext
 
 log = logging.getLogger("studio_plugins.serving")
 
@@ -37,10 +36,9 @@ class ListenerGroup:
     def __bool__(self) -> bool:
         return bool(self.opened)
 
-    async def start(self, serving: ServingContext, activity: Activity) -> None:
+    async def start(self, context: ServingContext) -> None:
         """Start every listener; one that fails stops those already started, and the error
         goes up (the server does not start half its protocols)."""
-        context = ListenerContext(serving, activity.started, activity.finished)
         try:
             for listener in self.opened:
                 await listener.start(context)

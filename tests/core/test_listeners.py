@@ -16,7 +16,7 @@ from core.http.codecs import CodecSet
 from core.http.listeners import ListenerGroup
 from core.models.repository import ModelRepository
 from core.types import ServeOptions
-from studio_plugins import Listener, ListenerContext, OpenListener, hookimpl
+from studio_plugins import Listener, OpenListener, ServingContext, hookimpl
 from studio_plugins.testing import make_host
 
 
@@ -29,19 +29,17 @@ class LinePort(OpenListener):
         self.server: asyncio.Server | None = None
         self.description = "lines"
 
-    async def start(self, context: ListenerContext) -> None:
+    async def start(self, context: ServingContext) -> None:
         if self.fail:
             self.events.append("failed")
             raise RuntimeError("cannot start")
-        serving = context.serving
+        serving = context
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             line = await reader.readline()
-            context.call_started()
-            try:
+            with serving.counted("lines") as scope:
                 reply = await serving.infer(serving.default_model, {"x": np.array(json.loads(line))})
-            finally:
-                context.call_finished()
+                serving.record(scope, serving.default_model, status=200)
             writer.write(json.dumps(reply.payload["x"].tolist()).encode() + b"\n")
             await writer.drain()
             writer.close()

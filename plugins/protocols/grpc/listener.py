@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import errno
 import importlib.util
-import inspect
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from studio_plugins import (
     ConfigurationError,
     Listener,
-    ListenerContext,
     OpenListener,
     ServeOptions,
+    ServingContext,
     hookimpl,
 )
 
@@ -38,8 +37,6 @@ if TYPE_CHECKING:
 
 LOCAL_NAMES = {"localhost": "127.0.0.1"}
 """``--host localhost`` binds the loopback address, as the HTTP socket does."""
-UNCOUNTED = ("/ServerLive", "/ServerReady", "/ModelReady")
-"""Health checks, which keep no server from going idle (as on HTTP, ``/v2/health/``)."""
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
@@ -128,20 +125,19 @@ class GrpcPort(OpenListener):
         self.description = f"V2 over gRPC on {shown}{tls}"
         self.server: grpc.aio.Server | None = None
 
-    async def start(self, context: ListenerContext) -> None:
+    async def start(self, context: ServingContext) -> None:
         import grpc  # here, after the fork: see the module's docstring
 
         from plugins.protocols.grpc.servicer import add_v2_servicer
 
         server = grpc.aio.server(
-            interceptors=[call_counter(context.call_started, context.call_finished)],
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", self.max_body),
                 ("grpc.max_send_message_length", -1),
             ],
         )
-        add_v2_servicer(server, context.serving)
+        add_v2_servicer(server, context)
         try:
             if self.credentials is None:
                 bound = server.add_insecure_port(self.target)
@@ -190,34 +186,6 @@ class GrpcListener(Listener):
         _require_extra()
         credentials = Credentials.from_options(options)
         return GrpcPort(reserve_port(options.host, options.grpc_port), options, credentials)
-
-
-def call_counter(started: Callable[[], None], finished: Callable[[], None]) -> grpc.aio.ServerInterceptor:
-    """Counts each call but health checks as a request in flight (``--killafter``, the idle
-    count across workers, the drain's log line), as the HTTP edge counts its requests."""
-    import grpc
-
-    class CallCounter(grpc.aio.ServerInterceptor):  # defined here: grpc is imported late
-        async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-            details: grpc.HandlerCallDetails,
-        ) -> grpc.RpcMethodHandler:
-            handler = await continuation(details)
-            if handler is None or handler.unary_unary is None or details.method.endswith(UNCOUNTED):
-                return handler
-            inner = handler.unary_unary
-
-            async def counted(request: Any, context: Any) -> Any:
-                started()
-                try:
-                    reply = inner(request, context)
-                    return await reply if inspect.isawaitable(reply) else reply
-                finally:
-                    finished()
-
-            return handler._replace(unary_unary=counted)
-
-    return CallCounter()
 
 
 @hookimpl
