@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             if not have_wrk():
                 warn("part 2 (gRPC vs HTTP) needs wrk (apt-get install -y wrk): skipped")
             else:
-                ours = servers["ours", ours_configs[0]]
-                _grpc_against_http(ours, {"small": small, "large": image}, levels, args, samples)
+                _grpc_against_http(servers["ours", ours_configs[0]], {"small": small, "large": image},
+                                   levels, args, samples)
 
     points: dict[str, dict[tuple[str, str, int], Result]] = {"ours": {}, "mlserver": {}, "http": {}}
     for (group, config, model, level), results in samples.items():
@@ -338,7 +338,7 @@ def _grpc_against_http(ours: Server, inputs: dict[str, np.ndarray], levels: list
             for round_ in range(args.rounds):
                 for mode, run in modes[round_ % 2:] + modes[:round_ % 2]:
                     def at_level(seconds: float, label: str, run: Any = run, level: int = level) -> Result:
-                        return run(seconds, label, level=level)  # type: ignore[no-any-return]
+                        return run(seconds, label, level=level)
 
                     samples.setdefault(("http", mode, size, level), []).append(measure(
                         at_level, warmup=args.warmup, duration=args.duration, pid=ours.pid,
@@ -381,9 +381,10 @@ def report(points: dict[str, dict[tuple[str, str, int], Result]], levels: list[i
         for size in ("small", "large"):
             for level in levels:
                 grpc_point, http_point = http.get(("grpc", size, level)), http.get(("http", size, level))
-                for mode, r in (("http", http_point), ("grpc", grpc_point)):
-                    if r is None:
+                for mode, point in (("http", http_point), ("grpc", grpc_point)):
+                    if point is None:
                         continue
+                    r = point
                     ratio = (f"{r.rps / http_point.rps:.2f}x" if mode == "grpc" and http_point else "")
                     rows.append([size, level, mode, r.rps, r.p50_ms, r.p99_ms,
                                  r.cpu_us or float("nan"), r.errors, ratio])
