@@ -120,9 +120,14 @@ class GrpcPort(OpenListener):
         self.target = _target(sock)
         self.max_body = options.max_body
         self.credentials = credentials
-        shown = self.target.replace("0.0.0.0:", "localhost:").replace("[::]:", "localhost:")
-        tls = " (TLS)" if credentials else ""
-        self.description = f"V2 over gRPC on {shown}{tls}"
+        host, port = sock.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            shown = f"localhost:{port}"  # an address to listen on, not one to connect to
+        elif credentials:  # as --host named it, as the HTTPS URL does: a certificate names hosts
+            shown = f"[{options.host}]:{port}" if ":" in options.host else f"{options.host}:{port}"
+        else:
+            shown = self.target
+        self.description = f"V2 over gRPC on {shown}{' (TLS)' if credentials else ''}"
         self.server: grpc.aio.Server | None = None
 
     async def start(self, context: ServingContext) -> None:
