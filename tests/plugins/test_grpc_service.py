@@ -89,7 +89,15 @@ def test_model_metadata_says_what_the_model_declares(served: Served) -> None:
     assert "inputs" not in ident and ident["platform"] == "identity"  # it knows nothing: none listed
 
 
-@pytest.mark.parametrize("call", ["is_model_ready", "get_model_metadata"])
+def test_model_config_as_triton_tools_read_it(served: Served) -> None:
+    config = served.client().get_model_config("kexp", as_json=True)["config"]
+    assert config["name"] == "kexp" and config.get("max_batch_size", 0) == 0
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "4"]}]
+    assert [(o["name"], o["data_type"]) for o in config["output"]] == [("probs", "TYPE_FP32")]
+    assert "input" not in served.client().get_model_config("ident", as_json=True)["config"]
+
+
+@pytest.mark.parametrize("call", ["is_model_ready", "get_model_metadata", "get_model_config"])
 def test_unknown_models_and_versions_are_not_found(served: Served, call: str) -> None:
     client = served.client()
     for args in (("nope",), ("ident", "2")):

@@ -13,8 +13,9 @@ status.py maps them). What the HTTP app's edge does for its routes is done here 
   call is cancelled on the data plane too (grpc cancels the handler's task): it stops counting
   against ``--max-queue``, and is counted 499 like an HTTP client that went away.
 
-Implemented: the health, metadata, ModelInfer and repository RPCs. The others (streaming,
-shared memory, statistics, trace and log settings, ModelConfig) answer ``UNIMPLEMENTED``.
+Implemented: the health, metadata (ModelConfig too: what Triton's tools read), ModelInfer and
+repository RPCs. The others (streaming, shared memory, statistics, trace and log settings) answer
+``UNIMPLEMENTED``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from studio_plugins import BadRequest, ModelState, ServingContext, StudioError, 
 
 from ..v2 import METADATA_DATATYPES, REPOSITORY_STATES, VERSION, check_inputs, check_version
 from . import grpc_service_pb2 as pb
+from . import model_config_pb2 as config_pb
 from .status import status_code
 from .tensors import INLINE_WORK, Inputs, decode_inputs, decode_work, encode_outputs
 
@@ -53,6 +55,11 @@ def use_model(context: ServingContext, scope: dict[str, Any], name: str, rows: i
     """Tell the metrics which model (and batch size) the call used."""
     scope[MODEL_KEY] = name
     context.record(scope, name, rows)
+
+
+def config_type(datatype: str) -> int:
+    """A V2 datatype as model_config.proto's ``DataType`` (BYTES is its TYPE_STRING)."""
+    return int(config_pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
 
 
 class InferenceService:
@@ -98,6 +105,22 @@ class InferenceService:
                     for spec in specs:
                         tensors.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return response
+
+    async def model_config(self, request: Any, rpc: Any, scope: dict[str, Any]) -> Any:
+        """Triton's model configuration, as far as the model says it: name, platform and
+        tensors, ``max_batch_size`` 0 (the shapes include the batch dim). Triton's clients and
+        ``perf_analyzer`` read it to learn a model's inputs."""
+        state = self._state(request.name, request.version, scope)
+        model = state.model
+        config = config_pb.ModelConfig(name=state.name, max_batch_size=0,
+                                       platform=model.platform if model is not None else "")
+        if model is not None:
+            for specs, tensors in ((model.inputs, config.input), (model.outputs, config.output)):
+                if all(spec.datatype in METADATA_DATATYPES for spec in specs):
+                    for spec in specs:
+                        tensors.add(name=spec.name, data_type=config_type(spec.datatype),
+                                    dims=list(spec.shape))
+        return pb.ModelConfigResponse(config=config)
 
     # --- inference -----------------------------------------------------------------------
 
@@ -189,6 +212,7 @@ METHODS: dict[str, tuple[str, Any, Any, bool]] = {
     "ModelReady": ("model_ready", pb.ModelReadyRequest, pb.ModelReadyResponse, True),
     "ServerMetadata": ("server_metadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse, True),
     "ModelMetadata": ("model_metadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse, True),
+    "ModelConfig": ("model_config", pb.ModelConfigRequest, pb.ModelConfigResponse, True),
     "ModelInfer": ("model_infer", pb.ModelInferRequest, pb.ModelInferResponse, True),
     "RepositoryIndex": ("repository_index", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, True),
     "RepositoryModelLoad": ("repository_model_load", pb.RepositoryModelLoadRequest,
