@@ -105,6 +105,8 @@ HOSTILE = {
                                  "INVALID_ARGUMENT", "has no input 'z'"),
     "an unknown model": (request_with(("a", "INT8", [1], b"\x01"), model="nope"), "NOT_FOUND",
                          "no model named 'nope'"),
+    "a model name of 100,000 characters": (request_with(("a", "INT8", [1], b"\x01"), model="m" * 100_000),
+                                           "NOT_FOUND", "no model named 'mmm"),
     "an unknown version": (service_pb2.ModelInferRequest(model_name="ident", model_version="7"),
                            "NOT_FOUND", "no version '7'"),
 }

@@ -40,6 +40,9 @@ log = logging.getLogger("studio_plugins.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ("model_repository",)
+MAX_DETAILS = 2048
+"""Characters of an error's message sent as the status details (trailing metadata: clients
+refuse metadata past 8 KiB, and the message may quote what the client sent)."""
 MODEL_KEY = "grpc.model"
 """Where the scope keeps the model a call named, for the status noted at its end."""
 Handler = Callable[[Any, grpc.aio.ServicerContext, dict[str, Any]], Awaitable[Any]]
@@ -283,6 +286,8 @@ def _guarded(context: ServingContext, method: str, handler: Handler, counted: bo
             if error.status >= 500 and not isinstance(error, LateReply):
                 log.warning("%s -> %d: %s", route, error.status, error)
             message = error.message + (f" ({error.hint})" if error.hint else "")
+            if len(message) > MAX_DETAILS:  # it may quote the client (a megabyte model name)
+                message = message[:MAX_DETAILS - 3] + "..."
             await rpc.abort(status_code(error.status), message)
 
     return call if counted else uncounted
