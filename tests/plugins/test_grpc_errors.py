@@ -222,6 +222,7 @@ def test_cancelled_calls_stop_counting_against_the_queue(server: GrpcServer) -> 
     while metric(server.http("GET", "/metrics").text, "studio_queue_depth") < 2:
         assert time.monotonic() < deadline, "the calls never reached the queue"
         time.sleep(0.01)
+    assert server.context.activity.in_flight == 2  # in flight for --killafter and draining too
     error = infer_error(server, request)
     assert error.code().name == "UNAVAILABLE" and "--max-queue 2" in error.details(), error
     for call in calls:
@@ -231,6 +232,7 @@ def test_cancelled_calls_stop_counting_against_the_queue(server: GrpcServer) -> 
         time.sleep(0.01)
     text = server.http("GET", "/metrics").text
     assert metric(text, "studio_requests_total", route=route, status="499") == before + 2, text
+    assert server.context.activity.in_flight == 0
     still_serving(server)
 
 
@@ -282,3 +284,20 @@ def test_concurrent_calls_share_the_data_plane(server: GrpcServer) -> None:
     for thread in threads:
         thread.join(30)
     assert sorted(answers) == list(range(8))
+
+
+def test_server_ready_follows_the_app_draining_and_models(tmp_path: Path) -> None:
+    """ServerReady answers as /v2/health/ready does: false while the server drains, or with no
+    model ready."""
+    served = grpc_server(tmp_path / "studioml", {"exp": None})
+    try:
+        client = tritongrpc.InferenceServerClient(served.address)
+        assert client.is_server_ready() and served.http("GET", "/v2/health/ready").status == 200
+        served.context.activity.draining = True  # what SIGTERM sets (core/process/serving.py)
+        assert not client.is_server_ready() and served.http("GET", "/v2/health/ready").status == 503
+        assert client.is_server_live()
+        served.context.activity.draining = False
+        served.run(served.context.unload("exp"))
+        assert not client.is_server_ready() and not client.is_model_ready("exp")
+    finally:
+        served.close()
