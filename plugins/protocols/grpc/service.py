@@ -134,15 +134,19 @@ class InferenceService:
             context.state(name)  # NotFound, before decoding anything
         use_model(context, scope, name)
         check_version(name, request.model_version or None)
-        if decode_work(request) <= INLINE_WORK:
-            inputs = decode_inputs(request, context.max_body)
-        else:  # typed numbers or many BYTES: off the event loop
+        heavy = decode_work(request) > INLINE_WORK  # typed numbers or many BYTES: off the loop
+        if heavy:
             inputs = await asyncio.to_thread(decode_inputs, request, context.max_body)
+        else:
+            inputs = decode_inputs(request, context.max_body)
         check_inputs(name, context.state(name).model, inputs.values)
         result, rows = await self._infer(name, inputs, rpc.time_remaining())
         use_model(context, scope, name, rows)
         response = pb.ModelInferResponse(model_name=name, model_version=VERSION, id=request.id)
-        encode_outputs(response, request, inputs, result)
+        if heavy:  # as heavy to encode, most likely (an echo, typed outputs of a typed request)
+            await asyncio.to_thread(encode_outputs, response, request, inputs, result)
+        else:
+            encode_outputs(response, request, inputs, result)
         failed = failed_headers(getattr(result, "failed", ()))
         if failed:  # the outputs left out, and why: as the HTTP reply's headers say
             rpc.set_trailing_metadata(tuple((key.decode(), value.decode()) for key, value in failed))
