@@ -140,6 +140,19 @@ def test_typed_values_that_do_not_fit_are_invalid(server: GrpcServer, field: str
     assert error.code().name == "INVALID_ARGUMENT" and fragment in error.details(), error.details()
 
 
+def test_many_outputs_asked_for_are_refused_quickly(server: GrpcServer) -> None:
+    """100,000 output names (each looked for among the others would be 10**10 steps): once each."""
+    request = request_with(("a", "INT8", [1], b"\x01"))
+    request.outputs.extend(service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=str(i))
+                           for i in range(100_000))
+    started = time.monotonic()
+    error = infer_error(server, request)
+    assert error.code().name == "INVALID_ARGUMENT" and "has no output '0'" in error.details()
+    request.outputs.add(name="99999")
+    assert "asked for twice" in infer_error(server, request).details()
+    assert time.monotonic() - started < 5
+
+
 def test_a_message_over_max_body_is_resource_exhausted(server: GrpcServer) -> None:
     """grpc's own limit (the listener sets --max-body), and ours on what a message decodes to:
     INT32 zeros are one byte each in a message and four once decoded."""

@@ -159,9 +159,11 @@ def encode_outputs(response: Any, request: Any, inputs: Inputs, result: Payload)
     failed = failed_outputs(result)
     if request.outputs:
         names: list[str] = []
+        seen: set[str] = set()
         for wanted in request.outputs:
-            if wanted.name in names:  # each copy would be encoded again
+            if wanted.name in seen:  # each copy would be encoded again: a reply N times the result
                 raise BadRequest(f"output {short(wanted.name)} is asked for twice")
+            seen.add(wanted.name)
             names.append(wanted.name)
         names = [name for name in names if name not in failed]
         missing = [name for name in names if name not in result]
