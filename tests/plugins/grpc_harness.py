@@ -25,17 +25,19 @@ from core.http.codecs import CodecSet
 from core.models.repository import ModelRepository
 from core.types import ServeOptions
 from plugins.protocols.grpc.servicer import add_v2_servicer
-from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl
+from studio_plugins import Loader, LoadOptions, Reply, ServedModel, hookimpl
 from studio_plugins.testing import make_host
-from tests.asgi import Reply, acall
+from tests.asgi import Reply as HttpReply
+from tests.asgi import acall
 from tests.web_app import ToyPlugin
 
 grpc = pytest.importorskip("grpc")
 
 
 class SlowLoader(Loader):
-    """``*.slow``: JSON ``{"seconds": S}``; the model sleeps S seconds (0.5 s when its input
-    ``sleep`` says nothing else) and answers its inputs; an input named ``boom`` makes it raise."""
+    """``*.slow``: JSON ``{"seconds": S}``; the model sleeps S seconds (or what its input
+    ``sleep`` says) and answers its inputs; an input named ``boom`` makes it raise, one named
+    ``fail`` is answered as a failed key (a ``Reply``'s ``None``, as a ModelPipe's item)."""
 
     name = "slow"
     patterns = ("*.slow",)
@@ -48,6 +50,8 @@ class SlowLoader(Loader):
             if "boom" in payload:
                 raise RuntimeError("the model broke")
             time.sleep(float(np.asarray(payload.get("sleep", seconds)).ravel()[0]))
+            if "fail" in payload:
+                return Reply({**payload, "fail": None}, ("fail",))
             return dict(payload)
 
         return ServedModel(run, "slow", checkpoint)
@@ -95,7 +99,7 @@ class GrpcServer:
         await self.server.start()
         return f"127.0.0.1:{port}"
 
-    def http(self, method: str, path: str, headers: dict[str, str] | None = None) -> Reply:
+    def http(self, method: str, path: str, headers: dict[str, str] | None = None) -> HttpReply:
         """One HTTP request through the same app (``/metrics``, V2 over HTTP)."""
         return self.run(acall(self.app, method, path, headers))
 

@@ -89,7 +89,15 @@ def test_model_metadata_says_what_the_model_declares(served: Served) -> None:
     assert "inputs" not in ident and ident["platform"] == "identity"  # it knows nothing: none listed
 
 
-@pytest.mark.parametrize("call", ["is_model_ready", "get_model_metadata"])
+def test_model_config_as_triton_tools_read_it(served: Served) -> None:
+    config = served.client().get_model_config("kexp", as_json=True)["config"]
+    assert config["name"] == "kexp" and config.get("max_batch_size", 0) == 0
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "4"]}]
+    assert [(o["name"], o["data_type"]) for o in config["output"]] == [("probs", "TYPE_FP32")]
+    assert "input" not in served.client().get_model_config("ident", as_json=True)["config"]
+
+
+@pytest.mark.parametrize("call", ["is_model_ready", "get_model_metadata", "get_model_config"])
 def test_unknown_models_and_versions_are_not_found(served: Served, call: str) -> None:
     client = served.client()
     for args in (("nope",), ("ident", "2")):
@@ -178,6 +186,20 @@ def test_every_typed_datatype_round_trips_exactly_and_is_answered_typed(served: 
             np.testing.assert_array_equal(np.array(field, value.dtype).reshape(value.shape), value,
                                           err_msg=output.name)
             assert np.array(field, value.dtype).tolist() == list(field), output.name  # no rounding
+
+
+def test_large_typed_and_bytes_tensors_round_trip(served: Served) -> None:
+    """Past 16 KiB of typed or BYTES data, decoding and encoding run off the event loop: the
+    same values come back."""
+    numbers = np.arange(-25_000, 25_000, dtype=np.int32).reshape(100, 500)
+    strings = np.array([f"item {i}".encode() for i in range(5_000)], dtype=object).reshape(50, 100)
+    response = served.stub().ModelInfer(typed_request("ident", {"INT32": numbers, "BYTES": strings}))
+    assert np.array(response.outputs[0].contents.int_contents, np.int32).reshape(100, 500).tolist() \
+        == numbers.tolist()
+    assert list(response.outputs[1].contents.bytes_contents) == strings.ravel().tolist()
+    tensor = tritongrpc.InferInput("s", [50, 100], "BYTES")
+    tensor.set_data_from_numpy(strings)
+    assert served.client().infer("ident", [tensor]).as_numpy("s").tolist() == strings.tolist()
 
 
 def test_fp16_comes_raw_only(served: Served) -> None:

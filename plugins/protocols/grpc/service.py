@@ -13,8 +13,9 @@ status.py maps them). What the HTTP app's edge does for its routes is done here 
   call is cancelled on the data plane too (grpc cancels the handler's task): it stops counting
   against ``--max-queue``, and is counted 499 like an HTTP client that went away.
 
-Implemented: the health, metadata, ModelInfer and repository RPCs. The others (streaming,
-shared memory, statistics, trace and log settings, ModelConfig) answer ``UNIMPLEMENTED``.
+Implemented: the health, metadata (ModelConfig too: what Triton's tools read), ModelInfer and
+repository RPCs. The others (streaming, shared memory, statistics, trace and log settings) answer
+``UNIMPLEMENTED``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from studio_plugins import BadRequest, ModelState, ServingContext, StudioError, 
 
 from ..v2 import METADATA_DATATYPES, REPOSITORY_STATES, VERSION, check_inputs, check_version
 from . import grpc_service_pb2 as pb
+from . import model_config_pb2 as config_pb
 from .status import status_code
 from .tensors import INLINE_WORK, Inputs, decode_inputs, decode_work, encode_outputs
 
@@ -38,6 +40,9 @@ log = logging.getLogger("studio_plugins.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ("model_repository",)
+MAX_DETAILS = 2048
+"""Characters of an error's message sent as the status details (trailing metadata: clients
+refuse metadata past 8 KiB, and the message may quote what the client sent)."""
 MODEL_KEY = "grpc.model"
 """Where the scope keeps the model a call named, for the status noted at its end."""
 Handler = Callable[[Any, grpc.aio.ServicerContext, dict[str, Any]], Awaitable[Any]]
@@ -53,6 +58,11 @@ def use_model(context: ServingContext, scope: dict[str, Any], name: str, rows: i
     """Tell the metrics which model (and batch size) the call used."""
     scope[MODEL_KEY] = name
     context.record(scope, name, rows)
+
+
+def config_type(datatype: str) -> int:
+    """A V2 datatype as model_config.proto's ``DataType`` (BYTES is its TYPE_STRING)."""
+    return int(config_pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
 
 
 class InferenceService:
@@ -99,6 +109,22 @@ class InferenceService:
                         tensors.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return response
 
+    async def model_config(self, request: Any, rpc: Any, scope: dict[str, Any]) -> Any:
+        """Triton's model configuration, as far as the model says it: name, platform and
+        tensors, ``max_batch_size`` 0 (the shapes include the batch dim). Triton's clients and
+        ``perf_analyzer`` read it to learn a model's inputs."""
+        state = self._state(request.name, request.version, scope)
+        model = state.model
+        config = config_pb.ModelConfig(name=state.name, max_batch_size=0,
+                                       platform=model.platform if model is not None else "")
+        if model is not None:
+            for specs, tensors in ((model.inputs, config.input), (model.outputs, config.output)):
+                if all(spec.datatype in METADATA_DATATYPES for spec in specs):
+                    for spec in specs:
+                        tensors.add(name=spec.name, data_type=config_type(spec.datatype),
+                                    dims=list(spec.shape))
+        return pb.ModelConfigResponse(config=config)
+
     # --- inference -----------------------------------------------------------------------
 
     async def model_infer(self, request: Any, rpc: Any, scope: dict[str, Any]) -> Any:
@@ -108,15 +134,19 @@ class InferenceService:
             context.state(name)  # NotFound, before decoding anything
         use_model(context, scope, name)
         check_version(name, request.model_version or None)
-        if decode_work(request) <= INLINE_WORK:
-            inputs = decode_inputs(request, context.max_body)
-        else:  # typed numbers or many BYTES: off the event loop
+        heavy = decode_work(request) > INLINE_WORK  # typed numbers or many BYTES: off the loop
+        if heavy:
             inputs = await asyncio.to_thread(decode_inputs, request, context.max_body)
+        else:
+            inputs = decode_inputs(request, context.max_body)
         check_inputs(name, context.state(name).model, inputs.values)
         result, rows = await self._infer(name, inputs, rpc.time_remaining())
         use_model(context, scope, name, rows)
         response = pb.ModelInferResponse(model_name=name, model_version=VERSION, id=request.id)
-        encode_outputs(response, request, inputs, result)
+        if heavy:  # as heavy to encode, most likely (an echo, typed outputs of a typed request)
+            await asyncio.to_thread(encode_outputs, response, request, inputs, result)
+        else:
+            encode_outputs(response, request, inputs, result)
         failed = failed_headers(getattr(result, "failed", ()))
         if failed:  # the outputs left out, and why: as the HTTP reply's headers say
             rpc.set_trailing_metadata(tuple((key.decode(), value.decode()) for key, value in failed))
@@ -189,6 +219,7 @@ METHODS: dict[str, tuple[str, Any, Any, bool]] = {
     "ModelReady": ("model_ready", pb.ModelReadyRequest, pb.ModelReadyResponse, True),
     "ServerMetadata": ("server_metadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse, True),
     "ModelMetadata": ("model_metadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse, True),
+    "ModelConfig": ("model_config", pb.ModelConfigRequest, pb.ModelConfigResponse, True),
     "ModelInfer": ("model_infer", pb.ModelInferRequest, pb.ModelInferResponse, True),
     "RepositoryIndex": ("repository_index", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, True),
     "RepositoryModelLoad": ("repository_model_load", pb.RepositoryModelLoadRequest,
@@ -259,6 +290,8 @@ def _guarded(context: ServingContext, method: str, handler: Handler, counted: bo
             if error.status >= 500 and not isinstance(error, LateReply):
                 log.warning("%s -> %d: %s", route, error.status, error)
             message = error.message + (f" ({error.hint})" if error.hint else "")
+            if len(message) > MAX_DETAILS:  # it may quote the client (a megabyte model name)
+                message = message[:MAX_DETAILS - 3] + "..."
             await rpc.abort(status_code(error.status), message)
 
     return call if counted else uncounted

@@ -57,12 +57,18 @@ class Inputs:
     """Input name -> datatype: a hint for outputs whose values do not say (empty lists)."""
 
 
+PER_INPUT_WORK = 256
+"""What one input costs to decode however small it is, in ``INLINE_WORK``'s bytes (a message of
+thousands of empty inputs is slow too)."""
+
+
 def decode_work(request: Any) -> int:
     """About how many bytes decoding ``request`` walks in Python (see ``INLINE_WORK``)."""
+    work = PER_INPUT_WORK * len(request.inputs)
     if request.raw_input_contents:
-        return sum(len(raw) for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False)
-                   if tensor.datatype == BYTES)
-    work = 0
+        return work + sum(len(raw) for tensor, raw in
+                          zip(request.inputs, request.raw_input_contents, strict=False)
+                          if tensor.datatype == BYTES)
     for tensor in request.inputs:
         contents = tensor.contents
         work += sum(len(getattr(contents, field)) for field in _FIELDS) * 8
@@ -153,9 +159,11 @@ def encode_outputs(response: Any, request: Any, inputs: Inputs, result: Payload)
     failed = failed_outputs(result)
     if request.outputs:
         names: list[str] = []
+        seen: set[str] = set()
         for wanted in request.outputs:
-            if wanted.name in names:  # each copy would be encoded again
+            if wanted.name in seen:  # each copy would be encoded again: a reply N times the result
                 raise BadRequest(f"output {short(wanted.name)} is asked for twice")
+            seen.add(wanted.name)
             names.append(wanted.name)
         names = [name for name in names if name not in failed]
         missing = [name for name in names if name not in result]
