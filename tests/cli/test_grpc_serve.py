@@ -203,3 +203,5 @@ def test_without_the_extra_grpc_port_says_what_to_install(monkeypatch: pytest.Mo
         listener.GrpcListener().reserve(ServeOptions(keys=("exp",), grpc_port=0))
     assert caught.value.hint == "pip install 'studio-plugins[grpc]'"
     assert listener.GrpcListener().reserve(ServeOptions(keys=("exp",))) is None  # not asked
+    with pytest.raises(ConfigurationError, match="--grpc-port and --port are both 5000"):
+        listener.GrpcListener().reserve(ServeOptions(keys=("exp",), port=5000, grpc_port=5000))

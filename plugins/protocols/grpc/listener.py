@@ -188,6 +188,9 @@ class GrpcListener(Listener):
     def reserve(self, options: ServeOptions) -> OpenListener | None:
         if options.grpc_port is None:
             return None
+        if options.grpc_port and options.grpc_port == options.port:
+            raise ConfigurationError(f"--grpc-port and --port are both {options.port}: gRPC needs "
+                                     "a port of its own", hint="e.g. --grpc-port 8001")
         _require_extra()
         credentials = Credentials.from_options(options)
         return GrpcPort(reserve_port(options.host, options.grpc_port), options, credentials)
