@@ -35,15 +35,17 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def served(tls: Tls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:  # noqa: F811
     """One server for the module: two workers, HTTPS and gRPC with the test CA's certificate,
-    a token, ``--max-body 1MiB``; ``exp`` answers its worker's pid (and sleeps when asked),
-    ``ident`` is the identity model. The last test of the module stops it (SIGTERM)."""
+    a token, ``--max-body 1MiB``, ``--read-timeout 2`` (which bounds the handshake); ``exp``
+    answers its worker's pid (and sleeps when asked), ``ident`` is the identity model. The last
+    test of the module stops it (SIGTERM)."""
     home = tmp_path_factory.mktemp("grpc") / "studioml"
     for key in ("exp", "ident"):
         (home / "experiments" / key / "modeldir").mkdir(parents=True)
     env = {"STUDIOML_HOME": str(home), "STUDIO_TOKEN": TOKEN, "STUDIO_STORE": ""}
     with ServerProcess("exp", "--model", "ident=ident", "--wrapper", f"exp={PID_WRAPPER}",
                        "--workers", "2", "--grpc-port", "0", "--certfile", tls.cert,
-                       "--keyfile", tls.key, "--max-body", "1MiB", env=env) as server:
+                       "--keyfile", tls.key, "--max-body", "1MiB", "--read-timeout", "2",
+                       env=env) as server:
         assert server.grpc_target.startswith("127.0.0.1:"), server.output()
         assert f"  V2 over gRPC on {server.grpc_target} (TLS)" in server.stdout_lines
         yield server
@@ -115,6 +117,23 @@ def test_a_message_over_max_body_is_refused_and_the_workers_serve_on(served: Ser
     finally:
         c.close()
     assert worker_pids(served) == before
+
+
+def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
+        served: ServerProcess, tls: Tls) -> None:  # noqa: F811
+    before = worker_pids(served)
+    host, port = served.grpc_target.rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)))
+    garbage = socket.create_connection((host, int(port)))
+    garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 64)
+    started = time.monotonic()
+    for sock in (silent, garbage):
+        sock.settimeout(15)
+        with sock:
+            while sock.recv(4096):  # until the server closes it
+                pass
+    assert time.monotonic() - started < 8  # --read-timeout 2 bounds the handshake, not gRPC's 120 s
+    assert pids_answering(served, tls, 4) <= before == worker_pids(served)
 
 
 def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tls) -> None:  # noqa: F811

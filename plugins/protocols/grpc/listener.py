@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 LOCAL_NAMES = {"localhost": "127.0.0.1"}
 """``--host localhost`` binds the loopback address, as the HTTP socket does."""
+HANDSHAKE = 10.0
+"""Seconds a new connection has for its (TLS and) HTTP/2 handshake."""
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
@@ -119,6 +121,9 @@ class GrpcPort(OpenListener):
         self.sock = sock
         self.target = _target(sock)
         self.max_body = options.max_body
+        # a client that connects and says nothing is closed as HTTPS does it (core's
+        # hypercorn_config): 10 s for the handshake, or --read-timeout when shorter
+        self.handshake = min(HANDSHAKE, options.read_timeout) if options.read_timeout > 0 else HANDSHAKE
         self.credentials = credentials
         host, port = sock.getsockname()[:2]
         if host in ("0.0.0.0", "::"):
@@ -140,6 +145,7 @@ class GrpcPort(OpenListener):
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", self.max_body),
                 ("grpc.max_send_message_length", -1),
+                ("grpc.server_handshake_timeout_ms", int(self.handshake * 1000)),
             ],
         )
         add_v2_servicer(server, context)
