@@ -20,9 +20,9 @@ import pytest
 
 from studio_plugins import ConfigurationError, ServeOptions
 from studio_plugins.testing import ServerProcess
-from tests.cli.test_https import Tls, tls  # noqa: F401 (the module's test CA, a fixture)
 from tests.cli.test_serve import free_port, run_cli
 from tests.cli.test_workers import PID_WRAPPER, worker_pids
+from tests.tls_ca import Tls
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -33,7 +33,7 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def served(tls: Tls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:  # noqa: F811
+def served(tls: Tls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for the module: two workers, HTTPS and gRPC with the test CA's certificate,
     a token, ``--max-body 1MiB``, ``--read-timeout 2`` (which bounds the handshake); ``exp``
     answers its worker's pid (and sleeps when asked), ``ident`` is the identity model. The last
@@ -51,7 +51,7 @@ def served(tls: Tls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         yield server
 
 
-def client(server: ServerProcess, tls: Tls) -> Any:  # noqa: F811
+def client(server: ServerProcess, tls: Tls) -> Any:
     """A new client: a channel (a TCP connection) of its own, so the kernel picks a worker."""
     return grpcclient.InferenceServerClient(server.grpc_target, ssl=True, root_certificates=tls.ca)
 
@@ -71,7 +71,7 @@ def pid_of(c: Any, sleep: float = 0.0) -> int:
     return int(infer(c, "exp", **arrays).as_numpy("pid")[0])
 
 
-def pids_answering(server: ServerProcess, tls: Tls, calls: int = 24) -> set[int]:  # noqa: F811
+def pids_answering(server: ServerProcess, tls: Tls, calls: int = 24) -> set[int]:
     pids = set()
     for _ in range(calls):
         c = client(server, tls)
@@ -82,7 +82,7 @@ def pids_answering(server: ServerProcess, tls: Tls, calls: int = 24) -> set[int]
     return pids
 
 
-def test_both_workers_answer_over_tls_with_the_token(served: ServerProcess, tls: Tls) -> None:  # noqa: F811
+def test_both_workers_answer_over_tls_with_the_token(served: ServerProcess, tls: Tls) -> None:
     workers = worker_pids(served)
     assert len(workers) == 2
     assert pids_answering(served, tls) == workers
@@ -105,7 +105,7 @@ def test_both_workers_answer_over_tls_with_the_token(served: ServerProcess, tls:
 
 
 def test_a_message_over_max_body_is_refused_and_the_workers_serve_on(served: ServerProcess,
-                                                                      tls: Tls) -> None:  # noqa: F811
+                                                                      tls: Tls) -> None:
     before = worker_pids(served)
     c = client(served, tls)
     try:
@@ -120,7 +120,7 @@ def test_a_message_over_max_body_is_refused_and_the_workers_serve_on(served: Ser
 
 
 def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
-        served: ServerProcess, tls: Tls) -> None:  # noqa: F811
+        served: ServerProcess, tls: Tls) -> None:
     before = worker_pids(served)
     host, port = served.grpc_target.rsplit(":", 1)
     silent = socket.create_connection((host, int(port)))
@@ -136,7 +136,7 @@ def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
     assert pids_answering(served, tls, 4) <= before == worker_pids(served)
 
 
-def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tls) -> None:  # noqa: F811
+def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tls) -> None:
     before = worker_pids(served)
     victim = next(iter(before))
     os.kill(victim, signal.SIGKILL)
@@ -155,7 +155,7 @@ def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tl
     assert seen <= after and replacement in seen
 
 
-def test_sigterm_drains_a_grpc_call_in_flight(served: ServerProcess, tls: Tls) -> None:  # noqa: F811
+def test_sigterm_drains_a_grpc_call_in_flight(served: ServerProcess, tls: Tls) -> None:
     # last in the module: it stops the shared server
     results: list[int] = []
     c = client(served, tls)
