@@ -39,6 +39,9 @@ LOCAL_NAMES = {"localhost": "127.0.0.1"}
 """``--host localhost`` binds the loopback address, as the HTTP socket does."""
 HANDSHAKE = 10.0
 """Seconds a new connection has for its (TLS and) HTTP/2 handshake."""
+IDLE = 300.0
+"""Seconds a connection may carry no call before the server closes it (GOAWAY): gRPC's default
+keeps it forever, so idle connections would pile up. A client's channel reconnects by itself."""
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
@@ -146,6 +149,7 @@ class GrpcPort(OpenListener):
                 ("grpc.max_receive_message_length", self.max_body),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.server_handshake_timeout_ms", int(self.handshake * 1000)),
+                ("grpc.max_connection_idle_ms", int(IDLE * 1000)),
             ],
         )
         add_v2_servicer(server, context)
