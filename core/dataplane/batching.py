@@ -26,6 +26,12 @@ from core.types import ModelReply, Payload
 Signature = tuple[Hashable, ...]
 RunBatch = Callable[[Payload], Awaitable[Payload]]
 
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+"""Bytes of input one batch stacks at most (the default ``--max-body``). Stacking copies the
+requests' arrays, so without a cap clients sending bodies just under the row limit could make
+each call copy 32 times what one request may hold; large requests gain little from sharing a
+call anyway."""
+
 
 def signature(payload: Payload) -> tuple[Signature, int] | None:
     """``(signature, rows)`` if ``payload`` can join a batch, else ``None``.
@@ -52,6 +58,7 @@ def signature(payload: Payload) -> tuple[Signature, int] | None:
 class Pending:
     payload: Payload
     rows: int
+    nbytes: int
     arrival: float
     future: asyncio.Future[ModelReply] = field(repr=False)
 
@@ -104,9 +111,11 @@ class Batcher:
         max_delay: float,
         on_batch: Callable[[int], None] | None = None,
         max_calls: int = 1,
+        max_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
+        self.max_bytes = max_bytes
         self.max_delay = max_delay
         self.on_batch = on_batch
         self.max_calls = max(1, max_calls)
@@ -123,12 +132,13 @@ class Batcher:
         if found is None:
             return None
         key, rows = found
-        if rows >= self.max_batch_size:
+        nbytes = sum(value.nbytes for value in payload.values())
+        if rows >= self.max_batch_size or nbytes >= self.max_bytes:
             return None  # already a full batch on its own
         if not self.max_delay and self.running < self.max_calls and not self._groups:
             return await self._run_alone(payload, rows)
         loop = asyncio.get_running_loop()
-        pending = Pending(payload, rows, time.monotonic(), loop.create_future())
+        pending = Pending(payload, rows, nbytes, time.monotonic(), loop.create_future())
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = Group()
@@ -179,15 +189,17 @@ class Batcher:
     def _start(self, key: Signature) -> None:
         group = self._groups[key]
         batch: list[Pending] = []
-        rows = 0
-        # Keep within max_batch_size rows; the rest stay queued for the next call.
-        while group.items and (not batch or rows + group.items[0].rows <= self.max_batch_size):
+        rows = nbytes = 0
+        # Keep within max_batch_size rows and max_bytes; the rest stay queued for the next call.
+        while group.items and (not batch or (rows + group.items[0].rows <= self.max_batch_size
+                                             and nbytes + group.items[0].nbytes <= self.max_bytes)):
             item = group.items.popleft()
             group.rows -= item.rows
             if item.future.done():  # its caller gave up while it waited
                 continue
             batch.append(item)
             rows += item.rows
+            nbytes += item.nbytes
         if not group.items:
             if group.timer is not None:
                 group.timer.cancel()

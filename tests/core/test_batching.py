@@ -202,3 +202,21 @@ def test_a_caller_that_gives_up_on_an_idle_model_frees_it() -> None:
         assert model.calls == [1, 1] and rows == 1 and reply["y"].tolist() == [[20]]
 
     run(main())
+
+
+def test_a_batch_stacks_at_most_max_bytes_of_input() -> None:
+    async def main() -> None:
+        model = Gate()
+        batcher = Batcher(model, max_batch_size=32, max_delay=0.0, max_bytes=3 * 8)
+        busy = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 1))}))
+        await asyncio.sleep(0)
+        waiting = [asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), i)}))
+                   for i in range(1, 6)]  # 8 bytes each: three fit in a call
+        model.open.set()
+        results = await asyncio.gather(busy, *waiting)
+        assert model.calls == [1, 3, 2]
+        assert [reply["y"].tolist() for reply, _rows in results] == [[[i * 10]] for i in range(6)]
+        # a request of max_bytes or more runs on its own: the caller is told to run it alone
+        assert await batcher.submit({"x": np.zeros((3, 1))}) is None
+
+    run(main())
