@@ -38,6 +38,8 @@ def signature(payload: Payload) -> tuple[Signature, int] | None:
 
     The signature is the sorted keys with each array's trailing shape and dtype; rows is the
     common length of axis 0 (every array of one request must have the same)."""
+    if not all(type(key) is str for key in payload):
+        return None  # a client's pickle may hold other keys, which need not even sort together
     parts: list[Hashable] = []
     rows: int | None = None
     for key in sorted(payload):
@@ -69,6 +71,7 @@ class Group:
 
     items: deque[Pending] = field(default_factory=deque)
     rows: int = 0
+    nbytes: int = 0
     timer: asyncio.TimerHandle | None = None
 
 
@@ -144,6 +147,7 @@ class Batcher:
             group = self._groups[key] = Group()
         group.items.append(pending)
         group.rows += rows
+        group.nbytes += nbytes
         self._pump()
         return await pending.future
 
@@ -163,7 +167,7 @@ class Batcher:
 
     def _ready(self, group: Group, now: float) -> bool:
         return (not self.max_delay or group.rows >= self.max_batch_size
-                or now >= group.items[0].arrival + self.max_delay)
+                or group.nbytes >= self.max_bytes or now >= group.items[0].arrival + self.max_delay)
 
     def _pump(self) -> None:
         """Start calls for ready groups (oldest first) while calls are free; arm the delay's
@@ -174,7 +178,7 @@ class Batcher:
                      if self._ready(group, now)]
             if not ready:
                 break
-            self._start(min(ready)[1])
+            self._start(min(ready, key=lambda item: item[0])[1])
         if self.max_delay:
             loop = asyncio.get_running_loop()
             for group in self._groups.values():
@@ -195,6 +199,7 @@ class Batcher:
                                              and nbytes + group.items[0].nbytes <= self.max_bytes)):
             item = group.items.popleft()
             group.rows -= item.rows
+            group.nbytes -= item.nbytes
             if item.future.done():  # its caller gave up while it waited
                 continue
             batch.append(item)

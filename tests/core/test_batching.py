@@ -20,6 +20,7 @@ def test_signature_needs_arrays_with_one_row_count() -> None:
     assert signature({"s": "text"}) is None
     assert signature({"x": np.zeros((0, 3))}) is None
     assert signature({}) is None
+    assert signature({1: np.zeros((2, 3)), "a": np.zeros((2, 3))}) is None  # a pickle's keys
 
 
 def test_split_rows_checks_the_row_count() -> None:
