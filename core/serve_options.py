@@ -125,12 +125,13 @@ class ServeOptions:
         256, "--max-queue", "Requests admitted at once (waiting or running); more get 503 with "
         "Retry-After at once. 0: unbounded.", kind=integer(0), always=True)
     max_batch_size: int = option(
-        1, "--max-batch-size", "Batch concurrent requests whose arrays agree in trailing shape and "
-        "dtype into one model call of up to N rows. 1: off. A wrapper opts out with "
-        "`model.batchable = False`.", kind=integer(1))
+        32, "--max-batch-size", "Requests that arrive while the model is busy, with arrays that "
+        "agree in trailing shape and dtype, are stacked into its next call of up to N rows; one "
+        "that finds it idle runs at once. 1: off. Applies to the framework loaders' models and "
+        "to wrappers that set `model.batchable = True`.", kind=integer(1), always=True)
     max_batch_delay: float = option(
-        5.0, "--max-batch-delay", "Milliseconds a request may wait for others to join its batch.",
-        kind=number(0))
+        0.0, "--max-batch-delay", "Milliseconds a partial batch may wait for more requests to join "
+        "it (fuller batches, at the cost of latency). 0: no wait.", kind=number(0), always=True)
     workers: int = option(
         1, "--workers", "Worker processes: the model is loaded once, then N workers are forked "
         "and share it (copy-on-write) and one socket. 'auto': one per usable core. Batching forms "

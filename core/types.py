@@ -84,7 +84,9 @@ class ServedModel:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     batchable: bool = True
-    """False when the model must see each request on its own (a wrapper may opt out)."""
+    """Whether concurrent requests may be stacked into one call (batching is on by default):
+    False when the model must see each request on its own. A loader's model is batched unless
+    it says otherwise; a wrapper's only when its callable has ``batchable = True``."""
     concurrency: int | None = None
     """Calls at once at most (None: ``--threads``), for a model that must not run concurrently.
     (The Keras and torch loaders leave it unset: measured on the Keras MLP at 16 connections,

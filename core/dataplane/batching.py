@@ -1,15 +1,20 @@
-"""Dynamic batching across requests (``--max-batch-size N --max-batch-delay MS``).
+"""Dynamic batching across requests (``--max-batch-size N``, ``--max-batch-delay MS``).
 
 Requests whose arrays agree per key in trailing shape and dtype are stacked along axis 0, the
-model runs once, and each request gets its own rows back. Triton's rule: never wait once a full
-batch is there, and never hold a request longer than the delay past its arrival. A request that
-cannot be stacked (non-array values, 0-d arrays, keys whose row counts differ) runs on its own.
+model runs once, and each request gets its own rows back. Triton's rule: a request that finds the
+model idle runs at once, and requests that arrive while it is busy wait for its next call, where
+they are stacked together (up to the maximum batch size): with no delay, the model's own call time
+forms the batches, so a lone request never waits and a loaded model sees full batches. A delay
+(``--max-batch-delay``) holds a partial batch up to that long past its first request's arrival for
+others to join; a full batch never waits. A request that cannot be stacked (non-array values, 0-d
+arrays, keys whose row counts differ) or that is a full batch by itself runs on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -21,12 +26,20 @@ from core.types import ModelReply, Payload
 Signature = tuple[Hashable, ...]
 RunBatch = Callable[[Payload], Awaitable[Payload]]
 
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+"""Bytes of input one batch stacks at most (the default ``--max-body``). Stacking copies the
+requests' arrays, so without a cap clients sending bodies just under the row limit could make
+each call copy 32 times what one request may hold; large requests gain little from sharing a
+call anyway."""
+
 
 def signature(payload: Payload) -> tuple[Signature, int] | None:
     """``(signature, rows)`` if ``payload`` can join a batch, else ``None``.
 
     The signature is the sorted keys with each array's trailing shape and dtype; rows is the
     common length of axis 0 (every array of one request must have the same)."""
+    if not all(type(key) is str for key in payload):
+        return None  # a client's pickle may hold other keys, which need not even sort together
     parts: list[Hashable] = []
     rows: int | None = None
     for key in sorted(payload):
@@ -47,8 +60,19 @@ def signature(payload: Payload) -> tuple[Signature, int] | None:
 class Pending:
     payload: Payload
     rows: int
+    nbytes: int
     arrival: float
     future: asyncio.Future[ModelReply] = field(repr=False)
+
+
+@dataclass
+class Group:
+    """Requests of one signature waiting for a call, oldest first."""
+
+    items: deque[Pending] = field(default_factory=deque)
+    rows: int = 0
+    nbytes: int = 0
+    timer: asyncio.TimerHandle | None = None
 
 
 def split_rows(result: Payload, sizes: list[int]) -> list[Payload]:
@@ -76,7 +100,12 @@ def split_rows(result: Payload, sizes: list[int]) -> list[Payload]:
 
 
 class Batcher:
-    """Collects compatible requests for one model and runs them as one call."""
+    """Collects compatible requests for one model and runs them as one call.
+
+    At most ``max_calls`` batched calls run at once: the model is "busy" when they all run, and
+    what arrives meanwhile waits for the next free call. One call at a time forms the largest
+    batches, which is what a model whose cost is mostly per call (a small Keras model: ~0.5 ms
+    of Python whatever its batch) needs."""
 
     def __init__(
         self,
@@ -84,13 +113,19 @@ class Batcher:
         max_batch_size: int,
         max_delay: float,
         on_batch: Callable[[int], None] | None = None,
+        max_calls: int = 1,
+        max_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
+        self.max_bytes = max_bytes
         self.max_delay = max_delay
         self.on_batch = on_batch
-        self._groups: dict[Signature, list[Pending]] = {}
-        self._timers: dict[Signature, asyncio.TimerHandle] = {}
+        self.max_calls = max(1, max_calls)
+        self.running = 0
+        """Batched calls in flight (each counts from its start until the model returned, or its
+        only caller gave up)."""
+        self._groups: dict[Signature, Group] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, payload: Payload) -> ModelReply | None:
@@ -100,41 +135,95 @@ class Batcher:
         if found is None:
             return None
         key, rows = found
-        if rows >= self.max_batch_size:
+        nbytes = sum(value.nbytes for value in payload.values())
+        if rows >= self.max_batch_size or nbytes >= self.max_bytes:
             return None  # already a full batch on its own
+        if not self.max_delay and self.running < self.max_calls and not self._groups:
+            return await self._run_alone(payload, rows)
         loop = asyncio.get_running_loop()
-        pending = Pending(payload, rows, time.monotonic(), loop.create_future())
-        group = self._groups.setdefault(key, [])
-        group.append(pending)
-        if sum(p.rows for p in group) >= self.max_batch_size:
-            self._flush(key)  # full: never wait
-        elif len(group) == 1:
-            self._timers[key] = loop.call_later(self.max_delay, self._flush, key)
+        pending = Pending(payload, rows, nbytes, time.monotonic(), loop.create_future())
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = Group()
+        group.items.append(pending)
+        group.rows += rows
+        group.nbytes += nbytes
+        self._pump()
         return await pending.future
 
-    def _flush(self, key: Signature) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        group = self._groups.pop(key, [])
-        if not group:
-            return
-        # Keep within max_batch_size rows; the rest start a new group (and timer) at once.
+    async def _run_alone(self, payload: Payload, rows: int) -> ModelReply:
+        """The idle model's fast path: no queue, no task, the caller runs its own call. A caller
+        that gives up frees the call at once (as the thread pool's limit does for any model)."""
+        self.running += 1
+        try:
+            if self.on_batch is not None:
+                self.on_batch(rows)
+            result = await self.run(payload)
+        finally:
+            self.running -= 1
+            if self._groups:
+                self._pump()
+        return ModelReply(result, rows)
+
+    def _ready(self, group: Group, now: float) -> bool:
+        return (not self.max_delay or group.rows >= self.max_batch_size
+                or group.nbytes >= self.max_bytes or now >= group.items[0].arrival + self.max_delay)
+
+    def _pump(self) -> None:
+        """Start calls for ready groups (oldest first) while calls are free; arm the delay's
+        timer for the groups that are not ready yet."""
+        now = time.monotonic()
+        while self.running < self.max_calls:
+            ready = [(group.items[0].arrival, key) for key, group in self._groups.items()
+                     if self._ready(group, now)]
+            if not ready:
+                break
+            self._start(min(ready, key=lambda item: item[0])[1])
+        if self.max_delay:
+            loop = asyncio.get_running_loop()
+            for group in self._groups.values():
+                if group.timer is None and not self._ready(group, now):
+                    group.timer = loop.call_later(
+                        group.items[0].arrival + self.max_delay - now, self._wake, group)
+
+    def _wake(self, group: Group) -> None:
+        group.timer = None
+        self._pump()
+
+    def _start(self, key: Signature) -> None:
+        group = self._groups[key]
         batch: list[Pending] = []
-        rows = 0
-        while group and (not batch or rows + group[0].rows <= self.max_batch_size):
-            item = group.pop(0)
+        rows = nbytes = 0
+        # Keep within max_batch_size rows and max_bytes; the rest stay queued for the next call.
+        while group.items and (not batch or (rows + group.items[0].rows <= self.max_batch_size
+                                             and nbytes + group.items[0].nbytes <= self.max_bytes)):
+            item = group.items.popleft()
+            group.rows -= item.rows
+            group.nbytes -= item.nbytes
+            if item.future.done():  # its caller gave up while it waited
+                continue
             batch.append(item)
             rows += item.rows
-        if group:
-            self._groups[key] = group
-            remaining = max(0.0, group[0].arrival + self.max_delay - time.monotonic())
-            self._timers[key] = asyncio.get_running_loop().call_later(remaining, self._flush, key)
+            nbytes += item.nbytes
+        if not group.items:
+            if group.timer is not None:
+                group.timer.cancel()
+            del self._groups[key]
+        if not batch:
+            return
+        self.running += 1
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[Pending]) -> None:
+        try:
+            await self._call(batch)
+        finally:
+            self.running -= 1
+            self._pump()
+
+    async def _call(self, batch: list[Pending]) -> None:
         live = [p for p in batch if not p.future.done()]  # a caller may have given up
         if not live:
             return
@@ -161,4 +250,4 @@ class Batcher:
                 pending.future.set_result(ModelReply(result, total))
 
     def pending(self) -> int:
-        return sum(len(group) for group in self._groups.values())
+        return sum(len(group.items) for group in self._groups.values())

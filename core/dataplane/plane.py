@@ -2,10 +2,12 @@
 
 Admission is bounded (``--max-queue``: beyond it, 503 at once); each request has a deadline
 (``--timeout``: 504, the late result is discarded); sync models run in a bounded thread pool
-(``--threads``) so the event loop never blocks; compatible concurrent requests may be batched
-(``--max-batch-size``). A model that raises or returns something other than a dict becomes a
-``ModelError`` (500) for exactly the requests it was asked about, and the server keeps serving.
-A ``Reply`` (a ``ModelPipe``'s) keeps the keys it failed on, counted in the metrics.
+(``--threads``) so the event loop never blocks; compatible concurrent requests are batched
+(``--max-batch-size``; on by default for the models that declare themselves batchable: the
+framework loaders', wrappers with ``batchable = True``). A model that raises or returns
+something other than a dict becomes a ``ModelError`` (500) for exactly the requests it was asked
+about, and the server keeps serving. A ``Reply`` (a ``ModelPipe``'s) keeps the keys it failed on,
+counted in the metrics.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ class DataPlaneOptions:
     """Requests admitted (waiting or running) at once; 0: unbounded."""
     timeout: float | None = None
     """Seconds until a request is answered 504; None: no deadline."""
-    max_batch_size: int = 1
-    """Rows per model call when batching across requests; 1: off."""
-    max_batch_delay: float = 0.005
-    """Seconds a request may wait for others to join its batch."""
+    max_batch_size: int = 32
+    """Rows per model call when batching across requests; 1: off. (The default is
+    ``ServeOptions.max_batch_size``'s: README "Under load" says how it was chosen.)"""
+    max_batch_delay: float = 0.0
+    """Seconds a partial batch may wait for others to join it; 0: none (a request that finds the
+    model idle runs at once, and the model's own call time forms the batches)."""
 
 
 def _is_async(predict: Any) -> bool:
@@ -120,6 +124,8 @@ class DataPlane:
                 if self.metrics is not None:
                     self.metrics.observe_batch(name, rows)
 
+            # One batched call at a time (Batcher's default): measured on the Keras MLP at 16
+            # connections, 2,043 req/s against 1,517 with two calls at once and 677 with four.
             batcher = Batcher(run, self.options.max_batch_size, self.options.max_batch_delay, observe)
             # Keyed by identity: a model swapped in later gets batches of its own.
             self._batchers[(id(model), named)] = batcher

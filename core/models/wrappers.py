@@ -98,8 +98,12 @@ def load_wrapper(host: PluginHost, spec: str, modeldir: Path) -> ServedModel:
             f"wrapper {spec}: create_model returned {type(model).__name__}, not a callable",
             hint="return a function (or ModelPipe) taking and returning a dict",
         )
+    # Batching is on by default, so a wrapper is batched only when it says its rows are
+    # independent: stacking other clients' rows into a call of a model that mixes them (a
+    # normalisation over the batch, a reply with other rows than it was given, per-request
+    # state) would change answers, or show one client another's data, silently.
     return ServedModel(
         predict=model,
         platform="wrapper",
-        batchable=bool(getattr(model, "batchable", True)),
+        batchable=bool(getattr(model, "batchable", False)),
     )

@@ -18,7 +18,8 @@ class IdentityLoader(Loader):
     patterns = ()
 
     def load(self, checkpoint: Path | None, options: LoadOptions) -> ServedModel:
-        return ServedModel(predict=identity, platform="identity", checkpoint=None)
+        # Not batchable: stacking and cutting rows would cost more than the model itself.
+        return ServedModel(predict=identity, platform="identity", checkpoint=None, batchable=False)
 
 
 @hookimpl

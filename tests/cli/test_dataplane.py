@@ -54,6 +54,57 @@ def test_32_concurrent_requests_are_batched_and_each_gets_its_own_rows(modeldir:
 
 
 @pytest.mark.timeout(120)
+def test_with_the_defaults_a_busy_model_gets_batches_and_a_lone_request_runs_alone(
+        modeldir: Path) -> None:
+    # no batching option given: on by default for a wrapper that declares itself batchable
+    with ServerProcess("exp", "--wrapper", BATCH_WRAPPER) as server:
+        inputs = [np.full((1, 4), i, np.float32) for i in range(32)]
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda x: predict(server.url, {"x": x}, timeout=60), inputs))
+        for x, reply in zip(inputs, replies, strict=True):
+            np.testing.assert_array_equal(reply["y"], x * 2)  # exactly its own result
+        call_sizes = [int(reply["rows_in_call"][0]) for reply in replies]
+        assert max(call_sizes) > 1 and all(size <= 32 for size in call_sizes)
+        text = get(server.url + "metrics")[1].decode()
+        calls = metric(text, "studio_batch_size_count", model="exp")
+        assert calls < 16 and metric(text, "studio_batch_size_sum", model="exp") == 32
+        # one connection: every request finds the model idle and runs in a call of its own
+        for i in range(5):
+            reply = predict(server.url, {"x": np.full((2, 4), i, np.float32)})
+            assert reply["rows_in_call"].tolist() == [2, 2]
+            np.testing.assert_array_equal(reply["y"], np.full((2, 4), 2 * i))
+        text = get(server.url + "metrics")[1].decode()
+        assert metric(text, "studio_batch_size_count", model="exp") == calls + 5
+
+
+def save_doubler(path: Path) -> None:
+    """A Keras model x (N, 3) -> 2x."""
+    keras = pytest.importorskip("keras")
+    inputs = keras.Input((3,), name="x")
+    dense = keras.layers.Dense(3, use_bias=False)
+    model = keras.Model(inputs, dense(inputs))
+    dense.set_weights([2 * np.eye(3, dtype="float32")])
+    model.save(path)
+
+
+@pytest.mark.timeout(120)
+def test_a_keras_model_is_batched_by_default_and_each_client_gets_its_rows(modeldir: Path) -> None:
+    save_doubler(modeldir / "m.keras")
+    with ServerProcess("exp") as server:
+        def client(index: int) -> None:
+            for step in range(10):
+                x = np.full((1 + step % 2, 3), index * 100 + step, np.float32)
+                np.testing.assert_array_equal(predict(server.url, {"x": x})["x"], 2 * x)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(client, range(16)))
+        text = get(server.url + "metrics")[1].decode()
+        calls = metric(text, "studio_batch_size_count", model="exp")
+        assert metric(text, "studio_batch_size_sum", model="exp") == 16 * 15  # every row, once
+        assert metric(text, "studio_batch_size_bucket", model="exp", le="2.0") < calls  # batches
+
+
+@pytest.mark.timeout(120)
 def test_mixed_shapes_are_answered_correctly(modeldir: Path) -> None:
     with ServerProcess("exp", "--wrapper", BATCH_WRAPPER, "--max-batch-size", "8") as server:
         inputs = [np.full((1 + i % 3, 2 + i % 2), i, np.float32 if i % 4 else np.float64)

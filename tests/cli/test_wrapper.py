@@ -245,3 +245,20 @@ def test_a_wrapper_whose_import_is_missing_says_what_to_do(tmp_path: Path, sourc
     with pytest.raises(LoadError) as refused:
         resolve_wrapper(make_host(), str(wrapper))
     assert refused.value.hint is not None and hint in refused.value.hint
+
+
+def test_a_wrapper_is_batched_only_when_it_says_so(modeldir: Path, tmp_path: Path) -> None:
+    # batching is on by default: a wrapper's rows may depend on each other unless it says not
+    plain = write(tmp_path / "plain_wrapper.py", '''
+        def create_model(modeldir):
+            return lambda data: {"y": data["x"] - data["x"].mean(axis=0)}
+    ''')
+    declared = write(tmp_path / "declared_wrapper.py", '''
+        def create_model(modeldir):
+            def model(data):
+                return {"y": data["x"] * 2}
+            model.batchable = True
+            return model
+    ''')
+    assert load_wrapper(make_host(), str(plain), modeldir).batchable is False
+    assert load_wrapper(make_host(), str(declared), modeldir).batchable is True

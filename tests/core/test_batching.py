@@ -20,6 +20,7 @@ def test_signature_needs_arrays_with_one_row_count() -> None:
     assert signature({"s": "text"}) is None
     assert signature({"x": np.zeros((0, 3))}) is None
     assert signature({}) is None
+    assert signature({1: np.zeros((2, 3)), "a": np.zeros((2, 3))}) is None  # a pickle's keys
 
 
 def test_split_rows_checks_the_row_count() -> None:
@@ -134,5 +135,89 @@ def test_a_cancelled_caller_is_left_out() -> None:
         gone.cancel()
         reply, rows = await stays
         assert model.calls == [1] and rows == 1 and reply["y"].tolist() == [[20]]
+
+    run(main())
+
+
+class Gate:
+    """An async model that holds each call until released, recording the rows of each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.open = asyncio.Event()
+
+    async def __call__(self, payload: Payload) -> Payload:
+        self.calls.append(len(payload["x"]))
+        await self.open.wait()
+        return {"y": payload["x"] * 10}
+
+
+def test_with_no_delay_a_request_that_finds_the_model_idle_runs_at_once() -> None:
+    async def main() -> None:
+        model = Gate()
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.0)
+        first = asyncio.ensure_future(batcher.submit({"x": np.array([[1]])}))
+        await asyncio.sleep(0)  # one turn of the loop: no timer, no queue in between
+        assert model.calls == [1]
+        model.open.set()
+        reply, rows = await first
+        assert reply["y"].tolist() == [[10]] and rows == 1
+
+    run(main())
+
+
+def test_with_no_delay_what_arrives_while_the_model_is_busy_forms_its_next_batches() -> None:
+    async def main() -> None:
+        model = Gate()
+        batcher = Batcher(model, max_batch_size=4, max_delay=0.0)
+        busy = asyncio.ensure_future(batcher.submit({"x": np.array([[0]])}))
+        await asyncio.sleep(0)
+        waiting = [asyncio.ensure_future(batcher.submit({"x": np.array([[i]] * (1 + i % 2))}))
+                   for i in range(1, 6)]  # 2 + 1 + 2 + 1 + 2 rows
+        other = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2))}))  # its own shape
+        await asyncio.sleep(0.01)
+        assert model.calls == [1] and batcher.pending() == 6  # all wait for the busy model
+        model.open.set()
+        results = await asyncio.gather(busy, *waiting, other)
+        # oldest first, one call at a time, each within 4 rows; the other shape on its own
+        assert model.calls == [1, 3, 3, 2, 1]
+        for i, (reply, _rows) in enumerate(results[:6]):
+            assert reply["y"].tolist() == [[i * 10]] * (1 + i % 2 if i else 1)
+        assert [rows for _reply, rows in results] == [1, 3, 3, 3, 3, 2, 1]
+        assert results[6][0]["y"].tolist() == [[10.0, 10.0]]
+
+    run(main())
+
+
+def test_a_caller_that_gives_up_on_an_idle_model_frees_it() -> None:
+    async def main() -> None:
+        model = Gate()
+        batcher = Batcher(model, max_batch_size=8, max_delay=0.0)
+        gone = asyncio.ensure_future(batcher.submit({"x": np.array([[1]])}))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert batcher.running == 0
+        model.open.set()
+        reply, rows = await batcher.submit({"x": np.array([[2]])})
+        assert model.calls == [1, 1] and rows == 1 and reply["y"].tolist() == [[20]]
+
+    run(main())
+
+
+def test_a_batch_stacks_at_most_max_bytes_of_input() -> None:
+    async def main() -> None:
+        model = Gate()
+        batcher = Batcher(model, max_batch_size=32, max_delay=0.0, max_bytes=3 * 8)
+        busy = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 1))}))
+        await asyncio.sleep(0)
+        waiting = [asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), i)}))
+                   for i in range(1, 6)]  # 8 bytes each: three fit in a call
+        model.open.set()
+        results = await asyncio.gather(busy, *waiting)
+        assert model.calls == [1, 3, 2]
+        assert [reply["y"].tolist() for reply, _rows in results] == [[[i * 10]] for i in range(6)]
+        # a request of max_bytes or more runs on its own: the caller is told to run it alone
+        assert await batcher.submit({"x": np.zeros((3, 1))}) is None
 
     run(main())

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from core.dataplane.plane import DataPlane, DataPlaneOptions
@@ -76,3 +77,28 @@ def test_errors_deadlines_and_the_queue() -> None:
             plane.close()
 
     asyncio.run(main())
+
+
+def test_the_defaults_batch_a_busy_batchable_model_and_no_other() -> None:
+    sizes: list[int] = []
+
+    def double(payload: Payload) -> Payload:
+        sizes.append(len(payload["x"]))
+        time.sleep(0.05)
+        return {"x": payload["x"] * 2}
+
+    async def main(model: ServedModel) -> list[object]:
+        return await asyncio.gather(*(plane.infer(model, {"x": np.full((1, 2), i)})
+                                      for i in range(12)))
+
+    plane = DataPlane(DataPlaneOptions())
+    try:
+        results = asyncio.run(main(ServedModel(predict=double, platform="test")))
+        assert sizes == [1, 11]  # the first found it idle; the rest came while it was busy
+        assert [(r[0]["x"].tolist(), r[1]) for r in results] == [  # type: ignore[index]
+            ([[2 * i, 2 * i]], 1 if i == 0 else 11) for i in range(12)]
+        sizes.clear()
+        asyncio.run(main(ServedModel(predict=double, platform="test", batchable=False)))
+        assert sizes == [1] * 12
+    finally:
+        plane.close()
