@@ -127,6 +127,11 @@ class ServeOptions:
     max_batch_delay: float = option(
         5.0, "--max-batch-delay", "Milliseconds a request may wait for others to join its batch.",
         kind=number(0))
+    compile: bool = option(
+        True, "--compile", "Framework models (Keras, torch): once serving, compile the model in "
+        "the background (a traced, frozen TorchScript graph) and swap it in when it answers as the "
+        "loaded one does; the loaded model serves meanwhile, and stays if compiling fails.",
+        kind=SWITCH)
     workers: int = option(
         1, "--workers", "Worker processes: the model is loaded once, then N workers are forked "
         "and share it (copy-on-write) and one socket. 'auto': one per usable core. Batching forms "

@@ -88,9 +88,13 @@ class Launch:
         repository = self.assemble()
         sock = bind_socket(options.host, options.port)
         activity = Activity()
-        settings = self._settings(
-            activity, watch=options.watch,
-            on_ready=lambda: announce(repository, sock, host=options.host, tls=tls is not None))
+
+        def on_ready() -> None:
+            announce(repository, sock, host=options.host, tls=tls is not None)
+            if repository.compiler is not None:  # serving: compile in the background now
+                repository.compiler.start()
+
+        settings = self._settings(activity, watch=options.watch, on_ready=on_ready)
         settings.heap = HeapKeeper()
         app = build_app(repository, settings, self.host.route_factories())
         settings.heap.freeze()  # everything loaded so far lives as long as the server
@@ -116,6 +120,11 @@ class Launch:
             sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
             routes = self.host.route_factories()
 
+            def compile_pending() -> bool:
+                # here in the parent, between forks (core/models/compiling.py): the workers
+                # serve the loaded model meanwhile, then are re-forked from the compiled one
+                return repository.compiler is not None and bool(repository.compiler.run_pending())
+
             def serve_in_worker(sock: socket.socket, activity: Activity) -> int:
                 settings = self._settings(activity, watch=0.0, on_ready=None)
                 settings.in_worker = True
@@ -134,7 +143,8 @@ class Launch:
             supervisor = Supervisor(
                 sock, plan, serve_in_worker,
                 worker_init=self.host.configure_threads,
-                reload=lambda: bool(repository.poll()),
+                reload=lambda: bool(repository.poll()) | compile_pending(),
+                compile=compile_pending if repository.compiler is not None else None,
                 on_worker_exit=mark_worker_dead if metrics_dir else None,
                 requests=requests,
             )
