@@ -11,8 +11,9 @@ Two ways to run them, chosen by the process (core/process/launch.py):
 - one process: ``start()`` once the server is serving; from then on each loaded model (the
   first load, a ``--watch`` reload, a V2 load) is compiled in a background thread;
 - ``--workers``: the parent never starts the thread (a fork while another thread runs torch can
-  leave the child holding a lock that no thread will release); its supervisor calls
-  ``run_pending()`` between forks and re-forks the workers from the compiled model.
+  leave the child holding a lock that no thread will release); it calls ``run_pending()`` before
+  it forks the workers, and after a ``--watch`` reload before it re-forks them, so the workers
+  share the compiled model. There the first answer waits for the compile.
 """
 
 from __future__ import annotations

@@ -117,13 +117,14 @@ class Launch:
                 cleanup=(lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir
                 else None
             )
-            sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
-            routes = self.host.route_factories()
 
             def compile_pending() -> bool:
-                # here in the parent, between forks (core/models/compiling.py): the workers
-                # serve the loaded model meanwhile, then are re-forked from the compiled one
+                # here in the parent, before the workers are forked (core/process/workers.py)
                 return repository.compiler is not None and bool(repository.compiler.run_pending())
+
+            compile_pending()  # the first answer waits for it: a fraction of the load's time
+            sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
+            routes = self.host.route_factories()
 
             def serve_in_worker(sock: socket.socket, activity: Activity) -> int:
                 settings = self._settings(activity, watch=0.0, on_ready=None)
@@ -144,7 +145,6 @@ class Launch:
                 sock, plan, serve_in_worker,
                 worker_init=self.host.configure_threads,
                 reload=lambda: bool(repository.poll()) | compile_pending(),
-                compile=compile_pending if repository.compiler is not None else None,
                 on_worker_exit=mark_worker_dead if metrics_dir else None,
                 requests=requests,
             )

@@ -5,9 +5,10 @@ forks; copy-on-write keeps one copy of the weights for all workers. It never ser
 itself: it replaces a worker that dies, counts idleness across all of them for ``--killafter``,
 drains them on SIGTERM/SIGINT, and for ``--watch`` loads a new checkpoint once and re-forks the
 workers one at a time from it (reloading in each worker would cost N copies of the weights).
-Compiling (core/models/compiling.py) goes the same way: the workers are forked from the loaded
-model at once, then the parent compiles it, here between forks (never in a thread that a fork
-could copy mid-operation), and re-forks them one at a time from the compiled one.
+The parent also compiles each model it loads (core/models/compiling.py), before the first fork
+and, for a reload, before that re-fork: a roll right after start would close the connections a
+draining worker had just accepted, and a compile in a background thread could be copied by a
+fork mid-operation.
 
 Restarts: a worker that ran ``early_death`` seconds (5) or more is replaced at once. One that
 dies sooner never got going (a broken model or wrapper, a framework that cannot run after a
@@ -116,7 +117,6 @@ class Supervisor:
         serve: ServeInWorker,
         worker_init: Callable[[int], None],
         reload: Callable[[], bool] | None = None,
-        compile: Callable[[], bool] | None = None,
         on_worker_exit: Callable[[int], None] | None = None,
         requests: ShutdownRequests | None = None,
     ) -> None:
@@ -129,9 +129,6 @@ class Supervisor:
         self.serve = serve
         self.worker_init = worker_init
         self.reload = reload
-        self.compile = compile
-        """Compiles the loaded models once the workers serve (True: the workers are re-forked
-        from the compiled ones, as after a reload)."""
         self.on_worker_exit = on_worker_exit
         self.table = multiprocessing.RawArray(ctypes.c_double, FIELDS * plan.workers)
         self.pids: dict[int, int] = {}  # slot -> pid
@@ -192,15 +189,9 @@ class Supervisor:
         if self.requests is not None:
             self.requests.attach(self._leave)
         next_watch = time.monotonic() + self.plan.watch
-        compile_due = self.compile is not None
         try:
             while not self.stopping:
                 time.sleep(0.1)
-                if compile_due and self.compile is not None:
-                    compile_due = False
-                    gc.unfreeze()  # as for a reload: the loaded model goes once swapped out
-                    if self.compile():
-                        self._roll()
                 self._reap_and_replace()
                 if self.stop_at is not None and time.monotonic() >= self.stop_at:
                     break
