@@ -37,7 +37,9 @@ class Compiler:
         self.swap = swap
         self.started = False
         self.pending: list[tuple[str, ServedModel]] = []
-        self._lock = threading.Lock()  # guards ``started`` and ``pending``
+        self.closed = False
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards ``started``, ``pending``, ``closed``, ``_threads``
         self._one_at_a_time = threading.Lock()
 
     def submit(self, name: str, model: ServedModel) -> None:
@@ -67,14 +69,33 @@ class Compiler:
         return [name for name, model in pending if self.compile(name, model)]
 
     def _background(self, name: str, model: ServedModel) -> None:
-        # a daemon: a server that stops while a model compiles does not wait for it
-        threading.Thread(target=self.compile, args=(name, model), name=f"studio-compile-{name}",
-                         daemon=True).start()
+        thread = threading.Thread(target=self.compile, args=(name, model),
+                                  name=f"studio-compile-{name}", daemon=True)
+        with self._lock:
+            if self.closed:
+                return
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def close(self, timeout: float = 120.0) -> None:
+        """The server stops: start no more compiles and wait for the one running. A process
+        that exits while torch traces in another thread aborts (``terminate called without an
+        active exception``, exit status -6), and a trace cannot be interrupted."""
+        with self._lock:
+            self.closed = True
+            threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread.is_alive():
+                log.info("waiting for %s to finish before stopping", thread.name)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def compile(self, name: str, model: ServedModel) -> bool:
         """Compile ``model`` and swap it in; False (logged) when it stays as loaded."""
         assert model.compiler is not None
         with self._one_at_a_time:
+            if self.closed:
+                return False
             started = time.perf_counter()
             try:
                 compiled = model.compiler()
@@ -83,6 +104,8 @@ class Compiler:
                             _reason(exc))
                 return False
             seconds = time.perf_counter() - started
+            if self.closed:  # the server stopped meanwhile (``close``): nothing left to serve
+                return False
             if not self.swap(name, model, compiled):
                 log.info("model %s was replaced while it compiled; the compiled one is dropped", name)
                 return False

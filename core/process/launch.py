@@ -100,9 +100,13 @@ class Launch:
         settings.heap.freeze()  # everything loaded so far lives as long as the server
         requests = ShutdownRequests()
         self.host.watch_shutdown(options, requests.request)
-        with sock:
-            return run_server(app, sock, activity, killafter=options.killafter,
-                              read_timeout=options.read_timeout, tls=tls, requests=requests)
+        try:
+            with sock:
+                return run_server(app, sock, activity, killafter=options.killafter,
+                                  read_timeout=options.read_timeout, tls=tls, requests=requests)
+        finally:
+            if repository.compiler is not None:
+                repository.compiler.close()
 
     def _serve_with_workers(self, tls: ssl.SSLContext | None) -> int:
         """Load once here, fork the workers, supervise them (core/process/workers.py)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,17 @@ def test_no_compile_serves_the_model_as_loaded(studio_home: Path) -> None:
         answers_as(model, server.url)
         time.sleep(1.0)  # a compile would have logged by now (it takes well under a second)
         assert not any("compil" in line for line in server.stderr_lines), server.output()
+
+
+@pytest.mark.timeout(120)
+def test_a_server_stopped_while_it_compiles_exits_cleanly(studio_home: Path) -> None:
+    # torch aborts a process that exits while another thread traces ("terminate called without
+    # an active exception", status -6): the server waits for the compile instead
+    save_mlp(experiment(studio_home, "mlp") / "mlp.keras", seed=5)
+    server = ServerProcess("mlp").start()
+    try:
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)  # at once: the compile has just begun
+        assert server.process.wait(60) == 0, server.output()
+    finally:
+        server.kill()
