@@ -116,17 +116,16 @@ class Launch:
         if options.metrics:
             metrics_dir = tempfile.mkdtemp(prefix="studio-metrics-")
             os.environ[MULTIPROCESS_ENV] = metrics_dir  # before prometheus_client is imported
+        cleanup = (lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir else None
         try:
-            repository = self.assemble(
-                cleanup=(lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir
-                else None
-            )
+            repository = self.assemble(cleanup=cleanup)
 
             def compile_pending() -> bool:
                 # here in the parent, before the workers are forked (core/process/workers.py)
                 return repository.compiler is not None and bool(repository.compiler.run_pending())
 
-            compile_pending()  # the first answer waits for it: a fraction of the load's time
+            with exit_on_interrupt("compiling models", cleanup):
+                compile_pending()  # the first answer waits for it: a fraction of the load's time
             sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
             routes = self.host.route_factories()
 
