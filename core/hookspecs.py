@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         Backend,
         Codec,
         CreateModel,
+        Listener,
         Loader,
         RouteFactory,
         ServeOptions,
@@ -80,6 +81,20 @@ def studio_register_routes(register: Callable[[RouteFactory], None]) -> None:
     ``context`` is the server's ``studio_plugins.ServingContext``: its models and the data plane
     (``await context.infer(name, payload)``), so a protocol added this way gets the queue,
     deadlines, batching, auth and metrics of ``POST /``. The Open Inference Protocol (V2) is one.
+    """
+
+
+@hookspec
+def studio_register_listeners(register: Callable[[Listener], None]) -> None:
+    """Register listeners: ``register(listener)``, a ``studio_plugins.Listener`` serving a
+    protocol on a port of its own (gRPC), on the same data plane as HTTP.
+
+    ``listener.reserve(options)`` runs in the launching process before the models load: it
+    returns None when the options do not ask for it, else an ``OpenListener`` holding its
+    port. In every serving process (each worker, after the fork) the server calls
+    ``await open.start(context)`` before it announces itself, and ``await open.stop(grace)``
+    when it stops accepting (SIGTERM, a shutdown request, ``--killafter``), so both protocols
+    drain together.
     """
 
 

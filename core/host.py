@@ -24,6 +24,7 @@ from core.types import (
     Backend,
     Codec,
     CreateModel,
+    Listener,
     Loader,
     RouteFactory,
     ServeOptions,
@@ -56,6 +57,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.codecs.npz",
     "plugins.stages.builtin",
     "plugins.protocols.v2",
+    "plugins.protocols.grpc.listener",
 )
 
 
@@ -248,6 +250,9 @@ class PluginHost:
 
         return [args[0] for args in self._registry("studio_register_routes", "routes", name_of).values()]
 
+    def listeners(self) -> dict[str, Listener]:
+        return self._typed("studio_register_listeners", "listener", Listener)
+
     def configure_threads(self, threads: int) -> None:
         self.pm.hook.studio_configure_threads(threads=threads)
 
@@ -273,7 +278,7 @@ class PluginHost:
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin with what it registered (all registries are collected)."""
         self.loaders(), self.codecs(), self.backends()
-        self.stores(), self.wrappers(), self.stages(), self.route_factories()
+        self.stores(), self.wrappers(), self.stages(), self.route_factories(), self.listeners()
         return list(self._info.values())
 
 

@@ -40,6 +40,10 @@ class ServeOptions:
     port: int = option(
         5000, "--port", "TCP port to serve on; 0 picks a free one (the URL is printed).",
         kind=integer(0, 65535), always=True)
+    grpc_port: int | None = option(
+        None, "--grpc-port", "Serve the Open Inference Protocol (V2) over gRPC on this port too; 0 "
+        "picks a free one (printed). Every worker shares it. Needs the grpc extra. Default: off.",
+        kind=integer(0, 65535))
     host: str = option(
         "localhost", "--host", "Address to listen on: localhost (this machine only) or 0.0.0.0 "
         "(every interface).", always=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -281,9 +282,76 @@ class ServingContext(Protocol):
         (``ClientGone``)."""
         ...
 
+    # For protocols served beside the HTTP app (gRPC): what the app's edge does for its routes.
+
+    def authorized(self, authorization: bytes | str | None) -> bool:
+        """Whether a request with this ``Authorization`` value (``Bearer <token>``; None when it
+        sent none) passes ``--token``; always True when the server has no token."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether the server is ready, as ``GET /v2/health/ready`` answers: started, not
+        draining, and some model ready."""
+        ...
+
+    def counted(self, route: str) -> AbstractContextManager[Any]:
+        """Count a request as the HTTP app counts its own (in flight for ``--killafter`` and
+        draining; metrics labelled ``route``); yields the ``scope`` that ``record`` takes, whose
+        status is 500 until ``record`` gives another."""
+        ...
+
 
 RouteFactory = Callable[[ServingContext], Sequence[Any]]
 """Builds Starlette routes (``starlette.routing.Route``) for a server's ``ServingContext``."""
+
+
+# --- listeners: protocols on ports of their own ---------------------------------------------
+
+class OpenListener(ABC):
+    """A listener whose port is reserved (``Listener.reserve``): started in each serving process.
+
+    Under ``--workers N`` the launching process reserves, then forks: every worker starts its own
+    copy on its own event loop (after the fork: a library like gRPC must not run before one)
+    and all of them share the one port."""
+
+    description: str = ""
+    """Its start-up line: what it serves and where clients connect, e.g. ``V2 over gRPC on
+    127.0.0.1:50051``; printed before the ``Serving ... on URL`` line."""
+
+    @abstractmethod
+    async def start(self, context: ServingContext) -> None:
+        """Start serving on the running event loop, for the server's models in ``context`` (the
+        app's own: one data plane for both protocols); return once clients can connect. Wrap
+        each call in ``context.counted(...)`` so ``--killafter``, a drain and the metrics see it."""
+
+    @abstractmethod
+    async def stop(self, grace: float) -> None:
+        """Stop accepting at once and let calls in flight finish for up to ``grace`` seconds
+        (then cancel them). Called when the HTTP server stops accepting: on SIGTERM, a
+        shutdown request or ``--killafter``."""
+
+    def wait_started(self, timeout: float) -> None:  # noqa: B027 (optional)
+        """In the launching process under ``--workers``, after the fork and before the
+        ``Serving`` line: return once some worker serves (at most ``timeout`` seconds), so a
+        client that read the line can connect. HTTP needs no wait: its socket listens from the
+        parent on."""
+
+    def release(self) -> None:  # noqa: B027 (optional: most hold nothing but a socket)
+        """In the launching process, when the server exits: let go of what ``reserve`` held."""
+
+
+class Listener(ABC):
+    """A protocol served on a port of its own beside HTTP (``studio_register_listeners``)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def reserve(self, options: ServeOptions) -> OpenListener | None:
+        """None when the options do not ask for this listener. Else, in the launching process
+        and before any model loads (so a mistake costs no load): check what it needs (its
+        extra, its port, certificate files), raising ``ConfigurationError``, and hold its port
+        (``--grpc-port 0``: pick it here, so every worker binds the same one). Runs before
+        workers fork: start no thread, and import nothing that starts one."""
 
 
 # --- backends -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from types import TracebackType
 from core.host import BUILTIN_PLUGINS, PluginHost
 
 _READY = re.compile(r"^Serving .* on (https?://\S+)$")
+_GRPC = re.compile(r"^  V2 over gRPC on (\S+)")
 
 
 def make_host(
@@ -56,6 +57,8 @@ class ServerProcess:
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.startup_timeout = startup_timeout
         self.url: str = ""
+        self.grpc_target: str = ""
+        """``host:port`` of the gRPC listener (``--grpc-port``), as ``tritonclient.grpc`` takes it."""
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.process: subprocess.Popen[str] | None = None
@@ -92,6 +95,9 @@ class ServerProcess:
         for line in self.process.stdout:
             line = line.rstrip("\n")
             self.stdout_lines.append(line)
+            grpc = _GRPC.match(line)  # printed before the ready line
+            if grpc and not self.grpc_target:
+                self.grpc_target = grpc.group(1)
             match = _READY.match(line)
             if match and not self.url:
                 self.url = match.group(1)

@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from tests.tls_ca import Tls, issue_tls
+
 # Keras 3 runs on the torch backend here; set before anything imports keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -206,3 +208,10 @@ def identity_repository(studio_home: Path) -> Any:
     repository = ModelRepository(make_host(), ServeOptions(keys=("exp",)))
     repository.load_all()
     return repository
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A test CA's server and client certificates (tests/tls_ca.py); one CA per test module."""
+    pytest.importorskip("trustme")
+    return issue_tls(tmp_path_factory.mktemp("tls"))

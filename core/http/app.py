@@ -41,6 +41,7 @@ from core.http.codecs import CodecSet
 from core.http.context import ServerContext
 from core.http.cors import with_cors
 from core.http.inference import InferenceEndpoint, send_reply
+from core.http.listeners import ListenerGroup
 from core.http.openapi import DocumentBuilder
 from core.http.pages import (
     DOCS_HEADERS,
@@ -104,6 +105,9 @@ class AppSettings:
     on_ready: Callable[[], None] | None = None
     cors: tuple[str, ...] = ()
     """Origins (``*``: any) whose pages may call the server from a browser; (): no CORS."""
+    listeners: ListenerGroup | None = None
+    """The plugins' listeners (gRPC) on this app's data plane: started in its lifespan before
+    ``on_ready``, stopped before the data plane closes (core/http/listeners.py)."""
 
 
 class RouteLabels:
@@ -303,7 +307,8 @@ def build_app(
     guard = BodyGuard(default_budget(settings.max_body) if budget is None else budget,
                       settings.read_timeout, settings.min_rate)
     context = ServerContext(repository, dataplane, BodyReader(settings.max_body, guard),
-                            in_worker=settings.in_worker)
+                            in_worker=settings.in_worker, token=settings.token,
+                            activity=settings.activity)
     endpoint = InferenceEndpoint(context, settings.codecs, settings.debug)
 
     def on_swap(name: str, model: ServedModel | None, seconds: float, old: ServedModel | None) -> None:
@@ -327,6 +332,8 @@ def build_app(
 
     def is_ready() -> bool:
         return started and not settings.activity.draining and repository.any_ready()
+
+    context.is_ready = is_ready  # for other protocols' readiness (gRPC's ServerReady)
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -362,6 +369,8 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal started
+        if settings.listeners:  # first: if one cannot start, nothing else was started
+            await settings.listeners.start(context)
         background = []
         if settings.watch > 0:
             background.append(asyncio.create_task(repository.watch(settings.watch)))
@@ -374,6 +383,8 @@ def build_app(
             yield
         finally:
             started = False
+            if settings.listeners:
+                await settings.listeners.stop()  # at once, or waits for the drain under way
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.types import Receive
 
 from core.dataplane.plane import DataPlane
 from core.errors import Conflict, NotReady
+from core.http.activity import Activity
 from core.http.body import BodyReader, ClientGone
 from core.http.disconnects import DisconnectWatch
 from core.http.record import SCOPE_KEY, RequestRecord
@@ -26,7 +30,8 @@ class ServerContext:
     version = __version__
 
     def __init__(self, repository: ModelRepository, dataplane: DataPlane, bodies: BodyReader,
-                 in_worker: bool = False) -> None:
+                 in_worker: bool = False, *, token: str | None = None,
+                 activity: Activity | None = None) -> None:
         self.repository = repository
         self.dataplane = dataplane
         self.in_worker = in_worker
@@ -34,6 +39,10 @@ class ServerContext:
         self.bodies = bodies
         self.max_body = bodies.limit  # the app's --max-body: its one source (AppSettings)
         self.disconnects = DisconnectWatch()
+        self._token = token.encode() if token else None
+        self.activity = activity or Activity()
+        self.is_ready: Callable[[], bool] = repository.any_ready
+        """The app's readiness (``GET /v2/health/ready``): build_app sets it."""
 
     def read_body(self, receive: Receive, declared: bytes | None) -> Awaitable[bytes]:
         """The request's body under the server's limits (core/http/body.py: ``BodyReader``)."""
@@ -92,6 +101,47 @@ class ServerContext:
     async def unload(self, name: str) -> ModelState:
         self._refuse_in_worker()
         return await asyncio.to_thread(self.repository.unload, name)
+
+    def authorized(self, authorization: bytes | str | None) -> bool:
+        """Whether a request whose ``Authorization`` value is ``authorization`` passes ``--token``
+        (always, without one): ``Bearer <token>``, the scheme case-insensitive (RFC 7235), the
+        token compared in constant time, as the HTTP app checks it."""
+        if self._token is None:
+            return True
+        if authorization is None:
+            return False
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        scheme, _, token = authorization.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+
+    def ready(self) -> bool:
+        return self.is_ready()
+
+    @contextlib.contextmanager
+    def counted(self, route: str) -> Iterator[dict[str, Any]]:
+        """Count a request that did not come through the HTTP app (gRPC's) as the app counts its
+        own: in flight for ``--killafter`` and draining, and in the metrics under ``route`` with
+        the model and status given to ``record`` (status 500 unless it says otherwise). Yields
+        the scope ``record`` takes."""
+        record = RequestRecord(b"", {}, route)
+        activity = self.activity
+        metrics = self.dataplane.metrics
+        activity.started()
+        count_in_flight = metrics is not None and metrics.multiprocess
+        if count_in_flight:
+            metrics.in_flight.inc()  # type: ignore[union-attr]
+        started = time.perf_counter()
+        try:
+            yield {SCOPE_KEY: record}
+        finally:
+            activity.finished()
+            if metrics is not None:
+                if count_in_flight:
+                    metrics.in_flight.dec()
+                # only names the repository has: labels stay bounded (as in core/http/app.py)
+                label = record.model if record.model in self.repository.slots else ""
+                metrics.observe_request(route, label, record.status, time.perf_counter() - started)
 
     def record(self, scope: Any, model: str, rows: int | None = None, *, status: int | None = None) -> None:
         record: RequestRecord | None = scope.get(SCOPE_KEY)

@@ -21,6 +21,7 @@ from core.host import PluginHost
 from core.http.activity import Activity
 from core.http.app import AppSettings, build_app
 from core.http.codecs import CodecSet
+from core.http.listeners import ListenerGroup
 from core.models.repository import ModelRepository
 from core.options import serve_argv
 from core.process.heap import HeapKeeper
@@ -53,8 +54,14 @@ def default_threads(workers: int) -> int:
 
 
 def announce(repository: ModelRepository, sock: socket.socket, extra: str = "", *,
-             host: str | None = None, tls: bool = False) -> None:
-    # The one line on stdout: scripts and tests wait for it.
+             host: str | None = None, tls: bool = False,
+             listeners: ListenerGroup | None = None) -> None:
+    # The "Serving" line on stdout: scripts and tests wait for it, so the listeners' lines
+    # (gRPC) come first: once it is read, they have been too.
+    if listeners:
+        listeners.wait_started()  # at once for one process: its listeners started before this
+        for listener in listeners.opened:
+            print(f"  {listener.description}", flush=True)
     url = socket_url(sock, host, tls=tls)
     print(f"Serving {', '.join(repository.names())}{extra} on {url}", flush=True)
     elsewhere = outside_url(sock, tls=tls)
@@ -83,19 +90,42 @@ class Launch:
         # the certificate and key are checked (and read) before the port and the model
         tls = server_context(options.certfile, options.keyfile, options.ca_certs)
         check_port_free(options.host, options.port)
-        if options.workers > 1:
-            return self._serve_with_workers(tls)
+        listeners = self.reserve_listeners()
+        try:
+            if options.workers > 1:
+                return self._serve_with_workers(tls, listeners)
+            return self._serve_alone(tls, listeners)
+        finally:
+            listeners.release()
+
+    def reserve_listeners(self) -> ListenerGroup:
+        """The plugins' listeners the options ask for (``--grpc-port``), their ports held from
+        now on: before the models load, so a taken port or a missing extra costs no load."""
+        opened = []
+        try:
+            for listener in self.host.listeners().values():
+                reserved = listener.reserve(self.options)
+                if reserved is not None:
+                    opened.append(reserved)
+        except BaseException:
+            ListenerGroup(opened).release()
+            raise
+        return ListenerGroup(opened)
+
+    def _serve_alone(self, tls: ssl.SSLContext | None, listeners: ListenerGroup) -> int:
+        options = self.options
         repository = self.assemble()
         sock = bind_socket(options.host, options.port)
         activity = Activity()
 
         def on_ready() -> None:
-            announce(repository, sock, host=options.host, tls=tls is not None)
+            announce(repository, sock, host=options.host, tls=tls is not None, listeners=listeners)
             if repository.compiler is not None:  # serving: compile in the background now
                 repository.compiler.start()
 
         settings = self._settings(activity, watch=options.watch, on_ready=on_ready)
         settings.heap = HeapKeeper()
+        settings.listeners = listeners
         app = build_app(repository, settings, self.host.route_factories())
         settings.heap.freeze()  # everything loaded so far lives as long as the server
         requests = ShutdownRequests()
@@ -103,12 +133,13 @@ class Launch:
         try:
             with sock:
                 return run_server(app, sock, activity, killafter=options.killafter,
-                                  read_timeout=options.read_timeout, tls=tls, requests=requests)
+                                  read_timeout=options.read_timeout, tls=tls, requests=requests,
+                                  listeners=listeners)
         finally:
             if repository.compiler is not None:
                 repository.compiler.close()
 
-    def _serve_with_workers(self, tls: ssl.SSLContext | None) -> int:
+    def _serve_with_workers(self, tls: ssl.SSLContext | None, listeners: ListenerGroup) -> int:
         """Load once here, fork the workers, supervise them (core/process/workers.py)."""
         options = self.options
         self.host.configure_threads(1)  # before anything runs: see core/process/workers.py
@@ -132,9 +163,11 @@ class Launch:
             def serve_in_worker(sock: socket.socket, activity: Activity) -> int:
                 settings = self._settings(activity, watch=0.0, on_ready=None)
                 settings.in_worker = True
+                settings.listeners = listeners  # this worker's copy, started on its own loop
                 app = build_app(repository, settings, routes)
                 return run_server(app, sock, activity, killafter=0,
-                                  read_timeout=options.read_timeout, worker=True, tls=tls)
+                                  read_timeout=options.read_timeout, worker=True, tls=tls,
+                                  listeners=listeners)
 
             plan = WorkerPlan(
                 workers=options.workers,
@@ -154,7 +187,8 @@ class Launch:
             with sock:
                 return supervisor.run(
                     on_started=lambda: announce(repository, sock, f" ({options.workers} workers)",
-                                                host=options.host, tls=tls is not None)
+                                                host=options.host, tls=tls is not None,
+                                                listeners=listeners)
                 )
         finally:
             if metrics_dir:

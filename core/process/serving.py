@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 
 from core.errors import ConfigurationError
 from core.http.activity import Activity
+from core.http.listeners import ListenerGroup
 from core.process.shutdown import ShutdownRequests
 
 log = logging.getLogger("studio_plugins.serving")
@@ -135,6 +136,11 @@ async def _idle_watch(activity: Activity, killafter: float, shutdown: asyncio.Ev
             shutdown.set()
 
 
+async def _stop_on(shutdown: asyncio.Event, listeners: ListenerGroup, grace: float) -> None:
+    await shutdown.wait()
+    await listeners.stop(grace)
+
+
 def _not_hypercorn_banner(record: logging.LogRecord) -> bool:
     # Hypercorn's own "Running on http://0.0.0.0:5000" names the address it listens on, which a
     # browser cannot open; our "Serving ... on" line says where to go instead
@@ -209,13 +215,16 @@ def run_server(
     worker: bool = False,
     tls: ssl.SSLContext | None = None,
     requests: ShutdownRequests | None = None,
+    listeners: ListenerGroup | None = None,
 ) -> int:
     """Serve ``app`` on ``sock`` until a signal, idleness or a plugin's request; returns the
     exit status (0).
     ``worker``: a forked worker, whose signal comes from its supervisor (a drain, or its planned
     replacement in a rolling reload): its lines name the worker, not the server. ``tls``: serve
     HTTPS with this context (core/process/tls.py): every connection accepted is wrapped.
-    ``requests``: a plugin's shutdown requests (core/process/shutdown.py)."""
+    ``requests``: a plugin's shutdown requests (core/process/shutdown.py). ``listeners``: the
+    plugins' listeners (gRPC) the app starts: stopped as Hypercorn stops accepting, so both
+    protocols drain within the same ``graceful_timeout``."""
     who = f"worker {os.getpid()}" if worker else "server"
     config = hypercorn_config(read_timeout, tls)
     # Hypercorn takes ownership of the descriptor it is given (and closes it): give it a copy.
@@ -253,16 +262,18 @@ def run_server(
             loop.add_signal_handler(signum, on_signal, signum)
         if requests is not None:
             requests.attach(from_thread)
-        watcher = None
+        background = []
         if killafter > 0:
-            watcher = asyncio.create_task(_idle_watch(activity, killafter, shutdown))
+            background.append(asyncio.create_task(_idle_watch(activity, killafter, shutdown)))
+        if listeners:
+            background.append(asyncio.create_task(_stop_on(shutdown, listeners, graceful_timeout)))
         try:
             await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in background:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await task
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
 

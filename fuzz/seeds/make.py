@@ -65,6 +65,41 @@ def v2_binary() -> None:
         {"name": "e", "datatype": "UINT64", "shape": [4, 0], "parameters": {"binary_data_size": 0}}]}))
 
 
+def v2_grpc() -> None:
+    """ModelInferRequests: every datatype raw, and typed; BYTES both ways; empty tensors."""
+    from plugins.protocols.grpc import grpc_service_pb2 as pb
+
+    raw = pb.ModelInferRequest(model_name="m", id="r1")
+    typed = pb.ModelInferRequest(model_name="m")
+    values = {"BOOL": np.array([True, False]), "UINT8": np.array([0, 255], "<u1"),
+              "UINT16": np.array([1, 65535], "<u2"), "UINT32": np.array([2**32 - 1], "<u4"),
+              "UINT64": np.array([2**64 - 1], "<u8"), "INT8": np.array([-128, 127], "<i1"),
+              "INT16": np.array([-1], "<i2"), "INT32": np.array([-(2**31)], "<i4"),
+              "INT64": np.array([2**62], "<i8"), "FP16": np.array([0.5], "<f2"),
+              "FP32": np.array([1.5, -2.0], "<f4"), "FP64": np.array([1e300], "<f8")}
+    fields = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+              "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+              "FP32": "fp32_contents", "FP64": "fp64_contents"}
+    for datatype, value in values.items():
+        raw.inputs.add(name=datatype.lower(), datatype=datatype, shape=list(value.shape))
+        raw.raw_input_contents.append(value.tobytes())
+        if datatype in fields:
+            tensor = typed.inputs.add(name=datatype.lower(), datatype=datatype, shape=list(value.shape))
+            getattr(tensor.contents, fields[datatype]).extend(value.tolist())
+    strings = [b"ab", b"", b"\xff"]
+    raw.inputs.add(name="s", datatype="BYTES", shape=[3, 1])
+    raw.raw_input_contents.append(b"".join(struct.pack("<I", len(s)) + s for s in strings))
+    typed.inputs.add(name="s", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(strings)
+    typed.outputs.add(name="s")
+    empty = pb.ModelInferRequest(model_name="m")
+    empty.inputs.add(name="e", datatype="FP32", shape=[0, 3])
+    empty.inputs.add(name="b", datatype="BYTES", shape=[2, 0])
+    empty.raw_input_contents.extend([b"", b""])
+    for name, request in (("raw", raw), ("typed", typed), ("empty", empty)):
+        write("v2_grpc", name, request.SerializeToString())
+
+
 def savez(compressed: bool, **arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     writer: Any = np.savez_compressed if compressed else np.savez  # names as keyword arguments
@@ -122,6 +157,7 @@ def pickle_decoder() -> None:
 if __name__ == "__main__":
     v2_json()
     v2_binary()
+    v2_grpc()
     npz_codec()
     json_codec()
     pickle_decoder()

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +20,10 @@ from studio_plugins.client import PredictionError, predict
 from studio_plugins.testing import ServerProcess
 from tests.cli.test_serve import free_port, run_cli
 from tests.cli.test_workers import PID_WRAPPER, pids_answering
+from tests.tls_ca import Tls
 
 trustme = pytest.importorskip("trustme")
 pytestmark = pytest.mark.timeout(120)
-
-
-@dataclass
-class Tls:
-    """Files of one test CA: a server certificate for 127.0.0.1 and localhost, its key, the CA's
-    certificate (what clients trust), and a client certificate with its key in one file."""
-
-    cert: str
-    key: str
-    ca: str
-    client: str
-    authority: object
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    root = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {name: str(root / f"{name}.pem") for name in ("cert", "key", "ca", "client")}
-    server.cert_chain_pems[0].write_to_path(paths["cert"])
-    server.private_key_pem.write_to_path(paths["key"])
-    ca.cert_pem.write_to_path(paths["ca"])
-    ca.issue_cert("client@example.com").private_key_and_cert_chain_pem.write_to_path(paths["client"])
-    return Tls(**paths, authority=ca)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ BASE = ServeOptions(keys=("exp",))
 SAMPLES: dict[str, dict[str, Any]] = {
     "keys": {"keys": ("a", "b-2")},
     "port": {"port": 8080},
+    "grpc_port": {"grpc_port": 0},  # 0 (any free port) is not the default (off)
     "host": {"host": "0.0.0.0"},
     "certfile": {"certfile": "/etc/studio/server.pem"},
     "keyfile": {"keyfile": "/etc/studio/server key.pem"},

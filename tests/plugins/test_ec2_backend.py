@@ -185,6 +185,25 @@ def test_ssh_only_with_a_key_pair_and_an_identical_group_is_reused(cloud) -> Non
     assert len(our_groups(cloud)) == 2
 
 
+def test_grpc_port_is_opened_beside_port_and_served_there(cloud) -> None:
+    code, out, err = launch("--port", "8080", "--grpc-port", "8001", "--cidr", "203.0.113.0/24")
+    assert code == 0, err
+    (group,) = our_groups(cloud)
+    assert ingress(group) == {("tcp", 8080, 8080, "203.0.113.0/24"), ("tcp", 8001, 8001, "203.0.113.0/24")}
+    instance_id = launched(out)[1]
+    (line,) = serve_lines(user_data(cloud, instance_id))
+    argv = shlex.split(line)
+    assert argv[argv.index("--grpc-port") + 1] == "8001"
+    address = instance(cloud, instance_id)["PublicIpAddress"]
+    assert f"V2 over gRPC on {address}:8001 (TLS, the same certificate as HTTPS)" in err
+
+    for args, message in ((("--grpc-port", "0"), "fixed --grpc-port"),
+                          (("--port", "8001", "--grpc-port", "8001"), "gRPC needs a port of its own")):
+        code, _out, err = launch(*args)
+        assert code == 1 and message in err
+    assert len(our_groups(cloud)) == 1
+
+
 def test_instance_type_table_and_overrides(cloud) -> None:
     assert [instance_type_for(n) for n in (0, 1, 2, 4, 5, 8)] == [
         "m5.large", "g5.xlarge", "g5.12xlarge", "g5.12xlarge", "g5.48xlarge", "g5.48xlarge"]

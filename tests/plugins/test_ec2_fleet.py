@@ -336,6 +336,7 @@ def test_replicas_n_gives_n_tagged_instances_under_a_generated_name(fleet_cloud)
     (("--replicas", "2", "--fleet-name", "i-0123456789abcdef0"), "cannot name a load balancer"),
     (("--replicas", "2", "--subnet-id", "subnet-1"), "--subnet-id is for a single instance"),
     (("--replicas", "2", "--port", "0"), "fixed --port"),
+    (("--replicas", "2", "--grpc-port", "8001"), "a fleet's balancer forwards HTTP only"),
     (("--certificate-arn", ARN), "--certificate-arn only applies to a fleet"),
     (("--replicas", "2", "--no-tls", "--certificate-arn", ARN), "--no-tls and --certificate-arn"),
     (("--replicas", "2", "--lb-port", "443"), "--lb-port 443 is the HTTPS listener's"),

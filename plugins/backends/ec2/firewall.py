@@ -1,4 +1,5 @@
-"""The server's security group: TCP ``--port`` from ``--cidr``, and 22 only with a key pair.
+"""The server's security group: TCP ``--port`` (and ``--grpc-port``) from ``--cidr``, and 22 only
+with a key pair.
 
 Groups we create are tagged ``studio-plug:managed=true``. A group of ours in the same VPC whose
 ingress is exactly what is asked (and whose egress is the default allow-all) is reused instead
@@ -32,9 +33,11 @@ def normalise_cidr(cidr: str) -> str:
         ) from None
 
 
-def wanted_rules(port: int, cidr: str, ssh: bool) -> frozenset[Rule]:
+def wanted_rules(port: int, cidr: str, ssh: bool, grpc_port: int | None = None) -> frozenset[Rule]:
     cidr = normalise_cidr(cidr)
     rules = {("tcp", port, port, cidr)}
+    if grpc_port is not None:  # --grpc-port: the V2 gRPC service, from the same --cidr
+        rules.add(("tcp", grpc_port, grpc_port, cidr))
     if ssh:
         rules.add(("tcp", 22, 22, cidr))
     return frozenset(rules)

@@ -136,6 +136,12 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
         )
     if fleet.fleet_name:
         validate_fleet_name(fleet.fleet_name)
+    if options.grpc_port is not None:
+        raise ConfigurationError(
+            "a fleet's balancer forwards HTTP only, so its replicas' gRPC could not be reached; "
+            "--grpc-port is for a single instance",
+            hint="leave --grpc-port out (fleets are HTTP only for now), or serve gRPC from one "
+            "instance: leave out the fleet's options")
     if options.certfile:
         raise ConfigurationError(
             "a fleet's replicas serve plain HTTP to its balancer; --certfile is for a single "

@@ -185,6 +185,13 @@ def plan(context: LaunchContext) -> Plan:
         raise ConfigurationError(
             "--cloud ec2 needs a fixed --port to open in the firewall", hint="e.g. --port 5000"
         )
+    if options.grpc_port == 0:
+        raise ConfigurationError(
+            "--cloud ec2 needs a fixed --grpc-port to open in the firewall", hint="e.g. --grpc-port 8001"
+        )
+    if options.grpc_port == options.port:
+        raise ConfigurationError(f"--grpc-port and --port are both {options.port}: gRPC needs a port "
+                                 "of its own", hint="e.g. --grpc-port 8001")
     if settings.no_auth and options.token:
         raise ConfigurationError("--no-auth and --token contradict each other")
     if settings.no_tls and options.certfile:

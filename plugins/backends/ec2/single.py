@@ -55,7 +55,7 @@ def execute(plan: Plan) -> int:
     # the user's CA (created on first use) before anything is created: it must be readable
     ca = CertificateAuthority.load_or_create() if plan.tls_parameter and not plan.own_tls else None
     with creating(plan, readers="the instance needs", port=o.port) as undo:
-        rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name))
+        rules = wanted_rules(o.port, s.cidr, ssh=bool(s.key_name), grpc_port=o.grpc_port)
         group_id, created = ensure_group(ec2, plan.vpc_id, o.port, rules, {
             k: v for k, v in plan.tags.items() if k not in (KEY_TAG, STARTED_BY_TAG, "Name")
         })
@@ -76,6 +76,10 @@ def execute(plan: Plan) -> int:
         cafile = str(ca.cert_file) if ca else None
         await_ready(plan, url, s.launch_timeout, cafile=cafile)
     announce(plan, url, f"instance: {instance_id} ({plan.instance_type} in {plan.region})")
+    if o.grpc_port is not None:
+        say(f"V2 over gRPC on {address}:{o.grpc_port}"
+            + (" (TLS, the same certificate as HTTPS)" if plan.tls else "")
+            + ("; the token goes in 'authorization: Bearer' metadata" if plan.token else ""))
     if cafile:
         say(f"HTTPS with a certificate from your CA (the Python client trusts it by itself): "
             f"curl --cacert {cafile} {url}v2/health/ready")

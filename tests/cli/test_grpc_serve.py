@@ -1,0 +1,226 @@
+"""``--grpc-port``: V2 over gRPC from real ``studio-plug serve`` processes, spoken to by Triton's
+``tritonclient.grpc`` (a client this project did not write): every worker serves it on the one
+port, a killed worker's replacement serves it again, SIGTERM drains a call in flight, the
+HTTPS certificate and the token apply, ``--max-body`` bounds a message, ``--killafter`` counts
+gRPC calls, and the mistakes one can make with the option fail before anything loads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from studio_plugins import ConfigurationError, ServeOptions
+from studio_plugins.testing import ServerProcess
+from tests.cli.test_serve import free_port, run_cli
+from tests.cli.test_workers import PID_WRAPPER, worker_pids
+from tests.tls_ca import Tls
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "s3cret-grpc"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def served(tls: Tls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module: two workers, HTTPS and gRPC with the test CA's certificate,
+    a token, ``--max-body 1MiB``, ``--read-timeout 2`` (which bounds the handshake); ``exp``
+    answers its worker's pid (and sleeps when asked), ``ident`` is the identity model. The last
+    test of the module stops it (SIGTERM)."""
+    home = tmp_path_factory.mktemp("grpc") / "studioml"
+    for key in ("exp", "ident"):
+        (home / "experiments" / key / "modeldir").mkdir(parents=True)
+    env = {"STUDIOML_HOME": str(home), "STUDIO_TOKEN": TOKEN, "STUDIO_STORE": ""}
+    with ServerProcess("exp", "--model", "ident=ident", "--wrapper", f"exp={PID_WRAPPER}",
+                       "--workers", "2", "--grpc-port", "0", "--certfile", tls.cert,
+                       "--keyfile", tls.key, "--max-body", "1MiB", "--read-timeout", "2",
+                       env=env) as server:
+        assert server.grpc_target.startswith("127.0.0.1:"), server.output()
+        assert f"  V2 over gRPC on {server.grpc_target} (TLS)" in server.stdout_lines
+        yield server
+
+
+def client(server: ServerProcess, tls: Tls) -> Any:
+    """A new client: a channel (a TCP connection) of its own, so the kernel picks a worker."""
+    return grpcclient.InferenceServerClient(server.grpc_target, ssl=True, root_certificates=tls.ca)
+
+
+def infer(c: Any, model: str, **arrays: np.ndarray) -> Any:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape),
+                                       "FP32" if array.dtype == np.float32 else "INT64")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return c.infer(model, inputs, headers=AUTH)
+
+
+def pid_of(c: Any, sleep: float = 0.0) -> int:
+    arrays = {"sleep": np.array([sleep], np.float32)} if sleep else {"x": np.ones(1, np.float32)}
+    return int(infer(c, "exp", **arrays).as_numpy("pid")[0])
+
+
+def pids_answering(server: ServerProcess, tls: Tls, calls: int = 24) -> set[int]:
+    pids = set()
+    for _ in range(calls):
+        c = client(server, tls)
+        try:
+            pids.add(pid_of(c))
+        finally:
+            c.close()
+    return pids
+
+
+def test_both_workers_answer_over_tls_with_the_token(served: ServerProcess, tls: Tls) -> None:
+    workers = worker_pids(served)
+    assert len(workers) == 2
+    assert pids_answering(served, tls) == workers
+    c = client(served, tls)
+    try:
+        assert c.is_server_live() and c.is_server_ready()  # health needs no token
+        array = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+        assert np.array_equal(infer(c, "ident", x=array).as_numpy("x"), array)
+        with pytest.raises(InferenceServerException) as refused:
+            c.infer("ident", [grpcclient.InferInput("x", [1], "FP32")], headers={
+                "authorization": "Bearer wrong"})
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    finally:
+        c.close()
+    # a client that speaks plain text to the TLS port gets no answer, and nothing breaks
+    plain = grpcclient.InferenceServerClient(served.grpc_target)
+    with pytest.raises(InferenceServerException):
+        plain.is_server_live(client_timeout=5)
+    plain.close()
+
+
+def test_a_message_over_max_body_is_refused_and_the_workers_serve_on(served: ServerProcess,
+                                                                      tls: Tls) -> None:
+    before = worker_pids(served)
+    c = client(served, tls)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            infer(c, "ident", x=np.ones(300_000, np.float32))  # 1.2 MB > --max-body 1MiB
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        small = np.ones(1000, np.float32)
+        assert np.array_equal(infer(c, "ident", x=small).as_numpy("x"), small)
+    finally:
+        c.close()
+    assert worker_pids(served) == before
+
+
+def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
+        served: ServerProcess, tls: Tls) -> None:
+    before = worker_pids(served)
+    host, port = served.grpc_target.rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)))
+    garbage = socket.create_connection((host, int(port)))
+    garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 64)
+    started = time.monotonic()
+    for sock in (silent, garbage):
+        sock.settimeout(15)
+        with sock:
+            while sock.recv(4096):  # until the server closes it
+                pass
+    assert time.monotonic() - started < 8  # --read-timeout 2 bounds the handshake, not gRPC's 120 s
+    assert pids_answering(served, tls, 4) <= before == worker_pids(served)
+
+
+def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tls) -> None:
+    before = worker_pids(served)
+    victim = next(iter(before))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (victim in worker_pids(served)
+                                           or len(worker_pids(served)) < 2):
+        time.sleep(0.1)
+    after = worker_pids(served)
+    assert victim not in after and len(after) == 2, served.output()
+    (replacement,) = after - before
+    # the replacement binds the port itself once its app starts: until then the survivor answers
+    deadline = time.monotonic() + 15
+    seen: set[int] = set()
+    while replacement not in seen and time.monotonic() < deadline:
+        seen |= pids_answering(served, tls, 8)
+    assert seen <= after and replacement in seen
+
+
+def test_sigterm_drains_a_grpc_call_in_flight(served: ServerProcess, tls: Tls) -> None:
+    # last in the module: it stops the shared server
+    results: list[int] = []
+    c = client(served, tls)
+
+    def slow() -> None:
+        results.append(pid_of(c, sleep=2.0))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.7)
+    served.signal(signal.SIGTERM)
+    thread.join(30)
+    c.close()
+    assert len(results) == 1 and results[0] > 0  # answered, not cut off
+    assert served.wait(timeout=30) == 0
+    assert any("SIGTERM received; finishing 1 request(s) in flight" in line
+               for line in served.stderr_lines), served.output()
+
+
+def test_one_process_counts_grpc_calls_against_killafter(modeldir: Path) -> None:
+    """Without workers the app's own process serves gRPC; a call longer than --killafter keeps
+    the server up until it is answered, then idleness stops it (exit 0)."""
+    server = ServerProcess("exp", "--wrapper", PID_WRAPPER, "--grpc-port", "0",
+                           "--killafter", "1.5").start()
+    try:
+        c = grpcclient.InferenceServerClient(server.grpc_target)
+        assert server.process is not None
+        sleep = grpcclient.InferInput("sleep", [1], "FP32")
+        sleep.set_data_from_numpy(np.array([3.0], np.float32))
+        reply = c.infer("exp", [sleep])
+        assert int(reply.as_numpy("pid")[0]) == server.process.pid
+        c.close()
+        assert server.wait(timeout=20) == 0
+    finally:
+        server.kill()
+
+
+def test_a_taken_grpc_port_fails_before_loading(modeldir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "loaded"
+    wrapper = tmp_path / "marking_wrapper.py"
+    wrapper.write_text(f"def create_model(modeldir):\n    open({str(marker)!r}, 'w').close()\n"
+                       "    return lambda data: data\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "exp", "--wrapper", str(wrapper), "--port", str(free_port()),
+                         "--host", "127.0.0.1", "--grpc-port", str(port))
+    assert result.returncode == 1, result.stderr
+    assert f"--grpc-port {port} on 127.0.0.1 is already in use" in result.stderr.splitlines()[0]
+    assert not marker.exists()
+
+
+def test_without_the_extra_grpc_port_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from plugins.protocols.grpc import listener
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "grpc" else found(name, *a))
+    with pytest.raises(ConfigurationError, match="--grpc-port needs grpcio, which is not installed"
+                       ) as caught:
+        listener.GrpcListener().reserve(ServeOptions(keys=("exp",), grpc_port=0))
+    assert caught.value.hint == "pip install 'studio-plugins[grpc]'"
+    assert listener.GrpcListener().reserve(ServeOptions(keys=("exp",))) is None  # not asked
+    with pytest.raises(ConfigurationError, match="--grpc-port and --port are both 5000"):
+        listener.GrpcListener().reserve(ServeOptions(keys=("exp",), port=5000, grpc_port=5000))
