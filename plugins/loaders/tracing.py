@@ -57,7 +57,10 @@ def batch(inputs: Sequence[Expected], rows: int, seed: int | None) -> dict[str, 
     for expected in inputs:
         shape = expected.shape if expected.shape is not None else expected.example
         if shape is None or expected.dtype is None:
-            raise CompileRefused(f"input {expected.name!r} does not declare its shape and dtype")
+            raise CompileRefused(
+                f"input {expected.name!r} does not declare its shape and dtype, so a compiled "
+                "model could not be checked (TorchScript: save it traced, with torch.jit.trace, "
+                "or use torch.export)")
         sizes = tuple(rows if size < 0 else size for size in shape)
         if expected.shape is None:  # an example shape (TorchScript): only its batch axis varies
             sizes = (rows, *sizes[1:]) if sizes else sizes
