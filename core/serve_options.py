@@ -132,6 +132,11 @@ class ServeOptions:
     max_batch_delay: float = option(
         0.0, "--max-batch-delay", "Milliseconds a partial batch may wait for more requests to join "
         "it (fuller batches, at the cost of latency). 0: no wait.", kind=number(0), always=True)
+    compile: bool = option(
+        True, "--compile", "Framework models (Keras, torch): once serving, compile the model in "
+        "the background (a traced, frozen TorchScript graph) and swap it in when it answers as the "
+        "loaded one does; the loaded model serves meanwhile, and stays if compiling fails.",
+        kind=SWITCH)
     workers: int = option(
         1, "--workers", "Worker processes: the model is loaded once, then N workers are forked "
         "and share it (copy-on-write) and one socket. 'auto': one per usable core. Batching forms "

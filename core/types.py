@@ -94,6 +94,13 @@ class ServedModel:
     predict_named: ModelFn | None = None
     """The same model for protocols whose tensors have names (V2): the request's keys are the
     model's input names, the reply's its output names. None: ``predict`` serves both."""
+    compiler: Callable[[], ServedModel] | None = None
+    """Builds a faster version of this model (the Keras and torch loaders: a traced, frozen
+    graph), already checked to answer as this one does; it raises, saying why, when it cannot.
+    Core calls it in the background once this model serves and swaps the result into its slot
+    (core/models/compiling.py; ``--no-compile``: never). None: nothing to compile."""
+    compiled: str | None = None
+    """How this model was compiled (for the log); None: it runs as loaded."""
 
 
 @dataclass(frozen=True)

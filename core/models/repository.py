@@ -19,6 +19,7 @@ from dataclasses import replace
 from core.errors import ExperimentError, LoadError, NotFound, StudioError
 from core.host import PluginHost
 from core.models.assembly import load_model
+from core.models.compiling import Compiler
 from core.models.experiments import open_store, validate_key
 from core.types import ExperimentStore, ModelSpec, ModelState, ServedModel, ServeOptions
 
@@ -66,6 +67,9 @@ class ModelRepository:
         self.slots: dict[str, ModelSlot] = {spec.name: ModelSlot(spec) for spec in specs}
         self.on_swap: list[OnSwap] = []
         self._store: ExperimentStore | None = None
+        self.compiler: Compiler | None = Compiler(self._swap_compiled) if options.compile else None
+        """Compiles each model once it is loaded (``--no-compile``: None); the process says when
+        (core/models/compiling.py)."""
 
     @property
     def store(self) -> ExperimentStore:
@@ -148,7 +152,21 @@ class ModelRepository:
             slot.load_seconds = seconds
         for callback in self.on_swap:
             callback(spec.name, model, seconds, previous)
+        if self.compiler is not None:
+            self.compiler.submit(spec.name, model)
         return slot.snapshot()
+
+    def _swap_compiled(self, name: str, eager: ServedModel, compiled: ServedModel) -> bool:
+        """Swap a model's compiled version in, as a reload would, if ``eager`` still serves."""
+        slot = self.slot(name)
+        with slot.lock:
+            if slot.model is not eager:
+                return False
+            slot.model = compiled  # the swap: one assignment, atomic for every reader
+            seconds = slot.load_seconds
+        for callback in self.on_swap:
+            callback(name, compiled, seconds, eager)
+        return True
 
     def load(self, name: str, key: str | None = None, checkpoint: str | None = None) -> ModelState:
         """(Re)load ``name`` now — from another experiment or checkpoint if given. On failure

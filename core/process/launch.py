@@ -117,20 +117,27 @@ class Launch:
         repository = self.assemble()
         sock = bind_socket(options.host, options.port)
         activity = Activity()
-        settings = self._settings(
-            activity, watch=options.watch,
-            on_ready=lambda: announce(repository, sock, host=options.host, tls=tls is not None,
-                                      listeners=listeners))
+
+        def on_ready() -> None:
+            announce(repository, sock, host=options.host, tls=tls is not None, listeners=listeners)
+            if repository.compiler is not None:  # serving: compile in the background now
+                repository.compiler.start()
+
+        settings = self._settings(activity, watch=options.watch, on_ready=on_ready)
         settings.heap = HeapKeeper()
         settings.listeners = listeners
         app = build_app(repository, settings, self.host.route_factories())
         settings.heap.freeze()  # everything loaded so far lives as long as the server
         requests = ShutdownRequests()
         self.host.watch_shutdown(options, requests.request)
-        with sock:
-            return run_server(app, sock, activity, killafter=options.killafter,
-                              read_timeout=options.read_timeout, tls=tls, requests=requests,
-                              listeners=listeners)
+        try:
+            with sock:
+                return run_server(app, sock, activity, killafter=options.killafter,
+                                  read_timeout=options.read_timeout, tls=tls, requests=requests,
+                                  listeners=listeners)
+        finally:
+            if repository.compiler is not None:
+                repository.compiler.close()
 
     def _serve_with_workers(self, tls: ssl.SSLContext | None, listeners: ListenerGroup) -> int:
         """Load once here, fork the workers, supervise them (core/process/workers.py)."""
@@ -140,11 +147,16 @@ class Launch:
         if options.metrics:
             metrics_dir = tempfile.mkdtemp(prefix="studio-metrics-")
             os.environ[MULTIPROCESS_ENV] = metrics_dir  # before prometheus_client is imported
+        cleanup = (lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir else None
         try:
-            repository = self.assemble(
-                cleanup=(lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir
-                else None
-            )
+            repository = self.assemble(cleanup=cleanup)
+
+            def compile_pending() -> bool:
+                # here in the parent, before the workers are forked (core/process/workers.py)
+                return repository.compiler is not None and bool(repository.compiler.run_pending())
+
+            with exit_on_interrupt("compiling models", cleanup):
+                compile_pending()  # the first answer waits for it: a fraction of the load's time
             sock = bind_socket(options.host, options.port, backlog=WORKER_BACKLOG)
             routes = self.host.route_factories()
 
@@ -168,7 +180,7 @@ class Launch:
             supervisor = Supervisor(
                 sock, plan, serve_in_worker,
                 worker_init=self.host.configure_threads,
-                reload=lambda: bool(repository.poll()),
+                reload=lambda: bool(repository.poll()) | compile_pending(),
                 on_worker_exit=mark_worker_dead if metrics_dir else None,
                 requests=requests,
             )

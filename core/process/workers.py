@@ -5,6 +5,10 @@ forks; copy-on-write keeps one copy of the weights for all workers. It never ser
 itself: it replaces a worker that dies, counts idleness across all of them for ``--killafter``,
 drains them on SIGTERM/SIGINT, and for ``--watch`` loads a new checkpoint once and re-forks the
 workers one at a time from it (reloading in each worker would cost N copies of the weights).
+The parent also compiles each model it loads (core/models/compiling.py), before the first fork
+and, for a reload, before that re-fork: a roll right after start would close the connections a
+draining worker had just accepted, and a compile in a background thread could be copied by a
+fork mid-operation.
 
 Restarts: a worker that ran ``early_death`` seconds (5) or more is replaced at once. One that
 dies sooner never got going (a broken model or wrapper, a framework that cannot run after a

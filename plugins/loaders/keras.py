@@ -15,12 +15,14 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from plugins.loaders import tracing
 from plugins.loaders.signature import (
     Expected,
     Runner,
@@ -206,7 +208,7 @@ class KerasLoader(Loader):
             names = _output_names(model)
             served = TensorModel(_runner(keras, torch, model, names, place), inputs)
             served.prime()
-        return ServedModel(
+        loaded = ServedModel(
             predict=served,
             predict_named=served.named,
             platform="keras",
@@ -214,6 +216,10 @@ class KerasLoader(Loader):
             inputs=tuple(expected.spec for expected in inputs),
             outputs=_output_specs(model, names),
         )
+        if torch is not None:
+            device = choose_device(torch, options.gpus)
+            loaded.compiler = lambda: _compiled(torch, model, names, inputs, device, loaded)
+        return loaded
 
 
 Placement = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -245,6 +251,42 @@ def _runner(
         return name_outputs(outputs, names, convert)
 
     return run
+
+
+def _compiled(torch: ModuleType, model: Any, names: list[str], inputs: list[Expected], device: str,
+              loaded: ServedModel) -> ServedModel:
+    """The model as a traced, frozen TorchScript graph (plugins/loaders/tracing.py), checked
+    against the loaded one (``loaded.predict``'s runner)."""
+    assert isinstance(loaded.predict, TensorModel)
+    eager = loaded.predict.run
+    input_names = [expected.name for expected in inputs]
+
+    def build() -> Runner:
+        class Call(torch.nn.Module):  # type: ignore[name-defined]
+            """The Keras model called as the loader calls it: one tensor per input, in order."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, *tensors: Any) -> Any:
+                args = tensors[0] if len(tensors) == 1 else dict(zip(input_names, tensors, strict=True))
+                return self.model(args, training=False)
+
+        graph = tracing.trace(torch, Call(), inputs, device)
+
+        def run(named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            tensors = [torch.from_numpy(array).to(device) for array in named.values()]
+            with torch.inference_mode():
+                outputs = graph(*tensors)
+            return name_outputs(outputs, names, to_numpy)
+
+        return run
+
+    run = tracing.checked(build, eager, inputs, varied=True)
+    fast = TensorModel(run, inputs)
+    return replace(loaded, predict=fast, predict_named=fast.named, compiler=None,
+                   compiled="torch.jit.trace, frozen")
 
 
 @hookimpl

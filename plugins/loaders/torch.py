@@ -17,12 +17,14 @@ import pickle
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from plugins.loaders import tracing
 from plugins.loaders.signature import (
     Expected,
     Runner,
@@ -275,7 +277,7 @@ class TorchLoader(Loader):
         if outputs is None:  # TorchScript and pickled modules: the priming call says what they answer
             outputs = output_specs(primed) if primed else _declared_outputs(module)
         log.info("torch model on %s", device)
-        return ServedModel(
+        loaded = ServedModel(
             predict=served,
             predict_named=served.named,
             platform="torch",
@@ -283,6 +285,25 @@ class TorchLoader(Loader):
             inputs=tuple(expected.spec for expected in inputs),
             outputs=outputs,
         )
+        loaded.compiler = lambda: _compiled(torch, module, inputs, device, float_dtype, loaded)
+        return loaded
+
+
+def _compiled(torch: ModuleType, module: Any, inputs: list[Expected], device: str,
+              float_dtype: np.dtype | None, loaded: ServedModel) -> ServedModel:
+    """A TorchScript module frozen; any other (a torch.export program's module, a pickled one)
+    traced and frozen (plugins/loaders/tracing.py); checked against the loaded one."""
+    assert isinstance(loaded.predict, TensorModel)
+    scripted = isinstance(module, torch.jit.ScriptModule)
+
+    def build() -> Runner:
+        graph = tracing.freeze(torch, module) if scripted else tracing.trace(torch, module, inputs, device)
+        return _runner(torch, graph, device, float_dtype)
+
+    run = tracing.checked(build, loaded.predict.run, inputs, varied=not scripted)
+    fast = TensorModel(run, inputs)
+    return replace(loaded, predict=fast, predict_named=fast.named, compiler=None,
+                   compiled="torch.jit.freeze" if scripted else "torch.jit.trace, frozen")
 
 
 @hookimpl

@@ -50,6 +50,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "max_queue": {"max_queue": 0},
     "max_batch_size": {"max_batch_size": 8},
     "max_batch_delay": {"max_batch_delay": 0.5},
+    "compile": {"compile": False},
     "workers": {"workers": 3},
     "threads_per_worker": {"threads_per_worker": 2},
     "metrics": {"metrics": False},
