@@ -30,6 +30,7 @@ from core.http.offload import decode_off_loop
 from core.http.replies import ErrorReply, error_reply
 from core.models.experiments import studio_home, validate_key
 from core.options import serve_argv, serve_environment
+from core.process.sockets import bind_socket
 from core.types import (
     Backend,
     Codec,
@@ -113,6 +114,7 @@ __all__ = [
     "TensorSpec",
     "UnknownExperiment",
     "__version__",
+    "bind_socket",
     "decode_off_loop",
     "error_reply",
     "failed_headers",

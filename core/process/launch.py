@@ -27,7 +27,6 @@ from core.options import serve_argv
 from core.process.heap import HeapKeeper
 from core.process.interrupt import exit_on_interrupt
 from core.process.serving import (
-    bind_socket,
     check_port_free,
     outside_url,
     run_server,
@@ -35,6 +34,7 @@ from core.process.serving import (
     tune_malloc,
 )
 from core.process.shutdown import ShutdownRequests
+from core.process.sockets import bind_socket
 from core.process.tls import server_context
 from core.process.workers import Supervisor, WorkerPlan
 from core.types import ServeOptions

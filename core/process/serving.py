@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import signal
@@ -23,14 +22,13 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from starlette.types import ASGIApp
 
-from core.errors import ConfigurationError
 from core.http.activity import Activity
 from core.http.listeners import ListenerGroup
 from core.process.shutdown import ShutdownRequests
+from core.process.sockets import bind_socket
 
 log = logging.getLogger("studio_plugins.serving")
 
-LOCAL_NAMES = {"localhost": "127.0.0.1"}
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -57,32 +55,6 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: any free port)."""
-    address = LOCAL_NAMES.get(host, host)
-    try:
-        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigurationError(f"cannot resolve --host {host!r}: {exc}") from None
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigurationError(
-                f"port {port} on {host} is already in use", hint="choose another --port (0: any)"
-            ) from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ConfigurationError(f"--host {host} is not an address of this machine") from None
-        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from core.errors import ConfigurationError
-from core.process.serving import bind_socket, socket_url
+from core.process.serving import socket_url
+from core.process.sockets import bind_socket
 
 
 def test_port_zero_picks_a_free_port_and_the_url_says_which() -> None:

@@ -14,7 +14,6 @@ the last), read once here, at start.
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import re
 import socket
@@ -29,14 +28,13 @@ from studio_plugins import (
     OpenListener,
     ServeOptions,
     ServingContext,
+    bind_socket,
     hookimpl,
 )
 
 if TYPE_CHECKING:
     import grpc
 
-LOCAL_NAMES = {"localhost": "127.0.0.1"}
-"""``--host localhost`` binds the loopback address, as the HTTP socket does."""
 HANDSHAKE = 10.0
 """Seconds a new connection has for its (TLS and) HTTP/2 handshake."""
 IDLE = 300.0
@@ -86,28 +84,6 @@ class Credentials:
         return cls(_pem_blocks(keyfile, ("PRIVATE KEY",)),
                    _pem_blocks(options.certfile, ("CERTIFICATE",)),
                    _pem_blocks(options.ca_certs, ("CERTIFICATE",)) if options.ca_certs else None)
-
-
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` with ``SO_REUSEPORT``, not listening: it holds the port
-    (another user cannot take it, and ``port`` 0 becomes a real one) while receiving nothing."""
-    address = LOCAL_NAMES.get(host, host)
-    try:
-        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigurationError(f"cannot resolve --host {host!r}: {exc}") from None
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigurationError(f"--grpc-port {port} on {host} is already in use",
-                                     hint="choose another --grpc-port (0: any)") from None
-        raise ConfigurationError(f"cannot bind --grpc-port {port} on {host}: {exc.strerror}") from None
-    return sock
 
 
 def _target(sock: socket.socket) -> str:
@@ -203,7 +179,9 @@ class GrpcListener(Listener):
                                      "a port of its own", hint="e.g. --grpc-port 8001")
         _require_extra()
         credentials = Credentials.from_options(options)
-        return GrpcPort(reserve_port(options.host, options.grpc_port), options, credentials)
+        return GrpcPort(
+            bind_socket(options.host, options.grpc_port, flag="--grpc-port", reserve_only=True),
+            options, credentials)
 
 
 @hookimpl
