@@ -183,21 +183,22 @@ def encode_response(
     An output the model failed on (a ``Reply``'s ``None``: a ``ModelPipe`` item) is left out,
     asked for or not: a tensor cannot be ``None``. The reply's headers name it (v2.py)."""
     failed = failed_outputs(result)
+    chosen: list[tuple[str, bool]]
     if request.outputs is None:
-        chosen = [RequestedOutput(name, request.binary_output) for name in result if name not in failed]
+        chosen = [(name, request.binary_output) for name in result if name not in failed]
     else:
-        chosen = [output for output in request.outputs if output.name not in failed]
-        missing = [o.name for o in chosen if o.name not in result]
+        chosen = [(output.name, output.binary) for output in request.outputs if output.name not in failed]
+        missing = [name for name, _ in chosen if name not in result]
         if missing:
             raise BadRequest(
                 f"the model has no output {missing[0]!r}; it answered {', '.join(map(repr, result))}"
             )
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
-    for wanted in chosen:
-        tensor: Tensor = encode(wanted.name, result[wanted.name], request.datatypes.get(wanted.name))
+    for wanted, binary in chosen:
+        tensor: Tensor = encode(wanted, result[wanted], request.datatypes.get(wanted))
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if wanted.binary:
+        if binary:
             data = tensor.binary_data()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
