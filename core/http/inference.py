@@ -11,6 +11,7 @@ else we do (see bench/bench_inprocess.py). Errors are answered here, by core/htt
 from __future__ import annotations
 
 import logging
+from asyncio import current_task
 
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -68,12 +69,16 @@ class InferenceEndpoint:
         headers = record.headers
         try:
             model = self.context.ready_model(name)
-            body = await self.context.bodies.read(receive, headers.get(b"content-length"))
+            task = current_task()  # once: the body read and the disconnect watch both note it
+            body = await self.context.bodies.read(receive, headers.get(b"content-length"), task)
             codec = self.codecs.for_request(headers.get(b"content-type", b"").decode("latin-1"), body)
             payload = await decode_off_loop(codec.decode, body, self.max_body)
-            if not isinstance(payload, dict) or not all(isinstance(key, str) for key in payload):
+            if not isinstance(payload, dict):
                 raise BadRequest("the body must be a dict with string keys (names -> arrays)")
-            result, record.batch = await self.context.run(model, name, payload, receive)
+            for key in payload:  # a loop, not all() over a generator: this runs on every request
+                if not isinstance(key, str):
+                    raise BadRequest("the body must be a dict with string keys (names -> arrays)")
+            result, record.batch = await self.context.run(model, name, payload, receive, task=task)
             accept = headers.get(b"accept")
             reply_codec = codec if accept is None else self.codecs.for_reply(accept.decode("latin-1"), codec)
             failed: tuple[object, ...] = ()

@@ -116,10 +116,10 @@ def parse_request(body: bytes, json_length: int | None = None, *, limit: int) ->
     for index, item in enumerate(raw_inputs):
         if not isinstance(item, dict):
             raise BadRequest(f"input {index}: must be an object with name, shape, datatype and data")
-        name = _field(f"input {index}", item, "name")
+        name = item["name"] if "name" in item else _field(f"input {index}", item, "name")
         if not isinstance(name, str):
             raise BadRequest(f"input {index}: name must be a string")
-        size = _binary_size(name, _parameters(f"input {name!r}", item))
+        size = _binary_size(name, _parameters(f"input {name!r}", item)) if "parameters" in item else None
         declared.append((item, name, size))
     wanted = sum(size for _, _, size in declared if size is not None)
     if wanted != binary_total:
@@ -134,14 +134,16 @@ def parse_request(body: bytes, json_length: int | None = None, *, limit: int) ->
     for item, name, size in declared:
         if name in inputs:
             raise BadRequest(f"input {name!r} is given twice")
-        owner = f"input {name!r}"
-        shape = _field(owner, item, "shape")
-        datatype = _field(owner, item, "datatype")
+        if "shape" not in item or "datatype" not in item or (size is None and "data" not in item):
+            for key in ("shape", "datatype", "data"):  # the message names the first one missing
+                _field(f"input {name!r}", item, key)
+        shape = item["shape"]
+        datatype = item["datatype"]
         if size is not None:
             inputs[name] = decode_binary(name, datatype, shape, view[offset:offset + size], budget)
             offset += size
         else:
-            inputs[name] = decode_json(name, datatype, shape, _field(owner, item, "data"), budget)
+            inputs[name] = decode_json(name, datatype, shape, item["data"], budget)
         datatypes[name] = datatype
 
     parameters = _parameters("request", message)

@@ -169,6 +169,8 @@ def _cast_numbers(
     """``source`` (numpy's reading of the JSON values ``flat``) as ``dtype``, refusing what does
     not fit."""
     if dtype.kind == "f":
+        if dtype.itemsize == 8:  # float64 as float64: nothing can overflow (and errstate costs)
+            return source.astype(dtype)
         with np.errstate(over="ignore"):
             result = source.astype(dtype)
         if dtype.itemsize < 8:

@@ -393,6 +393,11 @@ def test_plain_asgi_routes_get_the_scope_starlettes_router_gives(asgi_app: Any) 
     assert reply.status == 200 and reply.headers["x-request-id"]
     assert reply.json() == {"params": {"item": 7, "name": "seven"}, "app": "Starlette",
                             "endpoint": "AsgiRoute"}
+    for item in (8, 7, 8):  # the route is remembered per path; its parameters are each its own
+        assert call(asgi_app, "POST", f"/asgi/{item}/n").json()["params"] == {"item": item, "name": "n"}
+    for item in range(1100):  # what is remembered stays bounded
+        call(asgi_app, "POST", f"/asgi/{item}/n")
+    assert len(asgi_app._routed) <= 1024
     assert call(asgi_app, "POST", "/shadowed").text == "the function route, registered first"
     assert call(asgi_app, "GET", "/get-only").status == 200
     assert_error(call(asgi_app, "POST", "/get-only"), 405, "MethodNotAllowed")
