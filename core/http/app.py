@@ -292,6 +292,7 @@ class EdgeMiddleware:
         cost as much as the route itself on a small request. Its errors are answered as the
         app's exception handlers answer them."""
         scope["app"] = self.app
+        scope.setdefault("router", self.app.router)
         scope["endpoint"] = route.endpoint
         scope["path_params"] = params
         record.status = 0  # no reply started yet

@@ -361,6 +361,7 @@ class AsgiRoute:
         if kind == b"studio":
             raise BadRequest("you sent x-raise")
         body = json.dumps({"params": scope["path_params"], "app": type(scope["app"]).__name__,
+                           "router": type(scope["router"]).__name__,
                            "endpoint": type(scope["endpoint"]).__name__}).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
@@ -391,7 +392,7 @@ def asgi_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_plain_asgi_routes_get_the_scope_starlettes_router_gives(asgi_app: Any) -> None:
     reply = call(asgi_app, "POST", "/asgi/7/seven")
     assert reply.status == 200 and reply.headers["x-request-id"]
-    assert reply.json() == {"params": {"item": 7, "name": "seven"}, "app": "Starlette",
+    assert reply.json() == {"params": {"item": 7, "name": "seven"}, "app": "Starlette", "router": "Router",
                             "endpoint": "AsgiRoute"}
     for item in (8, 7, 8):  # the route is remembered per path; its parameters are each its own
         assert call(asgi_app, "POST", f"/asgi/{item}/n").json()["params"] == {"item": item, "name": "n"}
