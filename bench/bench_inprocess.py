@@ -2,7 +2,8 @@
 
 What is left is exactly what our request path adds: the middleware, body reading, decoding the
 pickle, the data plane, metrics, encoding. Each app answers ``--requests`` small pickled requests
-(``{"x": 10 float64}``, the identity model) driven straight through its ASGI callable.
+(``{"x": 10 float64}``, the identity model) driven straight through its ASGI callable; the last row
+sends the same array as a V2 JSON request (``POST /v2/models/bench/infer``).
 
 Two measures:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pickle
 import statistics
@@ -37,7 +39,7 @@ import numpy as np
 from bench.harness import callgrind_instructions, describe_machine, echo_app, print_table, quiet_env
 
 KEY = "bench"
-APPS = ("ours (metrics on)", "ours (metrics off)", "raw ASGI echo")
+APPS = ("ours (metrics on)", "ours (metrics off)", "raw ASGI echo", "ours, V2 JSON (metrics on)")
 
 
 def build(which: str, home: Path) -> Any:
@@ -52,21 +54,27 @@ def build(which: str, home: Path) -> Any:
     from studio_plugins.testing import make_host
 
     host = make_host()
-    options = ServeOptions(keys=(KEY,), metrics=which == "ours (metrics on)")
+    options = ServeOptions(keys=(KEY,), metrics=which != "ours (metrics off)")
     repository = ModelRepository(host, options)
     repository.load_all()
     settings = AppSettings(codecs=CodecSet(host.codecs()), metrics=options.metrics)
     return build_app(repository, settings, host.route_factories())
 
 
-def drive(app: Any, requests: int) -> float:
-    """Seconds for ``requests`` POSTs of the small pickle through ``app``."""
-    body = pickle.dumps({"x": np.random.default_rng(0).random(10)}, protocol=5)
+def drive(app: Any, requests: int, v2: bool = False) -> float:
+    """Seconds for ``requests`` POSTs of the small pickle (``v2``: as V2 JSON) through ``app``."""
+    x = np.random.default_rng(0).random(10)
+    body = pickle.dumps({"x": x}, protocol=5)
+    path, content_type = "/", b"application/python-pickle"
+    if v2:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [10],
+                                       "data": x.tolist()}]}).encode()
+        path, content_type = f"/v2/models/{KEY}/infer", b"application/json"
     scope = {
-        "type": "http", "method": "POST", "path": "/", "query_string": b"", "root_path": "",
+        "type": "http", "method": "POST", "path": path, "query_string": b"", "root_path": "",
         "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 5000),
         "client": ("127.0.0.1", 1),
-        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/python-pickle"),
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", content_type),
                     (b"content-length", b"%d" % len(body))],
     }
     message = {"type": "http.request", "body": body, "more_body": False}
@@ -97,7 +105,7 @@ def one(which: str, requests: int) -> None:
         home = Path(directory)
         (home / "experiments" / KEY / "modeldir").mkdir(parents=True)
         app = build(which, home)
-        print(drive(app, requests))
+        print(drive(app, requests, v2="V2" in which))
 
 
 def child(which: str, requests: int, pythonpath: str | None, callgrind: bool) -> int:

@@ -11,8 +11,8 @@ counted as inference.
 
 from __future__ import annotations
 
-import bisect
 import os
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,22 +130,23 @@ class Tally:
         self.batches: dict[str, list[float]] = {}
         self.failed: dict[str, int] = {}
 
-    @staticmethod
-    def _observe(table: dict[Any, list[float]], key: Any, bounds: tuple[float, ...],
-                 value: float) -> None:
-        counts = table.get(key)
-        if counts is None:
-            counts = table[key] = [0.0] * (len(bounds) + 2)  # buckets, +Inf, sum
-        counts[bisect.bisect_left(bounds, value)] += 1
-        counts[-1] += value
-
+    # a histogram's counts: one per bucket, +Inf, then the sum (no helper call: every request)
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         key = (route, model, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self._observe(self.latency, (route, model), LATENCY_BUCKETS, seconds)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        counts = self.latency.get((route, model))
+        if counts is None:
+            counts = self.latency[route, model] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
 
     def observe_batch(self, model: str, rows: int) -> None:
-        self._observe(self.batches, model, BATCH_BUCKETS, rows)
+        counts = self.batches.get(model)
+        if counts is None:
+            counts = self.batches[model] = [0.0] * (len(BATCH_BUCKETS) + 2)
+        counts[bisect_left(BATCH_BUCKETS, rows)] += 1
+        counts[-1] += rows
 
     def observe_failed(self, model: str, items: int) -> None:
         self.failed[model] = self.failed.get(model, 0) + items

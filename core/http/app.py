@@ -146,6 +146,8 @@ class EdgeMiddleware:
         self.named = [(route.path_regex.match, route.path) for route in routes if route.param_convertors]
         assert all(set(route.param_convertors) == {"name"} for route in routes if route.param_convertors)
         self.labels = RouteLabels(app.routes)
+        self.direct = direct_routes(app.routes)
+        self._routed: dict[tuple[str, str], tuple[Route, dict[str, Any]] | None] = {}
         self.repository = repository
         self.bodies = bodies
         self.settings = settings
@@ -253,10 +255,62 @@ class EdgeMiddleware:
         scope[SCOPE_KEY] = record  # route plugins record the model and batch size here
         send = self._with_id(send, record.request_id, record)
         if model_name is None or self.for_browser(scope, path, record.headers):
-            await self.app(scope, receive, send)
+            direct = self._direct_route(scope["method"], path)
+            if direct is None:
+                await self.app(scope, receive, send)
+            else:
+                record.route = direct[0].path
+                await self._direct(direct[0], dict(direct[1]), scope, receive, send, record)
         else:
             error = MethodNotAllowed(f"{scope['method']} {path}: inference routes take POST")
             await error_reply(error).send(send)
+
+    def _direct_route(self, method: str, path: str) -> tuple[Route, dict[str, Any]] | None:
+        """The route Starlette's router would pick for the request, and its path parameters,
+        when it is plain ASGI; else None. Remembered per method and path (a client sends the
+        same few; bounded whatever it sends)."""
+        known = self._routed.get((method, path), False)
+        if known is not False:
+            return known  # type: ignore[return-value]
+        chosen = None
+        for match, route in self.direct:
+            found = match(path)
+            if found is None or (route.methods and method not in route.methods):
+                continue  # a wrong method (405) is only answered if no later route matches
+            if route.app is route.endpoint:  # plain ASGI: called past Starlette, as it would be
+                params = found.groupdict()
+                for key, value in params.items():
+                    params[key] = route.param_convertors[key].convert(value)
+                chosen = route, params
+            break
+        if len(path) <= 256:
+            if len(self._routed) >= 1024:
+                self._routed.clear()
+            self._routed[(method, path)] = chosen
+        return chosen
+
+    async def _direct(self, route: Route, params: dict[str, Any], scope: Scope, receive: Receive,
+                      send: Send, record: RequestRecord) -> None:
+        """A plugin's plain ASGI route (V2 inference) as Starlette's router would call it (the
+        same scope keys), without its router, request object and exception middleware: those
+        cost as much as the route itself on a small request. Its errors are answered as the
+        app's exception handlers answer them."""
+        scope["app"] = self.app
+        scope.setdefault("router", self.app.router)
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = params
+        record.status = 0  # no reply started yet
+        try:
+            await route.app(scope, receive, send)
+        except Exception as exc:
+            if record.status:
+                raise  # the reply started: nothing to answer with (Hypercorn closes it)
+            await error_reply(exc, scope, debug=self.settings.debug).send(send)
+            if not isinstance(exc, StudioError | HTTPException):
+                raise  # a bug: re-raised after the reply for the server's log, as Starlette does
+        finally:
+            if not record.status:
+                record.status = 500
 
     @staticmethod
     def _with_id(send: Send, request_id: bytes, record: RequestRecord | None) -> Send:
@@ -290,6 +344,19 @@ class EdgeMiddleware:
                 "-" if record.batch is None else record.batch, model or "-",
                 record.request_id.decode("latin-1"),
             )
+
+
+def direct_routes(routes: Sequence[BaseRoute]) -> list[tuple[Callable[[str], re.Match[str] | None], Route]]:
+    """The routes, in the router's order, that the edge middleware may call past Starlette:
+    it looks for the first one that matches a request fully, as the router does, and calls it
+    when it is plain ASGI (else leaves the request to Starlette). Up to the first route that is
+    not a ``Route`` (a mount, ...): past it, only Starlette's router knows."""
+    direct: list[tuple[Callable[[str], re.Match[str] | None], Route]] = []
+    for route in routes:
+        if not isinstance(route, Route):
+            break
+        direct.append((route.path_regex.match, route))
+    return direct
 
 
 def build_app(

@@ -57,7 +57,8 @@ class BodyReader:
         self.limit = limit
         self.guard = guard if guard is not None else _UNGUARDED
 
-    async def read(self, receive: Receive, declared: bytes | None) -> bytes:
+    async def read(self, receive: Receive, declared: bytes | None, task: Any = None) -> bytes:
+        """``task``: the request's (``asyncio.current_task()``), when the caller has it already."""
         guard = self.guard
         limit = self.limit
         size = 0
@@ -77,9 +78,9 @@ class BodyReader:
                 guard.grow(size - reserved)
                 reserved = size
         reading = guard.reading if guard.read_timeout > 0 else None
-        task: Any = None
         if reading is not None:  # inlined: this runs on every request (bench/bench_inprocess.py)
-            task = asyncio.current_task()
+            if task is None:
+                task = asyncio.current_task()
             reading[task] = 0
             if guard.sweeper is None:
                 guard.start_sweep()

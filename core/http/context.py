@@ -68,13 +68,14 @@ class ServerContext:
         return await self.run(self.ready_model(name), name, payload, receive, named=named)
 
     async def run(self, model: ServedModel, name: str, payload: Payload, receive: Receive | None = None,
-                  *, named: bool = False) -> ModelReply:
+                  *, named: bool = False, task: asyncio.Task[Any] | None = None) -> ModelReply:
         """``model``'s reply through the data plane and the rows of its call. Given the request's
         ``receive``, a client that disconnects meanwhile cancels it: ``ClientGone`` is raised.
-        ``named``: call ``model.predict_named`` (V2's named tensors) rather than ``predict``."""
+        ``named``: call ``model.predict_named`` (V2's named tensors) rather than ``predict``.
+        ``task``: the request's, when the caller has it already."""
         if receive is None:
             return await self.dataplane.infer(model, payload, name, named=named)
-        task = self.disconnects.enter(receive)
+        task = self.disconnects.enter(receive, task)
         try:
             return await self.dataplane.infer(model, payload, name, named=named)
         except asyncio.CancelledError:

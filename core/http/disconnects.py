@@ -28,8 +28,10 @@ class DisconnectWatch:
         self.gone: set[asyncio.Task[Any]] = set()
         self.sweeper: asyncio.Task[None] | None = None
 
-    def enter(self, receive: Receive) -> asyncio.Task[Any] | None:
-        task = asyncio.current_task()
+    def enter(self, receive: Receive, task: asyncio.Task[Any] | None = None) -> asyncio.Task[Any] | None:
+        """Note the current task (``task``, when the caller has it already) as waiting."""
+        if task is None:
+            task = asyncio.current_task()
         if task is not None:
             self.pending[task] = receive
             if self.sweeper is None:

@@ -12,13 +12,20 @@ come from a fixed table. Anything else (other opcodes, memo references, frames s
 large data, another dtype, an inconsistent length) makes ``read_arrays`` return None and the
 caller falls back to the restricted unpickler, which gives the same result for every body this
 accepts (``tests/core/test_fast_pickle.py`` checks that, body by body and under mutation).
+
+A client sends one layout again and again (the same keys, dtypes and shapes; new values), and a
+server answers one: so both directions remember the bytes around the arrays' data (bounded).
+A body whose every byte outside the data equals a layout read before, at the same length, is
+read without the regular expressions: they never look at the data, so they would read it the
+same way. On the identity model's small request that halves decoding and encoding in
+instructions (bench/bench_inprocess.py).
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -119,9 +126,60 @@ def _shape(raw: bytes) -> tuple[tuple[int, ...], int] | None:
 def read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
     """The dict of arrays a canonical pickle of one holds, or None when ``body`` is anything else."""
     try:
+        known = _LAYOUTS.get(len(body))
+        if known is not None:
+            literals, specs = known
+            for at, literal in literals:
+                if not body.startswith(literal, at):
+                    break
+            else:  # every byte but the arrays' data as in a body read before: the same layout
+                arrays = {}
+                for key, dtype, shape, order, start, end, frombuffer in specs:
+                    if frombuffer:  # _build's, inlined: this is nearly every request
+                        arrays[key] = np.ndarray(shape, dtype, bytearray(memoryview(body)[start:end]), 0,
+                                                 None, order)
+                    else:
+                        arrays[key] = _build(body, dtype, shape, order, start, end, frombuffer)
+                return arrays
         return _read_arrays(body)
     except ValueError:  # numpy refusing a shape (an empty array too big to index): the unpickler says so
         return None
+
+
+_Spec = tuple[np.dtype[Any], tuple[int, ...], Literal["C", "F"], int, int, bool]
+"""An array's dtype, shape, order, where its data starts and ends in the body, and whether it is
+a protocol-5 ``_frombuffer`` (else protocol 4's ``_reconstruct``)."""
+_LAYOUTS: dict[int, tuple[tuple[tuple[int, bytes], ...], tuple[tuple[Any, ...], ...]]] = {}
+"""Body length -> the layout last read at that length: every byte outside the arrays' data
+(``(offset, bytes)``) and each array's key and spec. A client sends the same layout again and
+again (same keys, dtypes and shapes, other values); a body whose every byte outside the data is
+the same, at the same length, is read the same way by the regular expressions (they never look
+at the data), so matching those bytes is enough. Bounded in entries and in bytes per entry."""
+_MAX_LAYOUTS = 256
+_MAX_LITERAL_BYTES = 4096
+
+
+def _build(body: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], order: Literal["C", "F"], start: int,
+           end: int, frombuffer: bool) -> np.ndarray[Any, Any]:
+    if frombuffer:
+        # pickle copies the data into a bytearray and numpy views it: writable, like this
+        return np.ndarray(shape, dtype, bytearray(memoryview(body)[start:end]), 0, None, order)
+    # numpy's __setstate__ copies bytes into an array of its own: so does this
+    return np.ndarray(shape, dtype, body, start, None, order).copy(order="K")
+
+
+def _remember(body: bytes, specs: list[tuple[Any, ...]]) -> None:
+    literals = []
+    at = 0
+    for _key, _dtype, _shape, _order, start, end, _frombuffer in specs:
+        literals.append((at, body[at:start]))
+        at = end
+    literals.append((at, body[at:]))
+    if sum(len(literal) for _, literal in literals) > _MAX_LITERAL_BYTES:
+        return  # many keys: not a layout worth holding
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:  # bounded, whatever clients send
+        _LAYOUTS.clear()
+    _LAYOUTS[len(body)] = (tuple(literals), tuple(specs))
 
 
 def _read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
@@ -139,7 +197,8 @@ def _read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
     at += 2
     several = body[at:at + 1] == b"("  # MARK ... SETITEMS, else one SETITEM
     at += several
-    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    specs: list[tuple[Any, ...]] = []  # (key, *_Spec) per array
+    keys: set[str] = set()
     while True:
         op = body[at:at + 1]
         if op == b"\x8c" and at + 1 < len(body):  # SHORT_BINUNICODE
@@ -156,24 +215,28 @@ def _read_arrays(body: bytes) -> dict[str, np.ndarray[Any, Any]] | None:
             key = body[key_start:at].decode("utf-8", "surrogatepass")  # as pickle decodes it
         except UnicodeDecodeError:
             return None
-        if key in arrays:
+        if key in keys:
             return None
+        spec: _Spec | None
         if protocol == b"\x80\x05":
-            array, at = _read_frombuffer(body, at + 1, fragments)
-        elif not arrays and not several:
-            array, at = _read_reconstruct(body, at + 1, fragments)
+            spec, at = _read_frombuffer(body, at + 1, fragments)
+        elif not specs and not several:
+            spec, at = _read_reconstruct(body, at + 1, fragments)
         else:
             return None
-        if array is None:
+        if spec is None:
             return None
-        arrays[key] = array
-    if body[at:] != (b"u." if several else b"s.") or not arrays or (not several and len(arrays) != 1):
+        keys.add(key)
+        specs.append((key, *spec))
+    if body[at:] != (b"u." if several else b"s.") or not specs or (not several and len(specs) != 1):
         return None
+    arrays = {key: _build(body, *spec) for key, *spec in specs}  # a ValueError: nothing remembered
+    _remember(body, specs)
     return arrays
 
 
 def _read_frombuffer(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
-                     ) -> tuple[np.ndarray[Any, Any] | None, int]:
+                     ) -> tuple[_Spec | None, int]:
     head = _FROMBUFFER.match(body, at)
     if head is None:
         return None, at
@@ -186,13 +249,12 @@ def _read_frombuffer(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
     shape = _shape(rest.group(2))
     if dtype is None or shape is None or shape[1] * dtype.itemsize != data_end - data_start:
         return None, at
-    # pickle copies the data into a bytearray and numpy views it: writable, like this
-    data = bytearray(memoryview(body)[data_start:data_end])
-    return np.ndarray(shape[0], dtype, data, 0, None, "F" if rest.group(3) == b"F" else "C"), rest.end()
+    order: Literal["C", "F"] = "F" if rest.group(3) == b"F" else "C"
+    return (dtype, shape[0], order, data_start, data_end, True), rest.end()
 
 
 def _read_reconstruct(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]]
-                      ) -> tuple[np.ndarray[Any, Any] | None, int]:
+                      ) -> tuple[_Spec | None, int]:
     head = _RECONSTRUCT.match(body, at)
     if head is None:
         return None, at
@@ -208,10 +270,8 @@ def _read_reconstruct(body: bytes, at: int, fragments: dict[bytes, np.dtype[Any]
         return None, at
     if not dtype.isnative:  # numpy's setstate makes the array native: leave that to it
         return None, at
-    # numpy's __setstate__ copies bytes into an array of its own: so does this
-    array = np.ndarray(shape[0], dtype, body, data_start, None,
-                       "F" if head.group(3) == b"\x88" else "C").copy(order="K")
-    return array, data_end + len(_RECONSTRUCT_REST)
+    order: Literal["C", "F"] = "F" if head.group(3) == b"\x88" else "C"
+    return (dtype, shape[0], order, data_start, data_end, False), data_end + len(_RECONSTRUCT_REST)
 
 
 def _write_int(value: int) -> bytes:
@@ -232,32 +292,54 @@ def write_arrays(payload: Any) -> bytes | None:
     the same, and large data is copied once, into the result."""
     if type(payload) is not dict or not payload:
         return None
-    if not _BY_DTYPE:
-        _tables()
     several = len(payload) > 1
-    parts: list[bytes | memoryview] = [b"\x80\x05}\x94(" if several else b"\x80\x05}\x94"]
+    parts: list[Any] = [b"\x80\x05}\x94(" if several else b"\x80\x05}\x94"]
     for key, array in payload.items():
         if type(key) is not str or type(array) is not np.ndarray:
             return None
-        fragment = _BY_DTYPE.get(array.dtype)
-        c_order = array.flags.c_contiguous
-        if fragment is None or not (c_order or array.flags.f_contiguous):
+        flags = array.flags
+        c_order = flags.c_contiguous
+        if not c_order and not flags.f_contiguous:
             return None
-        shape = array.shape
-        if shape and max(shape) >= 1 << 31:
-            return None
-        if not shape:
-            shape_code = b")"
-        elif len(shape) <= 3:
-            shape_code = b"".join([_write_int(dim) for dim in shape]) + _TUPLES[len(shape)]
-        else:
-            shape_code = b"(" + b"".join([_write_int(dim) for dim in shape]) + b"t\x94"
-        name = key.encode("utf-8", "surrogatepass")
-        data = memoryview((array if c_order else array.T).reshape(-1)).cast("B")  # type: ignore[arg-type]
-        parts += [
-            b"\x8c" + bytes((len(name),)) if len(name) < 0x100 else b"X" + len(name).to_bytes(4, "little"),
-            name, b"\x94", _FROMBUFFER_NAME, array.nbytes.to_bytes(8, "little"), data, b"\x94",
-            _DTYPE_GLOBAL, fragment, shape_code, _ORDER[c_order],
-        ]
+        written = _WRITTEN.get((key, array.dtype, array.shape, c_order))
+        if written is None:
+            written = _written(key, array, c_order)
+            if written is None:
+                return None
+        # the array's memory as it lies: C order, or an F-ordered array's transpose (C order)
+        parts += [written[0], array if c_order else array.T, written[1]]
     parts.append(b"u." if several else b"s.")
     return b"".join(parts)
+
+
+_WRITTEN: dict[tuple[str, np.dtype[Any], tuple[int, ...], bool], tuple[bytes, bytes]] = {}
+"""(key, dtype, shape, C order) -> what is written before and after the array's data: a server
+answers the same keys, dtypes and shapes again and again. Bounded."""
+_MAX_WRITTEN = 256
+
+
+def _written(key: str, array: np.ndarray[Any, Any], c_order: bool) -> tuple[bytes, bytes] | None:
+    """The bytes around one array's data (None: not a plain dtype, or too large a dimension)."""
+    if not _BY_DTYPE:
+        _tables()
+    fragment = _BY_DTYPE.get(array.dtype)
+    shape = array.shape
+    if fragment is None or (shape and max(shape) >= 1 << 31):
+        return None
+    if not shape:
+        shape_code = b")"
+    elif len(shape) <= 3:
+        shape_code = b"".join([_write_int(dim) for dim in shape]) + _TUPLES[len(shape)]
+    else:
+        shape_code = b"(" + b"".join([_write_int(dim) for dim in shape]) + b"t\x94"
+    name = key.encode("utf-8", "surrogatepass")
+    head = b"".join([
+        b"\x8c" + bytes((len(name),)) if len(name) < 0x100 else b"X" + len(name).to_bytes(4, "little"),
+        name, b"\x94", _FROMBUFFER_NAME, array.nbytes.to_bytes(8, "little"),
+    ])
+    written = head, b"\x94" + _DTYPE_GLOBAL + fragment + shape_code + _ORDER[c_order]
+    if len(name) <= 256:  # long keys are not worth holding
+        if len(_WRITTEN) >= _MAX_WRITTEN:  # bounded, whatever models answer
+            _WRITTEN.clear()
+        _WRITTEN[(key, array.dtype, shape, c_order)] = written
+    return written

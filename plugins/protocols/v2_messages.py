@@ -116,10 +116,10 @@ def parse_request(body: bytes, json_length: int | None = None, *, limit: int) ->
     for index, item in enumerate(raw_inputs):
         if not isinstance(item, dict):
             raise BadRequest(f"input {index}: must be an object with name, shape, datatype and data")
-        name = _field(f"input {index}", item, "name")
+        name = item["name"] if "name" in item else _field(f"input {index}", item, "name")
         if not isinstance(name, str):
             raise BadRequest(f"input {index}: name must be a string")
-        size = _binary_size(name, _parameters(f"input {name!r}", item))
+        size = _binary_size(name, _parameters(f"input {name!r}", item)) if "parameters" in item else None
         declared.append((item, name, size))
     wanted = sum(size for _, _, size in declared if size is not None)
     if wanted != binary_total:
@@ -134,14 +134,16 @@ def parse_request(body: bytes, json_length: int | None = None, *, limit: int) ->
     for item, name, size in declared:
         if name in inputs:
             raise BadRequest(f"input {name!r} is given twice")
-        owner = f"input {name!r}"
-        shape = _field(owner, item, "shape")
-        datatype = _field(owner, item, "datatype")
+        if "shape" not in item or "datatype" not in item or (size is None and "data" not in item):
+            for key in ("shape", "datatype", "data"):  # the message names the first one missing
+                _field(f"input {name!r}", item, key)
+        shape = item["shape"]
+        datatype = item["datatype"]
         if size is not None:
             inputs[name] = decode_binary(name, datatype, shape, view[offset:offset + size], budget)
             offset += size
         else:
-            inputs[name] = decode_json(name, datatype, shape, _field(owner, item, "data"), budget)
+            inputs[name] = decode_json(name, datatype, shape, item["data"], budget)
         datatypes[name] = datatype
 
     parameters = _parameters("request", message)
@@ -183,21 +185,22 @@ def encode_response(
     An output the model failed on (a ``Reply``'s ``None``: a ``ModelPipe`` item) is left out,
     asked for or not: a tensor cannot be ``None``. The reply's headers name it (v2.py)."""
     failed = failed_outputs(result)
+    chosen: list[tuple[str, bool]]
     if request.outputs is None:
-        chosen = [RequestedOutput(name, request.binary_output) for name in result if name not in failed]
+        chosen = [(name, request.binary_output) for name in result if name not in failed]
     else:
-        chosen = [output for output in request.outputs if output.name not in failed]
-        missing = [o.name for o in chosen if o.name not in result]
+        chosen = [(output.name, output.binary) for output in request.outputs if output.name not in failed]
+        missing = [name for name, _ in chosen if name not in result]
         if missing:
             raise BadRequest(
                 f"the model has no output {missing[0]!r}; it answered {', '.join(map(repr, result))}"
             )
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
-    for wanted in chosen:
-        tensor: Tensor = encode(wanted.name, result[wanted.name], request.datatypes.get(wanted.name))
+    for wanted, binary in chosen:
+        tensor: Tensor = encode(wanted, result[wanted], request.datatypes.get(wanted))
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if wanted.binary:
+        if binary:
             data = tensor.binary_data()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)

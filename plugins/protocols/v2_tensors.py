@@ -45,6 +45,8 @@ DTYPES: dict[str, np.dtype] = {
 }
 DATATYPES = (*DTYPES, BYTES)
 _BY_KIND_SIZE = {(dtype.kind, dtype.itemsize): name for name, dtype in DTYPES.items()}
+_NATIVE = {name: dtype.newbyteorder("=") for name, dtype in DTYPES.items()}
+"""JSON data's dtypes (made once: ``newbyteorder`` builds a new dtype each call)."""
 _LENGTH = struct.Struct("<I")
 
 
@@ -86,6 +88,7 @@ def _checked_shape(
 
 _NUMBERS = (int, float)
 _FAST = {"f": "d", "i": "q", "u": "q"}
+_FEW = 64
 
 
 def decode_json(name: str, datatype: Any, shape: Any, data: Any, budget: Budget | None = None) -> Any:
@@ -101,7 +104,7 @@ def decode_json(name: str, datatype: Any, shape: Any, data: Any, budget: Budget 
         if budget is not None:
             budget.spend(name, sum(map(len, items)))
         return nest(items, dims)
-    dtype = DTYPES[datatype].newbyteorder("=")
+    dtype = _NATIVE[datatype]
     flat = rows(name, data)
     _check_count(name, dims, count, len(flat))
     if count == 0:
@@ -129,8 +132,12 @@ def _numbers(flat: list[Any], dtype: np.dtype) -> np.ndarray | None:
     except (TypeError, OverflowError, ValueError):
         return None
     source = np.frombuffer(packed, np.float64 if code == "d" else np.int64)
-    # array.array reads true and false as 1 and 0: where a 1 or a 0 is, look for them
-    if ((source == 0) | (source == 1)).any() and bool in set(map(type, flat)):
+    # array.array reads true and false as 1 and 0: where a 1 or a 0 is, look for them (a few
+    # values are looked at directly: three numpy calls cost more than that)
+    if len(flat) <= _FEW:
+        if bool in set(map(type, flat)):
+            return None
+    elif ((source == 0) | (source == 1)).any() and bool in set(map(type, flat)):
         return None
     return source
 
@@ -162,6 +169,8 @@ def _cast_numbers(
     """``source`` (numpy's reading of the JSON values ``flat``) as ``dtype``, refusing what does
     not fit."""
     if dtype.kind == "f":
+        if dtype.itemsize == 8:  # float64 as float64: nothing can overflow (and errstate costs)
+            return source.astype(dtype)
         with np.errstate(over="ignore"):
             result = source.astype(dtype)
         if dtype.itemsize < 8:
@@ -290,6 +299,10 @@ def encode(name: str, value: Any, hint: str | None = None) -> Tensor:
 
     ``hint``: the datatype of the request's input of the same name, for a value whose own type
     says nothing (an empty list: an empty BYTES tensor through the identity model)."""
+    if type(value) is np.ndarray:  # the common output: what the checks below would make of it
+        datatype = _BY_KIND_SIZE.get((value.dtype.kind, value.dtype.itemsize))
+        if datatype is not None and value.dtype.isnative:
+            return Tensor(name, datatype, list(value.shape), array=np.ascontiguousarray(value.reshape(-1)))
     if isinstance(value, list) and not _has_leaf(value) and hint is not None:
         if hint == BYTES:
             return Tensor(name, BYTES, _flatten(name, value)[0], items=[])

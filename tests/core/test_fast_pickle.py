@@ -237,3 +237,52 @@ def test_threads_that_start_at_once_all_see_whole_tables(monkeypatch: pytest.Mon
     for written, read in results:
         assert written is not None and same(pickle.loads(written), payload)
         assert read is not None and same(read, decode_general(body))
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_remembered_layout_reads_new_data_and_nothing_else(protocol: int) -> None:
+    """A body of a layout read before is matched byte for byte outside its data: new values are
+    read as new values, and a change to any other byte is refused or read as the unpickler
+    reads it (never taken for the remembered layout)."""
+    # two arrays as write_arrays lays them (pickle.dumps's second one is a memo reference)
+    first = (dumps({"a": values("<f4", (2, 3)), "bc": values("<i8", (4,), 1)}) if protocol == 5
+             else pickle.dumps({"a": values("<f4", (2, 3))}, protocol=4))
+    assert read_arrays(first) is not None
+    assert len(first) in fast_pickle._LAYOUTS  # remembered: the next bodies take that path
+    changed = {key: value + 1 for key, value in pickle.loads(first).items()}
+    other = dumps(changed) if protocol == 5 else pickle.dumps(changed, protocol=4)
+    assert len(other) == len(first)
+    fast = read_arrays(other)
+    assert fast is not None and same(fast, decode_general(other))
+    data = set()
+    for start, end in [spec[4:6] for spec in fast_pickle._LAYOUTS[len(first)][1]]:
+        data.update(range(start, end))
+    for at in range(len(first)):
+        if at in data:
+            continue
+        for value in {first[at] ^ 1, first[at] ^ 0x80, 0}:
+            if value == first[at]:
+                continue
+            mutant = first[:at] + bytes((value,)) + first[at + 1:]
+            assert read_arrays(first) is not None  # the original layout remembered again
+            assert agrees(mutant), at
+
+
+def test_remembered_layouts_are_bounded() -> None:
+    for size in range(fast_pickle._MAX_LAYOUTS + 10):
+        assert read_arrays(pickle.dumps({"x": values("u1", (size,))}, protocol=5)) is not None
+    assert len(fast_pickle._LAYOUTS) <= fast_pickle._MAX_LAYOUTS
+    assert read_arrays(pickle.dumps({f"k{i}": values("u1", (1,)) for i in range(500)}, protocol=5)) is None
+
+
+def test_written_layouts_follow_each_array() -> None:
+    """The bytes around an array's data are remembered per key, dtype, shape and order: a reply
+    of another shape, dtype or order under the same key is written as its own."""
+    for payload in ({"x": values("<f4", (2, 3))}, {"x": values("<f4", (3, 2))}, {"x": values("<f8", (2, 3))},
+                    {"x": np.asfortranarray(values("<f4", (2, 3)))}, {"x": values("<f4", (2, 3), 5)}):
+        for _ in range(2):  # the second time from what was remembered
+            body = write_arrays(payload)
+            assert body is not None and same(pickle.loads(body), payload)
+    for size in range(fast_pickle._MAX_WRITTEN + 10):
+        assert write_arrays({"x": values("u1", (size,))}) is not None
+    assert len(fast_pickle._WRITTEN) <= fast_pickle._MAX_WRITTEN

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from core.dataplane.plane import DataPlaneOptions
 from core.http.body_guard import FLOOR
-from studio_plugins import Loader, LoadOptions, ServedModel, hookimpl
+from studio_plugins import BadRequest, Loader, LoadOptions, ServedModel, hookimpl
 from tests.asgi import acall
 from tests.web_app import BROWSER_ACCEPT, Reply, call, toy_app
 
@@ -345,3 +345,84 @@ def test_metric_labels_are_the_route_templates_plugins_included(tmp_path: Path) 
                                  ("/models/{name}", "exp", 400)):
         line = f'studio_requests_total{{model="{model}",route="{route}",status="{status}"}} 1.0'
         assert line in text, (line, [t for t in text.splitlines() if t.startswith("studio_requests_total")])
+
+
+# --- plugin routes of plain ASGI, called past Starlette's router ---------------------------------
+
+
+class AsgiRoute:
+    """A plugin's plain ASGI endpoint (as V2's inference is): answers its path parameters, or
+    raises what the request's ``x-raise`` header names."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = dict(scope["headers"]).get(b"x-raise")
+        if kind == b"bug":
+            raise RuntimeError("a bug at /srv/secret/asgi.py")
+        if kind == b"studio":
+            raise BadRequest("you sent x-raise")
+        body = json.dumps({"params": scope["path_params"], "app": type(scope["app"]).__name__,
+                           "router": type(scope["router"]).__name__,
+                           "endpoint": type(scope["endpoint"]).__name__}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def shadowing(request: Request) -> Response:
+    return Response(b"the function route, registered first", media_type="text/plain")
+
+
+class AsgiPlugin:
+    @staticmethod
+    @hookimpl
+    def studio_register_routes(register: Any) -> None:
+        register(lambda context: [
+            Route("/asgi/{item:int}/{name}", AsgiRoute(), methods=["POST"]),
+            Route("/shadowed", shadowing, methods=["POST"]),
+            Route("/shadowed", AsgiRoute(), methods=["POST"]),
+            Route("/get-only", AsgiRoute(), methods=["GET"]),
+        ])
+
+
+@pytest.fixture(scope="module")
+def asgi_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return toy_app(tmp_path_factory.mktemp("studioml"), {"exp": None}, plugins=(AsgiPlugin(),))
+
+
+def test_plain_asgi_routes_get_the_scope_starlettes_router_gives(asgi_app: Any) -> None:
+    reply = call(asgi_app, "POST", "/asgi/7/seven")
+    assert reply.status == 200 and reply.headers["x-request-id"]
+    assert reply.json() == {"params": {"item": 7, "name": "seven"}, "app": "Starlette", "router": "Router",
+                            "endpoint": "AsgiRoute"}
+    for item in (8, 7, 8):  # the route is remembered per path; its parameters are each its own
+        assert call(asgi_app, "POST", f"/asgi/{item}/n").json()["params"] == {"item": item, "name": "n"}
+    for item in range(1100):  # what is remembered stays bounded
+        call(asgi_app, "POST", f"/asgi/{item}/n")
+    assert len(asgi_app._routed) <= 1024
+    assert call(asgi_app, "POST", "/shadowed").text == "the function route, registered first"
+    assert call(asgi_app, "GET", "/get-only").status == 200
+    assert_error(call(asgi_app, "POST", "/get-only"), 405, "MethodNotAllowed")
+    assert_error(call(asgi_app, "POST", "/asgi/seven/7"), 404, "NotFound")  # {item:int} as Starlette's
+    labels = call(asgi_app, "GET", "/metrics").text
+    assert 'route="/asgi/{item:int}/{name}",status="200"' in labels
+
+
+def test_plain_asgi_routes_answer_errors_as_the_app_does(asgi_app: Any) -> None:
+    assert_error(call(asgi_app, "POST", "/asgi/1/x", {"x-raise": "studio"}), 400, "BadRequest", "x-raise")
+    sent: list[dict[str, Any]] = []
+    scope = {"type": "http", "method": "POST", "path": "/asgi/1/x", "raw_path": b"/asgi/1/x",
+             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 1),
+             "headers": [(b"host", b"127.0.0.1"), (b"x-raise", b"bug")]}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with pytest.raises(RuntimeError, match="a bug at"):  # re-raised after the reply, for the log
+        asyncio.run(asgi_app(scope, receive, send))
+    assert sent[0]["status"] == 500 and dict(sent[0]["headers"])[b"x-request-id"]
+    assert json.loads(sent[1]["body"]) == {"error": "internal error: RuntimeError", "type": "StudioError"}
+    assert call(asgi_app, "POST", "/asgi/2/y").status == 200  # and it serves on
