@@ -99,6 +99,11 @@ def _serve_asgi(app_path: str, host: str, port: int) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
+    from core.process.serving import tune_malloc
+
+    # glibc's malloc set up as `studio-plug serve` sets it up for itself: a floor on the default
+    # thresholds maps and unmaps buffers differently, so the ratio would measure that too.
+    tune_malloc()
     module_name, _, attr = app_path.partition(":")
     app = getattr(importlib.import_module(module_name), attr or "app")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
