@@ -40,6 +40,12 @@ HANDSHAKE = 10.0
 IDLE = 300.0
 """Seconds a connection may carry no call before the server closes it (GOAWAY): gRPC's default
 keeps it forever, so idle connections would pile up. A client's channel reconnects by itself."""
+MAX_STREAMS = 100
+"""Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, as
+Hypercorn's default for HTTP): gRPC's default is no limit, and each open call buffers what its
+client sent of a message (up to its flow-control window) until the message is whole, so one
+connection of 4000 calls that each sent 60 KB of a 1 MB message and stalled held 240 MB. Clients
+queue calls past it on their channel (tritonclient, grpcio do); --max-queue bounds the rest."""
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
@@ -126,6 +132,7 @@ class GrpcPort(OpenListener):
                 ("grpc.max_send_message_length", -1),
                 ("grpc.server_handshake_timeout_ms", int(self.handshake * 1000)),
                 ("grpc.max_connection_idle_ms", int(IDLE * 1000)),
+                ("grpc.max_concurrent_streams", MAX_STREAMS),
             ],
         )
         add_v2_servicer(server, context)
