@@ -9,15 +9,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
 import numpy as np
 import pytest
 
+from plugins.protocols.grpc.listener import MAX_STREAMS
 from studio_plugins import ConfigurationError, ServeOptions
 from studio_plugins.testing import ServerProcess
 from tests.cli.test_serve import free_port, run_cli
@@ -134,6 +141,48 @@ def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
                 pass
     assert time.monotonic() - started < 8  # --read-timeout 2 bounds the handshake, not gRPC's 120 s
     assert pids_answering(served, tls, 4) <= before == worker_pids(served)
+
+
+def test_a_connection_may_open_max_streams_and_gzip_does_not_pass_max_body(
+        served: ServerProcess, tls: Tls) -> None:
+    """Hostile transport: calls that each send part of a large message and stall buffer it until
+    the connection closes, so one connection's calls are bounded (SETTINGS_MAX_CONCURRENT_STREAMS,
+    none by gRPC's default); a gzip message of a few KB that inflates past --max-body is
+    refused (the limit applies after decompression)."""
+    host, port = served.grpc_target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=tls.ca)
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
+                             server_hostname=host) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        settings: dict[int, int] = {}
+        while not settings:
+            for event in conn.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    settings = {key: value.new_value for key, value in event.changed_settings.items()}
+        assert settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS) == MAX_STREAMS, settings
+        headers = [(":method", "POST"), (":scheme", "https"), (":authority", host),
+                   (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                   ("content-type", "application/grpc"), ("te", "trailers"), *AUTH.items()]
+        for _ in range(MAX_STREAMS):  # each claims 1 MiB - 1, sends 10 KB, and stalls
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, headers)
+            conn.send_data(stream, b"\0" + ((1 << 20) - 1).to_bytes(4, "big") + bytes(10_000))
+        sock.sendall(conn.data_to_send())
+        with pytest.raises(h2.exceptions.TooManyStreamsError):  # the server's limit, kept by h2
+            conn.send_headers(conn.get_next_available_stream_id(), headers)
+        c = client(served, tls)
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                tensor = grpcclient.InferInput("x", [2_000_000], "FP32")  # 8 MB of zeros
+                tensor.set_data_from_numpy(np.zeros(2_000_000, np.float32))
+                c.infer("ident", [tensor], headers=AUTH, compression_algorithm="gzip")
+            assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED", refused.value
+            assert pid_of(c) in worker_pids(served)  # served while the stalled calls are open
+        finally:
+            c.close()
 
 
 def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tls) -> None:

@@ -40,6 +40,14 @@ HANDSHAKE = 10.0
 IDLE = 300.0
 """Seconds a connection may carry no call before the server closes it (GOAWAY): gRPC's default
 keeps it forever, so idle connections would pile up. A client's channel reconnects by itself."""
+MAX_STREAMS = 256
+"""Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): gRPC's
+default is no limit, and each open call buffers what its client sent of a message (gRPC opens the
+flow-control window to the length the message claims, up to --max-body) until it is whole, so
+one connection of 4000 calls that each sent 60 KB of a 1 MB message and stalled held 240 MB, for
+as long as the connection stayed open. This bounds one connection to this many times --max-body.
+256 is --max-queue's default: one channel can still fill the queue (a burst past the limit is
+refused by gRPC's core with ``UNAVAILABLE``, as --max-queue refuses: a status to retry)."""
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
@@ -126,6 +134,7 @@ class GrpcPort(OpenListener):
                 ("grpc.max_send_message_length", -1),
                 ("grpc.server_handshake_timeout_ms", int(self.handshake * 1000)),
                 ("grpc.max_connection_idle_ms", int(IDLE * 1000)),
+                ("grpc.max_concurrent_streams", MAX_STREAMS),
             ],
         )
         add_v2_servicer(server, context)
