@@ -53,7 +53,6 @@ from bench.bench_keras import write_mlp
 from bench.bench_v2 import (
     DEFAULT_VENV,
     MLSERVER_CONFIGS,
-    MODEL_TARGET,
     OCTET,
     OURS_CONFIGS,
     check_binary,
@@ -68,6 +67,9 @@ from bench.bench_v2 import (
 from bench.harness import Result, describe_machine, have_wrk, print_table, studio_server, warn
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_TARGET = 1.5
+"""Issue 17: ours >= 1.5x MLServer's gRPC req/s on both models at 16 concurrent requests (V2 JSON
+over HTTP has its own, higher target in bench_v2)."""
 GRPC_TARGET = 1.0
 """Informational: gRPC >= HTTP (binary) on our server; reported, not required."""
 
