@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import re
@@ -35,6 +34,7 @@ from core.dataplane.metrics import Metrics
 from core.dataplane.plane import DataPlane, DataPlaneOptions
 from core.errors import MethodNotAllowed, StudioError, Unauthorized
 from core.http.activity import Activity
+from core.http.bearer import bearer_matches
 from core.http.body import BodyReader
 from core.http.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, default_budget
 from core.http.codecs import CodecSet
@@ -160,11 +160,8 @@ class EdgeMiddleware:
         self._ids = itertools.count(1)
 
     def authorized(self, header: bytes) -> bool:
-        """``Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token compared in
-        constant time."""
-        scheme, _, token = header.partition(b" ")
         assert self.expected is not None
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+        return bearer_matches(header, self.expected)
 
     def next_id(self) -> bytes:
         """Unique per server run: a random prefix and a counter (cheaper than uuid4 each time)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,6 +14,7 @@ from starlette.types import Receive
 from core.dataplane.plane import DataPlane
 from core.errors import Conflict, NotReady
 from core.http.activity import Activity
+from core.http.bearer import bearer_matches
 from core.http.body import BodyReader, ClientGone
 from core.http.disconnects import DisconnectWatch
 from core.http.record import SCOPE_KEY, RequestRecord
@@ -107,14 +107,7 @@ class ServerContext:
         """Whether a request whose ``Authorization`` value is ``authorization`` passes ``--token``
         (always, without one): ``Bearer <token>``, the scheme case-insensitive (RFC 7235), the
         token compared in constant time, as the HTTP app checks it."""
-        if self._token is None:
-            return True
-        if authorization is None:
-            return False
-        if isinstance(authorization, str):
-            authorization = authorization.encode("latin-1", "replace")
-        scheme, _, token = authorization.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+        return self._token is None or bearer_matches(authorization, self._token)
 
     def ready(self) -> bool:
         return self.is_ready()
