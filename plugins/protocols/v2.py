@@ -273,9 +273,15 @@ class V2Routes:
         return json_response({"name": name, "state": REPOSITORY_STATES[state.state], **_describe(state)})
 
 
+def fully_declared(specs: Sequence[TensorSpec]) -> bool:
+    """Whether every tensor has a V2 datatype: metadata lists a model's tensors only then (a
+    tensor needs a datatype and a shape), over HTTP and gRPC alike."""
+    return all(spec.datatype in METADATA_DATATYPES for spec in specs)
+
+
 def _tensors(specs: Sequence[TensorSpec]) -> list[dict[str, Any]] | None:
     """Metadata tensors, or None when one of them is not known (no V2 datatype)."""
-    if any(spec.datatype not in METADATA_DATATYPES for spec in specs):
+    if not fully_declared(specs):
         return None
     return [{"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)} for spec in specs]
 

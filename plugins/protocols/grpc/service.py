@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from studio_plugins import BadRequest, ModelState, ServingContext, StudioError, failed_headers
 
-from ..v2 import METADATA_DATATYPES, REPOSITORY_STATES, VERSION, check_inputs, check_version
+from ..v2 import REPOSITORY_STATES, VERSION, check_inputs, check_version, fully_declared
 from . import grpc_service_pb2 as pb
 from . import model_config_pb2 as config_pb
 from .status import status_code
@@ -101,10 +101,10 @@ class InferenceService:
         response = pb.ModelMetadataResponse(name=state.name, versions=[VERSION],
                                             platform=model.platform if model is not None else "")
         if model is not None:
-            # a tensor needs a datatype and a shape: where the model does not say them all, none
-            # is listed (as over HTTP, where the parameters say so: this message has none)
+            # where the model does not say them all, none is listed (as over HTTP, where the
+            # parameters say so: this message has none)
             for specs, tensors in ((model.inputs, response.inputs), (model.outputs, response.outputs)):
-                if all(spec.datatype in METADATA_DATATYPES for spec in specs):
+                if fully_declared(specs):
                     for spec in specs:
                         tensors.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return response
@@ -119,7 +119,7 @@ class InferenceService:
                                        platform=model.platform if model is not None else "")
         if model is not None:
             for specs, tensors in ((model.inputs, config.input), (model.outputs, config.output)):
-                if all(spec.datatype in METADATA_DATATYPES for spec in specs):
+                if fully_declared(specs):
                     for spec in specs:
                         tensors.add(name=spec.name, data_type=config_type(spec.datatype),
                                     dims=list(spec.shape))
