@@ -116,7 +116,8 @@ class ServeOptions:
         "that does not fit gets 503 with Retry-After before it is read. Default: 1GiB or 4 x "
         "--max-body, whichever is more. 0: unbounded.", kind=SIZE)
     threads: int = option(
-        4, "--threads", "Threads that run a synchronous model (the event loop never blocks).",
+        4, "--threads", "Threads that run a synchronous model, so the event loop never blocks "
+        "(a compiled model's calls timed under 1 ms run on the event loop instead).",
         kind=integer(1), always=True)
     timeout: float | None = option(
         None, "--timeout", "Seconds until a request is answered 504 (the late result is "
@@ -142,8 +143,9 @@ class ServeOptions:
         "and share it (copy-on-write) and one socket. 'auto': one per usable core. Batching forms "
         "batches within a worker.", kind=WORKERS)
     threads_per_worker: int | None = option(
-        None, "--threads-per-worker", "Intra-op threads (torch/Keras) in each worker. Default: "
-        "usable cores / workers, at least 1.", kind=integer(1))
+        None, "--threads-per-worker", "Intra-op threads (torch/Keras) in each serving process. "
+        "Default: usable cores / workers; one process alone: usable cores - 1 (a core for its "
+        "event loop), or OMP_NUM_THREADS if set. At least 1.", kind=integer(1))
     metrics: bool = option(
         True, "--metrics", "Serve Prometheus metrics on GET /metrics.", kind=SWITCH)
     access_log: bool = option(

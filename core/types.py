@@ -101,6 +101,11 @@ class ServedModel:
     (core/models/compiling.py; ``--no-compile``: never). None: nothing to compile."""
     compiled: str | None = None
     """How this model was compiled (for the log); None: it runs as loaded."""
+    call_times: tuple[tuple[int, float], ...] = ()
+    """``(input elements, seconds)`` of calls its loader timed, for a model whose call time
+    depends on its inputs' shapes alone (a traced, frozen graph): the data plane runs calls no
+    larger than a measured one that was quick on the event loop itself (core/dataplane/inline.py).
+    (): every call runs in the thread pool."""
 
 
 @dataclass(frozen=True)

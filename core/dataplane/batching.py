@@ -115,6 +115,7 @@ class Batcher:
         on_batch: Callable[[int], None] | None = None,
         max_calls: int = 1,
         max_bytes: int = MAX_BATCH_BYTES,
+        gather: bool = False,
     ) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
@@ -122,6 +123,11 @@ class Batcher:
         self.max_delay = max_delay
         self.on_batch = on_batch
         self.max_calls = max(1, max_calls)
+        self.gather = gather
+        """The model's calls hold the event loop (core/dataplane/inline.py), so it is idle
+        whenever a request arrives: the first request of a turn of the loop waits for the turn's
+        end, and the requests read meanwhile join its call."""
+        self._gathering = False
         self.running = 0
         """Batched calls in flight (each counts from its start until the model returned, or its
         only caller gave up)."""
@@ -138,7 +144,7 @@ class Batcher:
         nbytes = sum(value.nbytes for value in payload.values())
         if rows >= self.max_batch_size or nbytes >= self.max_bytes:
             return None  # already a full batch on its own
-        if not self.max_delay and self.running < self.max_calls and not self._groups:
+        if not (self.max_delay or self.gather) and self.running < self.max_calls and not self._groups:
             return await self._run_alone(payload, rows)
         loop = asyncio.get_running_loop()
         pending = Pending(payload, rows, nbytes, time.monotonic(), loop.create_future())
@@ -148,7 +154,11 @@ class Batcher:
         group.items.append(pending)
         group.rows += rows
         group.nbytes += nbytes
-        self._pump()
+        if not self.gather:
+            self._pump()
+        elif not self._gathering:
+            self._gathering = True
+            loop.call_soon(self._gathered)
         return await pending.future
 
     async def _run_alone(self, payload: Payload, rows: int) -> ModelReply:
@@ -185,6 +195,10 @@ class Batcher:
                 if group.timer is None and not self._ready(group, now):
                     group.timer = loop.call_later(
                         group.items[0].arrival + self.max_delay - now, self._wake, group)
+
+    def _gathered(self) -> None:
+        self._gathering = False
+        self._pump()
 
     def _wake(self, group: Group) -> None:
         group.timer = None

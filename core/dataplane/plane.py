@@ -2,7 +2,9 @@
 
 Admission is bounded (``--max-queue``: beyond it, 503 at once); each request has a deadline
 (``--timeout``: 504, the late result is discarded); sync models run in a bounded thread pool
-(``--threads``) so the event loop never blocks; compatible concurrent requests are batched
+(``--threads``) so the event loop never blocks, except a compiled model's calls timed far under
+a millisecond, which run on the event loop (core/dataplane/inline.py: the thread's hand-back of
+the GIL costs more than they do); compatible concurrent requests are batched
 (``--max-batch-size``; on by default for the models that declare themselves batchable: the
 framework loaders', wrappers with ``batchable = True``). A model that raises or returns
 something other than a dict becomes a ``ModelError`` (500) for exactly the requests it was asked
@@ -22,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from core.dataplane.batching import Batcher
+from core.dataplane.inline import InlineGate, inline_gate
 from core.dataplane.metrics import Metrics
 from core.errors import DeadlineExceeded, ModelError, Overloaded, StudioError
 from core.types import ModelFn, ModelReply, Payload, Reply, ServedModel
@@ -62,6 +65,7 @@ class DataPlane:
         self._batchers: dict[tuple[int, bool], Batcher] = {}
         self._invokers: dict[tuple[int, bool], Callable[[Payload], Awaitable[Any]]] = {}
         self._limits: dict[int, asyncio.Semaphore] = {}  # model.concurrency, whichever way it is called
+        self._gates: dict[int, InlineGate | None] = {}  # which calls run on the event loop
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -105,7 +109,7 @@ class DataPlane:
             batched = await self._batcher(model, name, named).submit(payload)
             if batched is not None:
                 return batched
-        result = await self.call(model, payload, named)
+        result = await self.call(model, payload, named, name)
         rows = payload_rows(payload)
         if self.metrics is not None:
             self.metrics.observe_batch(name, rows)
@@ -118,7 +122,7 @@ class DataPlane:
         if batcher is None:
 
             async def run(payload: Payload) -> Payload:
-                return await self.call(model, payload, named)
+                return await self.call(model, payload, named, name)
 
             def observe(rows: int) -> None:
                 if self.metrics is not None:
@@ -126,16 +130,21 @@ class DataPlane:
 
             # One batched call at a time (Batcher's default): measured on the Keras MLP at 16
             # connections, 2,043 req/s against 1,517 with two calls at once and 677 with four.
-            batcher = Batcher(run, self.options.max_batch_size, self.options.max_batch_delay, observe)
+            # A model called on the event loop is never busy when a request arrives: its batches
+            # form from the requests read in one turn of the loop (``gather``).
+            batcher = Batcher(run, self.options.max_batch_size, self.options.max_batch_delay, observe,
+                              gather=self._gate(model, name) is not None)
             # Keyed by identity: a model swapped in later gets batches of its own.
             self._batchers[(id(model), named)] = batcher
         return batcher
 
-    async def call(self, model: ServedModel, payload: Payload, named: bool = False) -> Payload:
-        """One model call, sync models in the thread pool; errors become ``ModelError``."""
+    async def call(self, model: ServedModel, payload: Payload, named: bool = False, name: str = ""
+                   ) -> Payload:
+        """One model call, sync models in the thread pool (or on the event loop where the
+        model's gate admits it); errors become ``ModelError``."""
         invoke = self._invokers.get((id(model), named))
         if invoke is None:
-            invoke = self._invokers[(id(model), named)] = self._invoker(model, named)
+            invoke = self._invokers[(id(model), named)] = self._invoker(model, named, name)
         try:
             result: Any = await invoke(payload)
         except StudioError:
@@ -151,11 +160,26 @@ class DataPlane:
             return Reply(result, result.failed)
         return dict(result)
 
-    def _invoker(self, model: ServedModel, named: bool) -> Callable[[Payload], Awaitable[Any]]:
+    def _gate(self, model: ServedModel, name: str) -> InlineGate | None:
+        if id(model) not in self._gates:
+            self._gates[id(model)] = inline_gate(name, model.call_times) if model.call_times else None
+        return self._gates[id(model)]
+
+    def _invoker(self, model: ServedModel, named: bool, name: str
+                 ) -> Callable[[Payload], Awaitable[Any]]:
         """How to call ``model``, decided once per model: inspecting it per request is slow."""
         predict = model.predict_named if named and model.predict_named is not None else model.predict
         if _is_async(predict):
             return predict  # type: ignore[return-value]
+        gate = self._gate(model, name)
+        if gate is not None:
+
+            async def inline_or_thread(payload: Payload) -> Any:
+                if gate.admits(payload):
+                    return gate.call(predict, payload)
+                return await self._in_thread(predict, payload)
+
+            return inline_or_thread
         if not model.concurrency:
             return partial(self._in_thread, predict)
         limit = self._limits.get(id(model))
@@ -180,6 +204,7 @@ class DataPlane:
             self._batchers.pop((id(model), named), None)
             self._invokers.pop((id(model), named), None)
         self._limits.pop(id(model), None)
+        self._gates.pop(id(model), None)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -283,10 +283,10 @@ def _compiled(torch: ModuleType, model: Any, names: list[str], inputs: list[Expe
 
         return run
 
-    run = tracing.checked(build, eager, inputs, varied=True)
+    run, call_times = tracing.checked(build, eager, inputs, varied=True)
     fast = TensorModel(run, inputs)
     return replace(loaded, predict=fast, predict_named=fast.named, compiler=None,
-                   compiled="torch.jit.trace, frozen")
+                   compiled="torch.jit.trace, frozen", call_times=call_times)
 
 
 @hookimpl

@@ -300,10 +300,13 @@ def _compiled(torch: ModuleType, module: Any, inputs: list[Expected], device: st
         graph = tracing.freeze(torch, module) if scripted else tracing.trace(torch, module, inputs, device)
         return _runner(torch, graph, device, float_dtype)
 
-    run = tracing.checked(build, loaded.predict.run, inputs, varied=not scripted)
+    run, call_times = tracing.checked(build, loaded.predict.run, inputs, varied=not scripted)
     fast = TensorModel(run, inputs)
+    # A scripted module may branch and loop on its inputs' values, so its time is not its
+    # shape's: only a traced graph's calls may run on the event loop (core/dataplane/inline.py).
     return replace(loaded, predict=fast, predict_named=fast.named, compiler=None,
-                   compiled="torch.jit.freeze" if scripted else "torch.jit.trace, frozen")
+                   compiled="torch.jit.freeze" if scripted else "torch.jit.trace, frozen",
+                   call_times=() if scripted else call_times)
 
 
 @hookimpl

@@ -26,6 +26,7 @@ failure is logged, and the loaded model serves as before.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -40,9 +41,17 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 fold and reorder float arithmetic, which moves the last bits."""
 
 SEED = 20250601
-WARM_ROWS = (1, 2, 3, 4, 8, 16)
+WARM_ROWS = (1, 2, 3, 4, 8, 16, 32)
 """Batch sizes run once more after the check: TorchScript's profiling executor optimises a graph
-on its first calls with a new shape (30 ms for the MLP's first), so requests do not pay that."""
+on its first calls with a new shape (30 ms for the MLP's first), so requests do not pay that.
+32: the default ``--max-batch-size``."""
+
+TIMED_UP_TO = 0.01
+"""Seconds: every batch size is warmed and timed (``ServedModel.call_times``) until a call takes
+longer; the data plane runs only calls far quicker than this on the event loop
+(core/dataplane/inline.py), so a large model spends no more time on it."""
+
+CallTimes = tuple[tuple[int, float], ...]
 
 
 class CompileRefused(Exception):
@@ -114,12 +123,32 @@ def check(eager: Runner, compiled: Runner, inputs: Sequence[Expected], *, varied
                                  f"atol={TOLERANCE['atol']:g})")
 
 
-def warm(compiled: Runner, inputs: Sequence[Expected]) -> None:
-    for rows in WARM_ROWS:
+def warm(compiled: Runner, inputs: Sequence[Expected]) -> CallTimes:
+    """Run ``compiled`` on batches of each of ``WARM_ROWS``, and time it on every size from one
+    row up while it stays quick (``TIMED_UP_TO``): ``(input elements, seconds)``, the best of two
+    calls after a warm one. Only a model whose inputs are fixed but for the batch axis is timed:
+    then its time is its rows', and every size it is timed on has been specialised by the JIT
+    (a new shape's first call took up to 11 ms for the MLP)."""
+    timed = all(expected.shape is not None and all(size >= 0 for size in expected.shape[1:])
+                for expected in inputs)
+    times: list[tuple[int, float]] = []
+    for rows in range(1, max(WARM_ROWS) + 1):
+        quick = timed and (not times or times[-1][1] <= TIMED_UP_TO)
+        if not quick and rows not in WARM_ROWS:
+            continue
+        named = batch(inputs, rows, None)
         try:
-            compiled(batch(inputs, rows, None))
+            compiled(named)
         except Exception:  # a size the model does not take (a fixed batch): requests get the 400
-            return
+            break
+        if quick:
+            best = float("inf")
+            for _ in range(2):
+                began = time.perf_counter()
+                compiled(named)
+                best = min(best, time.perf_counter() - began)
+            times.append((sum(array.size for array in named.values()), best))
+    return tuple(times)
 
 
 def trace(torch: ModuleType, module: Any, inputs: Sequence[Expected], device: str) -> Any:
@@ -143,8 +172,9 @@ def freeze(torch: ModuleType, module: Any) -> Any:
 
 
 def checked(build: Callable[[], Runner], eager: Runner, inputs: Sequence[Expected], *,
-            varied: bool) -> Runner:
-    """The runner ``build`` makes, once it answers as ``eager`` does (``check``) and is warm."""
+            varied: bool) -> tuple[Runner, CallTimes]:
+    """The runner ``build`` makes, once it answers as ``eager`` does (``check``) and is warm,
+    with its times on the warm-up batches (``warm``)."""
     if not inputs:
         raise CompileRefused("the model does not declare its inputs, so it cannot be checked")
     try:
@@ -156,5 +186,4 @@ def checked(build: Callable[[], Runner], eager: Runner, inputs: Sequence[Expecte
         raise CompileRefused(f"tracing failed ({type(exc).__name__}: "
                              f"{lines[0][:200] if lines else ''})") from exc
     check(eager, compiled, inputs, varied=varied)
-    warm(compiled, inputs)
-    return compiled
+    return compiled, warm(compiled, inputs)

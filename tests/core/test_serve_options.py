@@ -126,3 +126,13 @@ def test_the_help_lists_every_declared_option() -> None:
             assert spec.flag in text
     assert "[default: 64MiB]" in text and "[default: 3600; x>=0]" in text
     assert "--metrics / --no-metrics" in text and "--instance-type" in text  # a backend's own
+
+
+@pytest.mark.parametrize(("cores", "workers", "threads"),
+                         [(2, 1, 1), (16, 1, 15), (1, 1, 1), (16, 4, 4), (2, 2, 1), (3, 8, 1)])
+def test_intra_op_threads_leave_one_process_a_core_for_its_event_loop(
+        monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, threads: int) -> None:
+    from core.process import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: cores)
+    assert launch.default_threads(workers) == threads

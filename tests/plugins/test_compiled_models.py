@@ -5,6 +5,7 @@ trace would answer otherwise is refused, saying why."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def test_a_keras_mlp_compiled_answers_as_loaded(tmp_path: Path) -> None:
     batches = [{"x": RNG.normal(size=(rows, 784)).astype(np.float32)} for rows in (1, 5, 16, 33)]
     same_answers(eager, fast, batches)
     same_answers(eager, fast, [{"a": batches[0]["x"], "b": batches[1]["x"].astype(np.float64)}])
+    # every batch size up to the default --max-batch-size was warmed and timed, for the data
+    # plane's choice of calls run on the event loop (core/dataplane/inline.py)
+    assert [size for size, _ in fast.call_times] == [rows * 784 for rows in range(1, 33)]
+    assert all(0 < seconds < tracing.TIMED_UP_TO for _, seconds in fast.call_times)
+    assert eager.call_times == ()
 
 
 def test_a_keras_model_with_two_named_inputs_and_outputs(tmp_path: Path) -> None:
@@ -105,6 +111,7 @@ def test_torchscript_is_frozen_and_answers_as_loaded(tmp_path: Path, trace: bool
         return
     fast = compiled(eager)
     assert fast.compiled == "torch.jit.freeze"
+    assert fast.call_times == ()  # scripted code may loop on values: never timed by shape
     same_answers(eager, fast, [{"x": RNG.normal(size=(rows, 3)).astype(np.float32)} for rows in (1, 7)])
 
 
@@ -119,6 +126,26 @@ def test_a_torch_export_program_with_two_inputs_compiled_answers_as_loaded(tmp_p
     payloads = [{"a": RNG.normal(size=(rows, 3)).astype(np.float32),
                  "b": RNG.normal(size=(rows, 3)).astype(np.float32)} for rows in (1, 2, 11)]
     same_answers(eager, fast, payloads, named=True)
+
+
+def test_warm_times_every_size_while_quick_and_only_fixed_shapes() -> None:
+    calls: list[int] = []
+
+    def runner(named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(named.values())))
+        calls.append(rows)
+        if rows >= 5:  # slow from five rows on: timed once, then warmed only at WARM_ROWS
+            time.sleep(tracing.TIMED_UP_TO * 1.5)
+        return dict(named)
+
+    fixed = [Expected("x", np.dtype("float32"), (-1, 3))]
+    times = tracing.warm(runner, fixed)
+    assert [size for size, _ in times] == [3 * rows for rows in range(1, 6)]
+    assert sorted(set(calls)) == [1, 2, 3, 4, 5, 8, 16, 32]
+    calls.clear()
+    open_axis = [Expected("x", np.dtype("float32"), (-1, -1))]  # time would depend on more than rows
+    assert tracing.warm(runner, open_axis) == ()
+    assert sorted(set(calls)) == list(tracing.WARM_ROWS)
 
 
 def test_a_torch_export_program_with_one_input(tmp_path: Path) -> None:
