@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from core.errors import Overloaded
+from core.http.disconnects import LINGER
 
 log = logging.getLogger("studio_plugins.body")
 
@@ -122,9 +123,14 @@ class BodyGuard:
 
     async def _sweep(self) -> None:
         started = self.started
+        idle = 0.0
         try:
-            while self.reading:
+            while idle < LINGER:  # see LINGER: not ``while self.reading``
                 await asyncio.sleep(self.interval)
+                if not self.reading:
+                    idle += self.interval
+                    continue
+                idle = 0.0
                 now = time.monotonic()
                 for task, received in self.reading.items():
                     took = now - started.setdefault(task, now)
