@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.http import body_guard
 from core.http.app import AppSettings, build_app
 from core.http.body_guard import FLOOR, BodyGuard
 from core.http.codecs import CodecSet
@@ -114,6 +115,28 @@ def test_a_body_that_never_starts_is_answered_408(make_app: Callable[..., Any]) 
     assert json.loads(reply.body)["type"] == "RequestTimeout"
     assert 0.2 <= took < 1.0  # between T and T + 2 sweeps (0.05 s each here)
     assert not guard_of(app).reading and guard_of(app).free == guard_of(app).budget
+
+
+def test_one_sweeper_serves_requests_that_need_no_waiting_and_ends_when_idle(
+        make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small body leaves the guard's dict in the step it entered it; its sweeper must outlive
+    that, or nearly every request would start a task of its own (core/http/disconnects.py)."""
+    monkeypatch.setattr(body_guard, "LINGER", 0.2)
+    app = make_app(read_timeout=0.2, min_rate=1000)
+    guard = guard_of(app)
+
+    async def main() -> None:
+        assert (await call(app, "/", whole(SMALL), len(SMALL))).status == 200
+        sweeper = guard.sweeper
+        assert sweeper is not None
+        for _ in range(3):
+            await asyncio.sleep(0.06)  # the sweeper ran and found nothing to watch
+            assert (await call(app, "/", whole(SMALL), len(SMALL))).status == 200
+            assert guard.sweeper is sweeper and not sweeper.done()
+        await asyncio.sleep(0.5)
+        assert sweeper.done() and guard.sweeper is None  # idle for LINGER: it ended
+
+    asyncio.run(main())
 
 
 def test_a_body_below_the_minimum_rate_is_cut_one_above_it_is_read(make_app: Callable[..., Any]) -> None:
