@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from core.http.body_guard import FLOOR, MIN_RATE, READ_TIMEOUT, BodyGuard, defau
 from core.http.codecs import CodecSet
 from core.http.context import ServerContext
 from core.http.cors import with_cors
+from core.http.counting import RequestCounter
 from core.http.inference import InferenceEndpoint, send_reply
 from core.http.listeners import ListenerGroup
 from core.http.openapi import DocumentBuilder
@@ -61,8 +61,6 @@ log = logging.getLogger("studio_plugins.app")
 access_log = logging.getLogger("studio_plugins.access")
 
 HEALTH_PREFIX = "/v2/health/"
-UNKNOWN_MODEL = ""
-"""The model label of a request for a name the server does not have (labels stay bounded)."""
 UNCOUNTED = ("/v2/health/", "/metrics")
 PUBLIC_PATHS = frozenset({"/docs"})
 """Answered without the token: a static page that holds no data of the server (it fetches
@@ -135,7 +133,7 @@ class EdgeMiddleware:
 
     def __init__(
         self, app: Starlette, endpoint: InferenceEndpoint, settings: AppSettings, metrics: Metrics | None,
-        repository: ModelRepository, bodies: BodyGuard,
+        repository: ModelRepository, bodies: BodyGuard, counter: RequestCounter,
     ) -> None:
         self.app = app
         self.endpoint = endpoint
@@ -151,10 +149,8 @@ class EdgeMiddleware:
         self.repository = repository
         self.bodies = bodies
         self.settings = settings
-        self.activity = settings.activity
         self.metrics = metrics
-        # across worker processes the in-flight gauge is counted; in one it is read at scrape time
-        self.count_in_flight = metrics is not None and metrics.multiprocess
+        self.counter = counter
         self.expected = settings.token.encode() if settings.token else None
         self._id_prefix = uuid.uuid4().hex[:16].encode()
         self._ids = itertools.count(1)
@@ -191,10 +187,7 @@ class EdgeMiddleware:
         if path == "/metrics":
             await self._uncounted(scope, receive, self._with_id(send, request_id, None))
             return
-        self.activity.started()
-        if self.count_in_flight:
-            self.metrics.in_flight.inc()  # type: ignore[union-attr]
-        started = time.perf_counter()
+        started = self.counter.start()
         record = RequestRecord(request_id, headers)
         model_name: str | None = None
         template = self.exact.get(path)
@@ -230,7 +223,7 @@ class EdgeMiddleware:
                 bodies.free += charged
                 if bodies.grown:  # some body in flight is larger than FLOOR: was it this one?
                     bodies.release_grown(asyncio.current_task())
-            self._count(scope, path, record, time.perf_counter() - started)
+            self._count(scope, path, record, started)
 
     async def _uncounted(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Health and metrics: neither counted nor charged; a route there that reads a large
@@ -322,18 +315,12 @@ class EdgeMiddleware:
 
         return send_with_id
 
-    def _count(self, scope: Scope, path: str, record: RequestRecord, elapsed: float) -> None:
-        self.activity.finished()
-        metrics = self.metrics
+    def _count(self, scope: Scope, path: str, record: RequestRecord, started: float) -> None:
         model = record.model
-        if self.count_in_flight:
-            metrics.in_flight.dec()  # type: ignore[union-attr]
-        if metrics is not None:
-            # a label only for the names the repository has now: any other name a client
-            # sends would be a new series (2000 unknown names made /metrics 41 MB)
-            label = model if model in self.repository.slots else UNKNOWN_MODEL
-            route = record.route if record.route != UNMATCHED else self.labels(path)
-            metrics.observe_request(route, label, record.status, elapsed)
+        route = record.route
+        if route == UNMATCHED and self.metrics is not None:
+            route = self.labels(path)
+        elapsed = self.counter.finish(route, model, record.status, started)
         if self.settings.access_log:
             access_log.info(
                 "method=%s path=%s status=%d duration_ms=%.2f batch=%s model=%s request_id=%s",
@@ -478,5 +465,5 @@ def build_app(
     app.state.ready = is_ready
     document = DocumentBuilder(lambda: app.routes, settings.codecs, states, title=context.server_name,
                                version=__version__, token=settings.token is not None)
-    edge = EdgeMiddleware(app, endpoint, settings, metrics, repository, guard)
+    edge = EdgeMiddleware(app, endpoint, settings, metrics, repository, guard, context.counter)
     return with_cors(edge, settings.cors) if settings.cors else edge

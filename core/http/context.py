@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from core.errors import Conflict, NotReady
 from core.http.activity import Activity
 from core.http.bearer import bearer_matches
 from core.http.body import BodyReader, ClientGone
+from core.http.counting import RequestCounter
 from core.http.disconnects import DisconnectWatch
 from core.http.record import SCOPE_KEY, RequestRecord
 from core.models.repository import ModelRepository
@@ -41,6 +41,7 @@ class ServerContext:
         self.disconnects = DisconnectWatch()
         self._token = token.encode() if token else None
         self.activity = activity or Activity()
+        self.counter = RequestCounter(self.activity, dataplane.metrics, repository)
         self.is_ready: Callable[[], bool] = repository.any_ready
         """The app's readiness (``GET /v2/health/ready``): build_app sets it."""
 
@@ -115,27 +116,14 @@ class ServerContext:
     @contextlib.contextmanager
     def counted(self, route: str) -> Iterator[dict[str, Any]]:
         """Count a request that did not come through the HTTP app (gRPC's) as the app counts its
-        own: in flight for ``--killafter`` and draining, and in the metrics under ``route`` with
-        the model and status given to ``record`` (status 500 unless it says otherwise). Yields
-        the scope ``record`` takes."""
+        own (core/http/counting.py), under ``route`` with the model and status given to
+        ``record`` (status 500 unless it says otherwise). Yields the scope ``record`` takes."""
         record = RequestRecord(b"", {}, route)
-        activity = self.activity
-        metrics = self.dataplane.metrics
-        activity.started()
-        count_in_flight = metrics is not None and metrics.multiprocess
-        if count_in_flight:
-            metrics.in_flight.inc()  # type: ignore[union-attr]
-        started = time.perf_counter()
+        started = self.counter.start()
         try:
             yield {SCOPE_KEY: record}
         finally:
-            activity.finished()
-            if metrics is not None:
-                if count_in_flight:
-                    metrics.in_flight.dec()
-                # only names the repository has: labels stay bounded (as in core/http/app.py)
-                label = record.model if record.model in self.repository.slots else ""
-                metrics.observe_request(route, label, record.status, time.perf_counter() - started)
+            self.counter.finish(route, record.model, record.status, started)
 
     def record(self, scope: Any, model: str, rows: int | None = None, *, status: int | None = None) -> None:
         record: RequestRecord | None = scope.get(SCOPE_KEY)
