@@ -17,8 +17,9 @@ Targets (issue 18: fast by default), both for the Keras MLP with the default opt
   request never waits for a batch).
 
 Requests: a pickled ``{"x": 1x784 float32}`` to both models, so the ratio is the model's cost.
-The Keras call is whatever the server runs by default (eager Keras until a compiled call path
-is swapped in after start).
+The Keras call is whatever the server runs by default: the compiled graph, swapped in within a
+second of the start, whose quick calls run on the event loop (core/dataplane/inline.py).
+Measuring starts ``SETTLE_SECONDS`` after the servers are up, past the heap's one refreeze.
 """
 
 from __future__ import annotations
