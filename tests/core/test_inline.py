@@ -132,3 +132,29 @@ def test_a_model_that_must_not_batch_still_runs_on_the_loop_one_request_a_call()
     finally:
         plane.close()
     assert recorder.calls == [(loop_thread, 2)] * 3
+
+
+def test_a_lone_gathering_request_runs_its_own_call_and_gives_it_back_if_it_gives_up() -> None:
+    from core.dataplane.batching import Batcher
+
+    calls: list[int] = []
+
+    async def run(payload: Payload) -> Payload:
+        calls.append(len(payload["x"]))
+        return {"x": payload["x"] * 2}
+
+    async def main() -> None:
+        batcher = Batcher(run, 32, 0.0, gather=True)
+        reply = await batcher.submit(rows(2))
+        assert reply is not None and reply.rows == 2 and batcher.running == 0
+        # cancelled after the end of its turn handed it its call, before it woke to make it
+        task = asyncio.ensure_future(batcher.submit(rows(1)))
+        await asyncio.sleep(0)  # it waits now, and the end of its turn is scheduled
+        asyncio.get_running_loop().call_soon(task.cancel)  # runs right after that end
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert batcher.running == 0  # the call reserved for it is free again
+        assert (await batcher.submit(rows(3))) is not None
+
+    asyncio.run(main())
+    assert calls == [2, 3]
