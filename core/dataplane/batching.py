@@ -37,6 +37,14 @@ ALONE = ModelReply({}, 0)
 """What a gathering request is told when nobody joined it: run your own call (``_gathered``)."""
 
 
+def more_this_turn(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the loop has other callbacks to run before it next waits for sockets (other
+    requests' tasks read in the same turn among them). asyncio's own loop keeps them in
+    ``_ready``; for any other loop, assume there are."""
+    ready = getattr(loop, "_ready", None)
+    return ready is None or bool(ready)
+
+
 def signature(payload: Payload) -> tuple[Signature, int] | None:
     """``(signature, rows)`` if ``payload`` can join a batch, else ``None``.
 
@@ -148,9 +156,10 @@ class Batcher:
         nbytes = sum(value.nbytes for value in payload.values())
         if rows >= self.max_batch_size or nbytes >= self.max_bytes:
             return None  # already a full batch on its own
-        if not (self.max_delay or self.gather) and self.running < self.max_calls and not self._groups:
-            return await self._run_alone(payload, rows)
         loop = asyncio.get_running_loop()
+        if (not self.max_delay and self.running < self.max_calls and not self._groups
+                and not (self.gather and more_this_turn(loop))):
+            return await self._run_alone(payload, rows)
         pending = Pending(payload, rows, nbytes, time.monotonic(), loop.create_future())
         group = self._groups.get(key)
         if group is None:
