@@ -26,6 +26,7 @@ import pickle
 import re
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,7 +48,13 @@ class Callgrind(_Server):
         return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}", *super().command]
 
 
-def send(url: str, requests: int) -> None:
+def send(url: str, requests: int, connections: int = 1) -> None:
+    """``requests`` POSTs of the small pickle, over ``connections`` keep-alive connections at once."""
+    if connections > 1:
+        share = [requests // connections + (index < requests % connections) for index in range(connections)]
+        with ThreadPoolExecutor(connections) as pool:
+            list(pool.map(lambda count: send(url, count), share))
+        return
     parsed = urlparse(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
     headers = {"Content-Type": "application/python-pickle"}
@@ -60,7 +67,7 @@ def send(url: str, requests: int) -> None:
     connection.close()
 
 
-def instructions(which: str, requests: int, keep: Path | None) -> int:
+def instructions(which: str, requests: int, keep: Path | None, connections: int = 1) -> int:
     """The total instructions of one run of ``which`` answering ``requests`` requests (its
     profile kept in ``keep``, if given, for callgrind_annotate)."""
     with tempfile.TemporaryDirectory(prefix="studio-bench-") as directory:
@@ -76,7 +83,7 @@ def instructions(which: str, requests: int, keep: Path | None) -> int:
         if keep is not None:
             server.out = str(keep / f"{which}_{requests}.out")
         with server:
-            send(server.url, requests)
+            send(server.url, requests, connections)
             server.stop(timeout=300)
         found = COLLECTED.findall(server.output())
     if not found:
@@ -91,15 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     # from 1300 on: before that, a server still imports and learns (about 25k a request more)
     parser.add_argument("--few", type=int, default=1300)
     parser.add_argument("--many", type=int, default=2300)
+    parser.add_argument("-c", "--connections", type=int, default=1,
+                        help="keep-alive connections sending at once (default 1)")
     parser.add_argument("--keep", type=Path, help="write the callgrind profiles here "
                         "(compare functions with callgrind_annotate)")
     args = parser.parse_args(argv)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-    print(f"# bench_server_instructions: {describe_machine()}; {args.few} and {args.many} requests")
+    print(f"# bench_server_instructions: {describe_machine()}; {args.few} and {args.many} requests "
+          f"over {args.connections} connection(s)")
     per_request = {}
     for which in ("ours", "echo"):
-        counts = [instructions(which, requests, args.keep) for requests in (args.few, args.many)]
+        counts = [instructions(which, requests, args.keep, args.connections)
+                  for requests in (args.few, args.many)]
         per_request[which] = (counts[1] - counts[0]) / (args.many - args.few)
         print(f"  {which}: {per_request[which]:,.0f} instructions per request", file=sys.stderr)
     print_table([[which, count] for which, count in per_request.items()],
