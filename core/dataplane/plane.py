@@ -162,7 +162,7 @@ class DataPlane:
 
     def _gate(self, model: ServedModel, name: str) -> InlineGate | None:
         if id(model) not in self._gates:
-            self._gates[id(model)] = inline_gate(name, model.call_times) if model.call_times else None
+            self._gates[id(model)] = inline_gate(name, model.call_times)
         return self._gates[id(model)]
 
     def _invoker(self, model: ServedModel, named: bool, name: str
@@ -172,23 +172,25 @@ class DataPlane:
         if _is_async(predict):
             return predict  # type: ignore[return-value]
         gate = self._gate(model, name)
+        run: Callable[[Payload], Awaitable[Any]] = partial(self._in_thread, predict)
         if gate is not None:
+            in_thread = run
 
             async def inline_or_thread(payload: Payload) -> Any:
                 if gate.admits(payload):
                     return gate.call(predict, payload)
-                return await self._in_thread(predict, payload)
+                return await in_thread(payload)
 
-            return inline_or_thread
+            run = inline_or_thread
         if not model.concurrency:
-            return partial(self._in_thread, predict)
+            return run
         limit = self._limits.get(id(model))
         if limit is None:
             limit = self._limits[id(model)] = asyncio.Semaphore(model.concurrency)
 
         async def limited(payload: Payload) -> Any:
-            async with limit:
-                return await self._in_thread(predict, payload)
+            async with limit:  # wherever the call runs: a model that must not overlap never does
+                return await run(payload)
 
         return limited
 

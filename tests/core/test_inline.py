@@ -158,3 +158,34 @@ def test_a_lone_gathering_request_runs_its_own_call_and_gives_it_back_if_it_give
 
     asyncio.run(main())
     assert calls == [2, 3]
+
+
+def test_a_model_that_must_not_overlap_does_not_wherever_its_calls_run() -> None:
+    """``concurrency=1``: a small call (for the event loop) waits for a large one (in a thread)."""
+    lock = threading.Lock()
+    running = [0, 0]  # now, most
+
+    def predict(payload: Payload) -> Payload:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        if len(payload["x"]) > 10:
+            time.sleep(0.2)  # in the thread pool (too large for the loop)
+        with lock:
+            running[0] -= 1
+        return payload
+
+    model = ServedModel(predict=predict, platform="test", call_times=TIMES, concurrency=1)
+    plane = DataPlane(DataPlaneOptions(max_batch_size=1))
+
+    async def main() -> None:
+        large = asyncio.ensure_future(plane.infer(model, rows(20)))
+        await asyncio.sleep(0.05)  # the large call runs in its thread now
+        await plane.infer(model, rows(1))
+        await large
+
+    try:
+        asyncio.run(main())
+    finally:
+        plane.close()
+    assert running[1] == 1
