@@ -132,8 +132,8 @@ class EdgeMiddleware:
     to the Starlette app."""
 
     def __init__(
-        self, app: Starlette, endpoint: InferenceEndpoint, settings: AppSettings, metrics: Metrics | None,
-        repository: ModelRepository, bodies: BodyGuard, counter: RequestCounter,
+        self, app: Starlette, endpoint: InferenceEndpoint, settings: AppSettings, bodies: BodyGuard,
+        counter: RequestCounter,
     ) -> None:
         self.app = app
         self.endpoint = endpoint
@@ -146,10 +146,8 @@ class EdgeMiddleware:
         self.labels = RouteLabels(app.routes)
         self.direct = direct_routes(app.routes)
         self._routed: dict[tuple[str, str], tuple[Route, dict[str, Any]] | None] = {}
-        self.repository = repository
         self.bodies = bodies
         self.settings = settings
-        self.metrics = metrics
         self.counter = counter
         self.expected = settings.token.encode() if settings.token else None
         self._id_prefix = uuid.uuid4().hex[:16].encode()
@@ -318,7 +316,7 @@ class EdgeMiddleware:
     def _count(self, scope: Scope, path: str, record: RequestRecord, started: float) -> None:
         model = record.model
         route = record.route
-        if route == UNMATCHED and self.metrics is not None:
+        if route == UNMATCHED and self.counter.metrics is not None:
             route = self.labels(path)
         elapsed = self.counter.finish(route, model, record.status, started)
         if self.settings.access_log:
@@ -465,5 +463,5 @@ def build_app(
     app.state.ready = is_ready
     document = DocumentBuilder(lambda: app.routes, settings.codecs, states, title=context.server_name,
                                version=__version__, token=settings.token is not None)
-    edge = EdgeMiddleware(app, endpoint, settings, metrics, repository, guard, context.counter)
+    edge = EdgeMiddleware(app, endpoint, settings, guard, context.counter)
     return with_cors(edge, settings.cors) if settings.cors else edge
