@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from core.errors import Overloaded
-from core.http.disconnects import LINGER
+from core.http.sweeping import sweeps
 
 log = logging.getLogger("studio_plugins.body")
 
@@ -123,14 +123,8 @@ class BodyGuard:
 
     async def _sweep(self) -> None:
         started = self.started
-        idle = 0.0
         try:
-            while idle < LINGER:  # see LINGER: not ``while self.reading``
-                await asyncio.sleep(self.interval)
-                if not self.reading:
-                    idle += self.interval
-                    continue
-                idle = 0.0
+            async for _ in sweeps(self.interval, lambda: bool(self.reading)):
                 now = time.monotonic()
                 for task, received in self.reading.items():
                     took = now - started.setdefault(task, now)

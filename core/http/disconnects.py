@@ -11,13 +11,7 @@ from typing import Any
 
 from starlette.types import Receive
 
-LINGER = 1.0
-"""Seconds a sweeper (this one, core/http/body_guard.py's) keeps sweeping with nothing to watch
-before it ends. A request that needs no waiting (the identity model; a small body that came
-whole in its first message) leaves the dict in the step it entered it, so a sweeper that ended
-as soon as it found the dict empty was started again by nearly every request: a task created,
-scheduled, run and collected per request, two with both sweepers, which the in-process bench
-never saw (nothing there lets the loop run the sweeper before the next request)."""
+from core.http.sweeping import sweeps
 
 
 class DisconnectWatch:
@@ -57,15 +51,8 @@ class DisconnectWatch:
 
     async def _sweep(self) -> None:
         seen: set[asyncio.Task[Any]] = set()
-        idle = 0.0
         try:
-            while idle < LINGER:
-                await asyncio.sleep(self.after)
-                if not self.pending:
-                    idle += self.after
-                    seen.clear()
-                    continue
-                idle = 0.0
+            async for _ in sweeps(self.after, lambda: bool(self.pending)):
                 for task, receive in list(self.pending.items()):
                     if task in seen and task not in self.listeners:
                         self.listeners[task] = asyncio.ensure_future(self._listen(task, receive))

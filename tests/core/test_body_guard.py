@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.http import body_guard
+from core.http import sweeping
 from core.http.app import AppSettings, build_app
 from core.http.body_guard import FLOOR, BodyGuard
 from core.http.codecs import CodecSet
@@ -121,7 +121,7 @@ def test_one_sweeper_serves_requests_that_need_no_waiting_and_ends_when_idle(
         make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A small body leaves the guard's dict in the step it entered it; its sweeper must outlive
     that, or nearly every request would start a task of its own (core/http/disconnects.py)."""
-    monkeypatch.setattr(body_guard, "LINGER", 0.2)
+    monkeypatch.setattr(sweeping, "LINGER", 0.2)
     app = make_app(read_timeout=0.2, min_rate=1000)
     guard = guard_of(app)
 

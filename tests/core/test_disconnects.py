@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core.http import disconnects
+from core.http import sweeping
 from core.http.disconnects import DisconnectWatch
 
 
@@ -18,7 +18,7 @@ async def forever() -> dict[str, Any]:
 
 
 def test_one_sweeper_outlives_requests_that_need_no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(disconnects, "LINGER", 0.1)
+    monkeypatch.setattr(sweeping, "LINGER", 0.1)
     watch = DisconnectWatch(after=0.02)
 
     async def main() -> None:
