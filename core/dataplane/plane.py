@@ -162,7 +162,7 @@ class DataPlane:
 
     def _gate(self, model: ServedModel, name: str) -> InlineGate | None:
         if id(model) not in self._gates:
-            self._gates[id(model)] = inline_gate(name, model.call_times)
+            self._gates[id(model)] = inline_gate(name, model.call_times, max(1, len(model.inputs)))
         return self._gates[id(model)]
 
     def _invoker(self, model: ServedModel, named: bool, name: str

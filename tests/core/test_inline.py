@@ -41,6 +41,8 @@ def test_the_limit_is_the_largest_timed_call_within_the_budget() -> None:
     assert gate.admits(rows(10)) and not gate.admits(rows(11))
     assert not gate.admits({"x": [[1.0] * ROW]})  # not an array: its conversion is the model's
     assert not gate.admits({"x": rows(1)["x"], "y": 3})
+    assert not gate.admits({"x": rows(1)["x"], "y": rows(1)["x"]})  # two calls of a one-input model
+    assert InlineGate("m", TIMES, arrays=2).admits({"x": rows(1)["x"], "y": rows(1)["x"]})
     assert elements({"x": rows(2)["x"], "y": rows(3)["x"]}) == 5 * ROW
     assert inline_gate("m", ((ROW, 2 * BUDGET),)) is None  # nothing quick enough: never inline
     assert inline_gate("m", ()) is None
