@@ -12,6 +12,7 @@ import math
 import os
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -41,6 +42,26 @@ def _error_from(status: int, body: bytes) -> PredictionError:
         return PredictionError(status, str(content.get("error")), str(content.get("type", "")))
     except (ValueError, AttributeError):
         return PredictionError(status, body[:500].decode("utf-8", "replace"))
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are answered, not followed: urllib would send the request again, a POST turned
+    into a GET, with its ``Authorization`` header, to whatever host the ``Location`` names."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+def _redirect_error(url: str, status: int, location: str | None) -> PredictionError:
+    if not location:
+        return PredictionError(status, f"{url} redirects without saying where")
+    target = urllib.parse.urljoin(url, location)
+    hint = ""
+    if url.lower().startswith("http:") and target.lower().startswith("https:"):
+        hint = " (the server wants HTTPS)"
+    return PredictionError(
+        status, f"{url} redirects to {target}{hint}; not followed, as it would resend the "
+        "request and its token there: call that URL if you trust it")
 
 
 DEFAULT_TIMEOUT = 120.0
@@ -75,7 +96,10 @@ def predict(
     An ``https://`` server's certificate is verified (studio_plugins/tls.py): against ``cafile``
     (a PEM file of CAs), else ``$STUDIO_CA_FILE``, else the system's CAs plus the CA the CLI keeps
     for the servers it launches. ``context`` replaces all that, e.g. to present a client
-    certificate to a server started with ``--ca-certs``."""
+    certificate to a server started with ``--ca-certs``.
+
+    A redirect is not followed (it would take the token along to wherever it points): it raises
+    ``PredictionError`` with the status and the URL it names."""
     headers = {"Content-Type": PICKLE, "Accept": PICKLE}
     if token is None:
         token = os.environ.get("STUDIO_TOKEN")
@@ -86,15 +110,20 @@ def predict(
     request = urllib.request.Request(url, data=dumps(data), headers=headers, method="POST")
     if context is None and url.lower().startswith("https:"):
         context = client_context(cafile)
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
-        with urllib.request.urlopen(request, timeout=None if math.isinf(timeout) else timeout,
-                                    context=context) as response:
+        with opener.open(request, timeout=None if math.isinf(timeout) else timeout) as response:
             body = response.read(max_reply + 1)
             if len(body) > max_reply:
                 raise PredictionError(200, f"the reply is larger than max_reply ({max_reply} bytes)")
             failed, failed_count = parse_failed(response.headers.get(FAILED_KEYS.decode()),
                                                 response.headers.get(FAILED_COUNT.decode()))
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise _redirect_error(url, exc.code, exc.headers.get("Location")) from None
         raise _error_from(exc.code, exc.read()) from None
     except TimeoutError:
         raise PredictionError(0, f"no reply from {url} within {timeout:g} s") from None

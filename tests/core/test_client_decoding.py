@@ -24,18 +24,32 @@ class HostileServer:
         self.reply = b""
         self.delay = 0.0
         self.authorization: list[str | None] = []
+        self.redirect: tuple[int, str] | None = None  # answer POSTs with this status and Location
+        self.gets: list[str | None] = []  # the Authorization of each GET
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 owner.authorization.append(self.headers.get("Authorization"))
+                if owner.redirect is not None:
+                    self.send_response(owner.redirect[0])
+                    self.send_header("Location", owner.redirect[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 time.sleep(owner.delay)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/python-pickle")
                 self.send_header("Content-Length", str(len(owner.reply)))
                 self.end_headers()
                 self.wfile.write(owner.reply)
+
+            def do_GET(self) -> None:
+                owner.gets.append(self.headers.get("Authorization"))
+                self.send_response(405)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -106,3 +120,28 @@ def test_a_server_that_never_answers_does_not_hang_the_client(server: HostileSer
         predict(server.url, {"x": np.zeros(1)})
     assert time.perf_counter() - started < 2.5
     server.delay = 0.0
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_with_the_token(server: HostileServer, status: int) -> None:
+    # urllib followed a 301-303 as a GET to wherever Location pointed, Authorization included
+    elsewhere = HostileServer()
+    try:
+        server.redirect = (status, elsewhere.url + "steal")
+        message = rf"^{status}: .* redirects to {elsewhere.url}steal; not followed"
+        with pytest.raises(PredictionError, match=message):
+            predict(server.url, {"x": np.zeros(1)}, token="s3cret", timeout=10)
+        assert elsewhere.gets == [] and elsewhere.authorization == []
+    finally:
+        server.redirect = None
+        elsewhere.httpd.shutdown()
+
+
+def test_a_redirect_to_https_says_the_server_wants_it(server: HostileServer) -> None:
+    server.redirect = (301, server.url.replace("http:", "https:"))
+    try:
+        with pytest.raises(PredictionError, match=r"redirects to https://.*\(the server wants HTTPS\)"):
+            predict(server.url, {"x": np.zeros(1)}, timeout=10)
+        assert server.gets == []
+    finally:
+        server.redirect = None
