@@ -24,6 +24,7 @@ from tests.plugins.test_ec2_fleet import (
     launched_fleet,
     leftovers,
     listeners_of,
+    ssm,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,6 +192,7 @@ def test_a_fleets_certificate_left_alone_still_shows_and_stop_deletes_it(fleet_c
     aws.ec2.delete_launch_template(LaunchTemplateName=name)
     for group in parts(aws, name)["security groups"]:
         aws.ec2.delete_security_group(GroupId=group["GroupId"])
+    ssm().delete_parameters(Names=leftovers(aws)["parameters"])
     assert set(leftovers(aws)) == {"certificates"}
 
     code, out, err = cli("ls")  # the certificate alone keeps the fleet listed: not forgotten
@@ -202,3 +204,24 @@ def test_a_fleets_certificate_left_alone_still_shows_and_stop_deletes_it(fleet_c
     assert leftovers(aws) == {}
     code, out, err = cli("stop", name)  # again: nothing left, and fine
     assert code == 0 and out == "", err
+
+
+def test_a_fleet_whose_token_is_all_that_is_left_still_shows_and_stop_all_deletes_it(fleet_cloud) -> None:
+    aws = fleet_cloud
+    name, _url = start_fleet("--replicas", "1")
+    (token,) = leftovers(aws)["parameters"]
+    # as if an earlier stop had removed every other part and then lost its connection
+    code, _out, err = cli("stop", name)
+    assert code == 0, err
+    ssm().put_parameter(Name=token, Value="t0ken", Type="SecureString")
+    ssm().add_tags_to_resource(ResourceType="Parameter", ResourceId=token, Tags=[
+        {"Key": "studio-plug:managed", "Value": "fleet"}, {"Key": "studio-plug:fleet", "Value": name}])
+    assert leftovers(aws) == {"parameters": [token]}
+
+    code, out, err = cli("ls")  # the token alone keeps the fleet listed: not forgotten
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:5] == [name, "?", "-", "-", "-"]
+    code, out, err = cli("stop", "--all")
+    assert code == 0, err
+    assert out == f"stopped fleet {name}\n" and f"deleting parameters {token}" in err
+    assert leftovers(aws) == {}

@@ -103,6 +103,7 @@ def leftovers(aws: SimpleNamespace) -> dict[str, list[str]]:
             Includes={"keyTypes": ["EC_prime256v1", "RSA_2048"]})["CertificateSummaryList"]],
         "security groups": [g["GroupName"] for g in aws.ec2.describe_security_groups()["SecurityGroups"]
                             if g["GroupName"] != "default"],
+        "parameters": [p["Name"] for p in ssm().describe_parameters()["Parameters"]],
         "instances": [i["InstanceId"] for r in aws.ec2.describe_instances(Filters=[
             {"Name": "instance-state-name", "Values": ["pending", "running", "shutting-down", "stopped"]},
         ])["Reservations"] for i in r["Instances"]],
@@ -115,6 +116,12 @@ def listeners_of(aws: SimpleNamespace, name: str) -> list[dict[str, Any]]:
     balancer = aws.elb.describe_load_balancers(Names=[name])["LoadBalancers"][0]
     found = aws.elb.describe_listeners(LoadBalancerArn=balancer["LoadBalancerArn"])["Listeners"]
     return sorted(found, key=lambda listener: listener["Port"])
+
+
+def ssm() -> Any:
+    import boto3
+
+    return boto3.client("ssm")  # moto's, as acm()
 
 
 def acm() -> Any:

@@ -15,12 +15,12 @@ from plugins.backends.ec2.autoscaling import (
     tagged_launch_templates,
     tagged_scaling_groups,
 )
-from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups
+from plugins.backends.ec2.balancer import tagged_balancers, tagged_target_groups, tolerating
 from plugins.backends.ec2.firewall import MANAGED_TAG
 from plugins.backends.ec2.fleet import FLEET, FLEET_TAG, LB_PORT_TAG, LB_SCHEME_TAG, Clients, balancer_url
 from plugins.backends.ec2.fleet_tls import tagged_certificates
 from plugins.backends.ec2.instances import KEY_TAG, LIVE_STATES, STARTED_BY_TAG, describe, tags_of
-from plugins.backends.ec2.parameters import RUN_TAG
+from plugins.backends.ec2.parameters import RUN_TAG, our_parameters
 from studio_plugins import BackendError
 
 log = logging.getLogger("studio_plugins.ec2")
@@ -68,12 +68,33 @@ def certificates(c: Clients) -> list[dict[str, Any]]:
         return []
 
 
+def parameters(c: Clients) -> list[dict[str, Any]]:
+    """The fleets' parameters (their tokens), with their ``Tags`` as EC2 gives them, so that a
+    fleet whose token is all that is left still shows (and ``stop --all`` deletes it); none when
+    Parameter Store cannot be read."""
+    if c.ssm is None:
+        return []
+    found: list[dict[str, Any]] = []
+    try:
+        for parameter in our_parameters(c.ssm, FLEET):
+            answer = tolerating(["InvalidResourceId"], "parameter tags", c.ssm.list_tags_for_resource,
+                                ResourceType="Parameter", ResourceId=parameter["Name"])
+            if answer is not None:  # else: deleted meanwhile
+                found.append({**parameter, "Tags": answer.get("TagList", []),
+                              "CreateTime": parameter.get("LastModifiedDate")})
+    except BackendError as exc:
+        log.warning("could not list the fleets' parameters: %s", exc.message)
+        return []
+    return found
+
+
 def fleets(c: Clients) -> list[Fleet]:
     """Every fleet with any part left, oldest first; parts that are gone show as ``-``."""
     groups = {tags_of(g).get(FLEET_TAG, ""): g for g in tagged_scaling_groups(c.asg, MANAGED_TAG, FLEET)}
     balancers = {tags_of(b).get(FLEET_TAG, ""): b for b in tagged_balancers(c.elb, MANAGED_TAG, FLEET)}
+    # the parameters first, so that any other part wins: theirs carry no experiment key
     others = {tags_of(r).get(FLEET_TAG, ""): r for r in [
-        *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET),
+        *parameters(c), *tagged_launch_templates(c.ec2, MANAGED_TAG, FLEET),
         *tagged_target_groups(c.elb, MANAGED_TAG, FLEET), *tagged_security_groups(c.ec2),
         *certificates(c)]}
     found = []
