@@ -352,11 +352,16 @@ def test_replicas_n_gives_n_tagged_instances_under_a_generated_name(fleet_cloud)
      "a balancer in us-east-1 can only use a certificate from us-east-1"),
     (("--replicas", "2", "--certificate-arn", ARN), "no certificate arn:aws:acm:us-east-1"),
 ])
-def test_refusals_before_anything_is_created(fleet_cloud, args: tuple[str, ...], message: str) -> None:
+def test_refusals_before_anything_is_created(fleet_cloud, args: tuple[str, ...], message: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from plugins.backends.ec2 import plan
+
+    built: list[object] = []  # building the wheels takes seconds: never for a refused launch
+    monkeypatch.setattr(plan, "build_shipment", lambda *a: built.append(a) or plan.Shipment((), ()))
     code, _out, err = launch_fleet(*args)
     assert code == 1, err
     assert message in err
-    assert leftovers(fleet_cloud) == {}
+    assert leftovers(fleet_cloud) == {} and built == []
 
 
 # --- HTTPS: the user's own certificate, or none ------------------------------------------------

@@ -23,6 +23,7 @@ from plugins.backends.ec2.fleet_create import execute_fleet
 from plugins.backends.ec2.fleet_options import FleetOptions
 from plugins.backends.ec2.options import Ec2Options
 from plugins.backends.ec2.plan import plan as plan_single
+from plugins.backends.ec2.plan import with_shipment
 from plugins.backends.ec2.single import execute
 from studio_plugins import Backend, LaunchContext, ServeOptions, hookimpl
 
@@ -45,7 +46,7 @@ class Ec2Backend(Backend):
                    on_demand_base=fleet.on_demand_base)
         if fleet.wanted:  # --replicas / --min-replicas / --max-replicas
             return execute_fleet(plan_fleet(context))
-        return execute(plan_single(context))
+        return execute(with_shipment(plan_single(context)))
 
 
 class Ec2SpotBackend(Ec2Backend):

@@ -33,7 +33,7 @@ from plugins.backends.ec2.fleet_options import FleetOptions, Sizes, generate_fle
 from plugins.backends.ec2.fleet_tls import HTTPS_PORT, check_own_certificate
 from plugins.backends.ec2.instances import SCHEME_TAG, tags_of
 from plugins.backends.ec2.options import Ec2Options
-from plugins.backends.ec2.plan import Plan, plan
+from plugins.backends.ec2.plan import Plan, plan, with_shipment
 from plugins.backends.ec2.spot import FLEET_DRAIN, fleet_types, spot_environment
 from studio_plugins import BackendError, ConfigurationError, LaunchContext
 
@@ -188,6 +188,7 @@ def plan_fleet(context: LaunchContext) -> FleetPlan:
     base = dataclasses.replace(base, parameter_tags=tags)  # the token's: the fleet's
     types = (fleet_types(base.ec2, base.instance_type, chosen=bool(settings.instance_type))
              if settings.spot else [])
+    base = with_shipment(base)  # the last step: nothing can refuse the launch after it
     return FleetPlan(base, c, name, sizes, fleet.target_rps, fleet.port, subnets, replicas_in, tags,
                      types, fleet.on_demand_base or 0, tls=tls,
                      certificate_arn=fleet.certificate_arn.strip() if fleet.certificate_arn else None,

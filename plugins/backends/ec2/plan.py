@@ -152,7 +152,7 @@ class Plan:
         say(f"parameter {name} (SecureString): the instance reads it at boot")
         undo.push(f"deleting parameter {name}", functools.partial(delete_parameter, self.ssm, name))
     shipment: Shipment = field(default_factory=lambda: Shipment((), ()))
-    """The wheels built here for the instance (none with --install); ``wheels.py``."""
+    """The wheels built here for the instance (none with --install; ``with_shipment``)."""
     environment: dict[str, str] = field(default_factory=dict)
     """More for the user data to export (``spot.spot_environment``)."""
 
@@ -263,14 +263,21 @@ def plan(context: LaunchContext) -> Plan:
         RUN_TAG: new_run_id(),
         SCHEME_TAG: "http" if settings.no_tls else "https",
     }
-    shipment = Shipment((), ())
-    if not settings.install:  # ship what runs here (--install names something else)
-        modules = [w for w in (options.wrapper, *options.wrappers.values()) if w and not Path(w).is_file()]
-        shipment = build_shipment(modules)
     return Plan(options, settings, store, ec2, region, instance_type, image, vpc_id, token,
                 served, uploads, fetches, tags, ssm=ssm, run_id=tags[RUN_TAG],
-                tls=not settings.no_tls, own_tls=own_tls, shipment=shipment,
+                tls=not settings.no_tls, own_tls=own_tls,
                 environment=spot_environment(drain=0.0) if settings.spot else {})
+
+
+def with_shipment(plan: Plan) -> Plan:
+    """``plan`` with the wheels the instance installs built (none with ``--install``, which
+    names something else to install). Building takes seconds, so it is planning's last step,
+    after every check that can still refuse the launch (a fleet's come after ``plan``)."""
+    if plan.ec2_options.install:
+        return plan
+    o = plan.options
+    modules = [w for w in (o.wrapper, *o.wrappers.values()) if w and not Path(w).is_file()]
+    return dataclasses.replace(plan, shipment=build_shipment(modules))
 
 
 
