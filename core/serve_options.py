@@ -105,7 +105,8 @@ class ServeOptions:
         20.0, "--read-timeout", "Seconds a request body may take to start arriving; after that it "
         "must keep up --min-rate (as Apache's RequestReadTimeout body=20,MinRate=500), else it is "
         "answered 408 and the connection closed. Request headers get 5 s, or this when shorter (an "
-        "HTTPS handshake 10 s, or this). 0: no body read timeout.", kind=number(0))
+        "HTTPS handshake 10 s, or this); a gRPC call's message must arrive whole within it. 0: no "
+        "body read timeout.", kind=number(0))
     """core/http/body_guard.py applies it."""
     min_rate: int = option(
         500, "--min-rate", "Bytes/s a request body must keep up: each N bytes received extend "

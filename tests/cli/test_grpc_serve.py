@@ -185,6 +185,50 @@ def test_a_connection_may_open_max_streams_and_gzip_does_not_pass_max_body(
             c.close()
 
 
+def _h2_call(served: ServerProcess, tls: Tls, metadata: dict[str, str], data: bytes
+             ) -> tuple[dict[str, str], float]:
+    """One ModelInfer over a raw HTTP/2 connection that sends ``data`` (part of a message) and
+    then nothing: the trailers the server ends the call with, and the seconds that took."""
+    host, port = served.grpc_target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=tls.ca)
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=15),
+                             server_hostname=host) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, [
+            (":method", "POST"), (":scheme", "https"), (":authority", host),
+            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *metadata.items()])
+        conn.send_data(stream, data)
+        sock.sendall(conn.data_to_send())
+        started = time.monotonic()
+        while True:
+            received = sock.recv(65536)
+            assert received, "the server closed the connection without ending the call"
+            for event in conn.receive_data(received):
+                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived) \
+                        and any(k == b"grpc-status" for k, _ in event.headers):
+                    return ({k.decode(): v.decode() for k, v in event.headers},
+                            time.monotonic() - started)
+            sock.sendall(conn.data_to_send())
+
+
+def test_a_call_that_stalls_mid_message_is_ended_after_read_timeout(served: ServerProcess,
+                                                                  tls: Tls) -> None:
+    """It was held, with what it had sent, until its connection closed: now --read-timeout (2 s
+    here) bounds the whole message, and the call ends with DEADLINE_EXCEEDED (4)."""
+    partial = b"\0" + (100_000).to_bytes(4, "big") + bytes(10_000)  # 10 KB of a 100 KB message
+    trailers, seconds = _h2_call(served, tls, AUTH, partial)
+    assert trailers["grpc-status"] == "4" and "--read-timeout" in trailers["grpc-message"], trailers
+    assert 1.5 < seconds < 6
+    # without the token, nothing of the message is waited for: refused at once
+    trailers, seconds = _h2_call(served, tls, {}, partial)
+    assert trailers["grpc-status"] == "16", trailers  # UNAUTHENTICATED
+    assert seconds < 1.5
+
+
 def test_a_killed_workers_replacement_serves_grpc(served: ServerProcess, tls: Tls) -> None:
     before = worker_pids(served)
     victim = next(iter(before))

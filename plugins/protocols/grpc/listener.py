@@ -108,6 +108,7 @@ class GrpcPort(OpenListener):
         self.sock = sock
         self.target = _target(sock)
         self.max_body = options.max_body
+        self.read_timeout = options.read_timeout
         # a client that connects and says nothing is closed as HTTPS does it (core's
         # hypercorn_config): 10 s for the handshake, or --read-timeout when shorter
         self.handshake = min(HANDSHAKE, options.read_timeout) if options.read_timeout > 0 else HANDSHAKE
@@ -137,7 +138,7 @@ class GrpcPort(OpenListener):
                 ("grpc.max_concurrent_streams", MAX_STREAMS),
             ],
         )
-        add_v2_servicer(server, context)
+        add_v2_servicer(server, context, self.read_timeout)
         try:
             if self.credentials is None:
                 bound = server.add_insecure_port(self.target)

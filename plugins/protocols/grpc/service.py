@@ -9,6 +9,12 @@ status.py maps them). What the HTTP app's edge does for its routes is done here 
   ServerReady (like ``/v2/health/*``);
 - counting: in flight (``--killafter``, draining) and in the metrics, under the route
   ``/inference.GRPCInferenceService/<Method>`` with the HTTP status the answer stands for;
+- the request message is read by the handler, after the token check (the methods are
+  stream-unary on the wire, which a unary client cannot tell apart: the same frames), so a call
+  without the token has nothing of its message buffered, and a message must be whole within
+  ``--read-timeout``, else the call ends with ``DEADLINE_EXCEEDED`` and its buffer is freed: a
+  call that stalls mid-message is no longer held until its connection closes. gRPC shows no
+  progress within a message, so ``--min-rate`` cannot extend that time as it does for a body;
 - a client's deadline bounds ModelInfer as ``--timeout`` does (the smaller wins); a cancelled
   call is cancelled on the data plane too (grpc cancels the handler's task): it stops counting
   against ``--max-queue``, and is counted 499 like an HTTP client that went away.
@@ -28,7 +34,14 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from studio_plugins import BadRequest, ModelState, ServingContext, StudioError, failed_headers
+from studio_plugins import (
+    BadRequest,
+    ModelState,
+    RequestTimeout,
+    ServingContext,
+    StudioError,
+    failed_headers,
+)
 
 from ..v2 import REPOSITORY_STATES, VERSION, check_inputs, check_version, fully_declared
 from . import grpc_service_pb2 as pb
@@ -255,29 +268,47 @@ def _authorization(rpc: Any) -> str | None:
     return None
 
 
+async def _message(rpc: Any, read_timeout: float) -> bytes:
+    """The call's request message, whole within ``read_timeout`` s (0: no limit)."""
+    try:
+        if read_timeout > 0:
+            async with asyncio.timeout(read_timeout):  # a timer, not wait_for's task per call
+                data = await rpc.read()
+        else:
+            data = await rpc.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request message did not arrive within {read_timeout:g} s "
+                             "(--read-timeout)") from None
+    if data is grpc.aio.EOF:
+        raise BadRequest("the call ended without a request message")
+    return data
+
+
 def _guarded(context: ServingContext, method: str, handler: Handler, request_type: Any,
-             counted: bool) -> Callable[[bytes, Any], Awaitable[Any]]:
-    """``handler`` as a grpc method: the token, the message parsed (only then), counting, and
-    every error as a status with our message (a bug of ours: ``INTERNAL`` and a log line, never
-    its traceback)."""
+             counted: bool, read_timeout: float) -> Callable[[Any, Any], Awaitable[Any]]:
+    """``handler`` as a grpc method: the token, then the message read (``_message``) and parsed
+    (only then), counting, and every error as a status with our message (a bug of ours:
+    ``INTERNAL`` and a log line, never its traceback)."""
     route = f"/{SERVICE}/{method}"
 
-    async def uncounted(data: bytes, rpc: Any) -> Any:
-        request = _parse(request_type, data)
+    async def uncounted(requests: Any, rpc: Any) -> Any:
+        try:
+            request = _parse(request_type, await _message(rpc, read_timeout))
+        except StudioError as exc:
+            await rpc.abort(status_code(exc.status), exc.message)
         if isinstance(request, _Undecodable):
             await rpc.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a {method} request: {request.error}")
         return await handler(request, rpc, {})
 
-    async def call(data: bytes, rpc: Any) -> Any:
+    async def call(requests: Any, rpc: Any) -> Any:
         if not context.authorized(_authorization(rpc)):
             await rpc.abort(grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong bearer token (metadata authorization: Bearer <token>)")
         with context.counted(route) as scope:
-            request = _parse(request_type, data)
-            if isinstance(request, _Undecodable):
-                _note(context, scope, 400)
-                await rpc.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a {method} request: {request.error}")
             try:
+                request = _parse(request_type, await _message(rpc, read_timeout))
+                if isinstance(request, _Undecodable):
+                    raise BadRequest(f"not a {method} request: {request.error}")
                 reply = await handler(request, rpc, scope)
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed
                 _note(context, scope, 499)
@@ -306,12 +337,16 @@ def _note(context: ServingContext, scope: dict[str, Any], status: int) -> None:
     context.record(scope, scope.get(MODEL_KEY, ""), status=status)
 
 
-def add_service(server: Any, context: ServingContext) -> None:
-    """Register the service's handlers on ``server`` (a ``grpc.aio.Server``, not started)."""
+def add_service(server: Any, context: ServingContext, read_timeout: float = 0.0) -> None:
+    """Register the service's handlers on ``server`` (a ``grpc.aio.Server``, not started).
+    ``read_timeout``: seconds a call's request message may take to arrive (0: no limit)."""
     service = InferenceService(context)
     handlers = {
-        method: grpc.unary_unary_rpc_method_handler(
-            _guarded(context, method, getattr(service, attribute), request_type, counted),
+        # stream-unary: the handler reads the message itself (``_message``); on the wire a
+        # unary call is the same, so unary clients call them as before
+        method: grpc.stream_unary_rpc_method_handler(
+            _guarded(context, method, getattr(service, attribute), request_type, counted,
+                     read_timeout),
             response_serializer=response_type.SerializeToString,
         )
         for method, (attribute, request_type, response_type, counted) in METHODS.items()

@@ -15,9 +15,12 @@ if TYPE_CHECKING:
     import grpc
 
 
-def add_v2_servicer(server: grpc.aio.Server, context: ServingContext) -> None:
+def add_v2_servicer(server: grpc.aio.Server, context: ServingContext, read_timeout: float = 0.0
+                    ) -> None:
     """Serve V2 (``inference.GRPCInferenceService``, plugins/protocols/grpc/service.py) on
     ``server``, a ``grpc.aio.Server`` not yet started, for the server's models in ``context``.
+    ``read_timeout`` (``--read-timeout``; 0: none): seconds a call's request message may take
+    to arrive whole.
 
     The message size limit (``--max-body``), the port and TLS are the listener's: the servicer
     bounds what a message decodes to by ``context.max_body`` on its own."""
@@ -28,4 +31,4 @@ def add_v2_servicer(server: grpc.aio.Server, context: ServingContext) -> None:
         if not missing.startswith(("grpc", "google")):
             raise
         raise MissingDependencyError("grpcio and protobuf", "grpc") from exc
-    add_service(server, context)
+    add_service(server, context, read_timeout)
