@@ -22,6 +22,10 @@ Three parts, in one run:
    defaults against MLServer's best configuration at 16 connections;
 3. V2 binary tensor extension against V2 JSON for a 1x224x224x3 FP32 input on our identity model.
 
+Beside them runs the ceiling: bench_http's raw ASGI echo on the same Hypercorn, sent the same
+bodies (it returns each as it came). No app served by this Hypercorn answers faster, so the line
+under each target says how far the target is from what the server under us allows at all.
+
 All servers are started first and then loaded one at a time (an idle server costs nothing), with
 the order rotated per round (``--rounds``), so outside load on the machine falls on all of them
 alike; the median round is shown, with each server's CPU time per request (which outside load
@@ -60,6 +64,7 @@ from bench.bench_keras import write_mlp
 from bench.harness import (
     LUA_SCRIPT,
     Result,
+    asgi_server,
     bench_env,
     check_echo,
     describe_machine,
@@ -401,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         for target in targets.values():
             for model, body in bodies.items():
                 check_echo(f"{target.base}v2/models/{model}/infer", body, JSON, answers([1, 10]))
+        # the ceiling: a raw ASGI echo of the same body on the same Hypercorn (bench_http's floor)
+        # answers faster than any app could, so no configuration of ours can pass its req/s
+        echo = stack.enter_context(asgi_server("bench.harness:echo_app"))
+        targets["floor", "echo"] = Target(echo.url, echo.process.pid if echo.process else None)
         order = list(targets)
         for model, body in bodies.items():
             for connections in connection_counts:
@@ -430,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
                         duration=args.duration, warmup=args.warmup,
                         label=f"ours large {mode} c{connections}"))
 
-    points: dict[str, Points] = {"ours": {}, "mlserver": {}, "large": {}}
+    points: dict[str, Points] = {"ours": {}, "mlserver": {}, "large": {}, "floor": {}}
     for (group, config, model, connections), results in samples.items():
         points[group][config, model, connections] = median(results)
-    return report(points["ours"], points["mlserver"], points["large"], connection_counts, args.json)
+    return report(points["ours"], points["mlserver"], points["large"], connection_counts, args.json,
+                  points["floor"])
 
 
 def _best(points: Points, model: str, connections: int) -> tuple[str, Result] | None:
@@ -442,13 +452,14 @@ def _best(points: Points, model: str, connections: int) -> tuple[str, Result] | 
 
 
 def report(ours: Points, theirs: Points, large: Points, connection_counts: list[int],
-           json_path: Path | None) -> int:
+           json_path: Path | None, floor: Points | None = None) -> int:
+    floor = floor or {}
     print()
     print("V2 JSON, ours vs MLServer 1.7.1 (server cpu: the server's process tree, per request)")
     rows = []
     for model in ("ident", "mlp"):
         for connections in connection_counts:
-            for server, points in (("mlserver", theirs), ("ours", ours)):
+            for server, points in (("mlserver", theirs), ("ours", ours), ("floor", floor)):
                 for (config, m, c), r in points.items():
                     if (m, c) != (model, connections):
                         continue
@@ -482,6 +493,11 @@ def report(ours: Points, theirs: Points, large: Points, connection_counts: list[
         failed |= speedup < MODEL_TARGET
         print(f"target ours (defaults) >= {MODEL_TARGET}x MLServer's best ({model}, c{top}, mlserver "
               f"{best_other[0]}): {speedup:.2f}x {'met' if speedup >= MODEL_TARGET else 'NOT met'}")
+        ceiling = floor.get(("echo", model, top))
+        if ceiling is not None:
+            print(f"  ceiling on this Hypercorn: its raw echo of the same body, {ceiling.rps:,.0f} "
+                  f"req/s = {ceiling.rps / best_other[1].rps:.2f}x MLServer's best; ours is "
+                  f"{mine.rps / ceiling.rps:.2f} of it")
     speedup = large["binary", "ident", top].rps / large["json", "ident", top].rps
     failed |= speedup < BINARY_TARGET
     print(f"target binary >= {BINARY_TARGET:g}x JSON (1x224x224x3, c{top}): {speedup:.1f}x "
@@ -490,7 +506,8 @@ def report(ours: Points, theirs: Points, large: Points, connection_counts: list[
         json_path.write_text(json.dumps({
             name: [{**r.as_dict(), "config": config, "model": model}
                    for (config, model, _), r in points.items()]
-            for name, points in (("ours", ours), ("mlserver", theirs), ("large", large))
+            for name, points in (("ours", ours), ("mlserver", theirs), ("large", large),
+                                 ("floor", floor))
         }, indent=2))
     errors = any(r.errors for group in (ours, theirs, large) for r in group.values())
     return 1 if errors or failed else 0
