@@ -7,6 +7,7 @@ the module (tests/plugins/grpc_harness.py), one more for the token."""
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import threading
 import time
@@ -348,3 +349,91 @@ def test_server_ready_follows_the_app_draining_and_models(tmp_path: Path) -> Non
         assert not client.is_server_ready() and not client.is_model_ready("exp")
     finally:
         served.close()
+
+
+class RawCall:
+    """One ModelInfer on a raw HTTP/2 connection (plain TCP), written by hand as a hostile
+    client may: what frames it sends is up to the test."""
+
+    def __init__(self, server: GrpcServer) -> None:
+        import socket
+
+        import h2.config
+        import h2.connection
+
+        host, port = server.address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(self.stream, [
+            (":method", "POST"), (":scheme", "http"), (":authority", host),
+            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            ("content-type", "application/grpc"), ("te", "trailers")])
+        self.flush()
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def status(self) -> str:
+        """The grpc-status the server ends the call with."""
+        import h2.events
+
+        while True:
+            received = self.sock.recv(65536)
+            assert received, "the server closed the connection without ending the call"
+            for event in self.conn.receive_data(received):
+                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                    found = dict(event.headers).get(b"grpc-status")
+                    if found is not None:
+                        return found.decode()
+            self.flush()
+
+
+def test_a_call_that_ends_without_its_message_is_a_bad_request_at_once(server: GrpcServer) -> None:
+    route = "/inference.GRPCInferenceService/ModelInfer"
+    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="400")
+    call = RawCall(server)
+    call.conn.end_stream(call.stream)  # END_STREAM, no message
+    call.flush()
+    started = time.monotonic()
+    assert call.status() == "3"  # INVALID_ARGUMENT
+    assert time.monotonic() - started < 2
+    call.sock.close()
+    wait_for_count(server, route, "400", before + 1)
+
+
+def wait_for_count(server: GrpcServer, route: str, status: str, count: float) -> None:
+    """The call is counted once its handler is done, which may be just after its client heard."""
+    deadline = time.monotonic() + 5
+    while metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route,
+                 status=status) < count:
+        assert time.monotonic() < deadline, server.http("GET", "/metrics").text
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", ["reset by its client", "refused by gRPC's core"])
+def test_a_call_that_ends_before_its_message_is_counted_499_and_logs_nothing(
+        server: GrpcServer, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by attacking the handler's read: a read gives EOF for these too, so they were
+    counted 400 and answered a second time, which grpc logged as an ERROR with a traceback."""
+    import h2.errors
+
+    route = "/inference.GRPCInferenceService/ModelInfer"
+    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="499")
+    call = RawCall(server)
+    if how == "reset by its client":
+        call.conn.send_data(call.stream, b"\0" + (1000).to_bytes(4, "big") + bytes(10))
+        call.flush()
+        time.sleep(0.2)  # the handler waits in its read
+        call.conn.reset_stream(call.stream, h2.errors.ErrorCodes.CANCEL)
+        call.flush()
+    else:  # the compressed flag without a grpc-encoding: gRPC's core answers INTERNAL itself
+        call.conn.send_data(call.stream, b"\1" + (4).to_bytes(4, "big") + bytes(4), end_stream=True)
+        call.flush()
+        assert call.status() == "13"
+    wait_for_count(server, route, "499", before + 1)
+    call.sock.close()
+    assert server.context.activity.in_flight == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    still_serving(server)

@@ -59,6 +59,8 @@ refuse metadata past 8 KiB, and the message may quote what the client sent)."""
 MODEL_KEY = "grpc.model"
 """Where the scope keeps the model a call named, for the status noted at its end."""
 Handler = Callable[[Any, grpc.aio.ServicerContext, dict[str, Any]], Awaitable[Any]]
+CANCEL_GRACE = 0.1
+"""Seconds a call whose message never came waits for grpc's word that it was cancelled."""
 
 
 class LateReply(StudioError):
@@ -280,6 +282,13 @@ async def _message(rpc: Any, read_timeout: float) -> bytes:
         raise RequestTimeout(f"the request message did not arrive within {read_timeout:g} s "
                              "(--read-timeout)") from None
     if data is grpc.aio.EOF:
+        # Also what a read gives when the call was cancelled (its client reset it, its deadline
+        # passed) or refused by gRPC's core (too large, bad compression), which then answered
+        # it: grpc cancels this handler a moment later. Wait for that, so such a call is counted
+        # as cancelled, not answered a second time (which grpc logs as an error).
+        await asyncio.sleep(CANCEL_GRACE)
+        if rpc.done():
+            raise asyncio.CancelledError()
         raise BadRequest("the call ended without a request message")
     return data
 
