@@ -7,6 +7,7 @@ gRPC calls, and the mistakes one can make with the option fail before anything l
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -315,5 +316,32 @@ def test_without_the_extra_grpc_port_says_what_to_install(monkeypatch: pytest.Mo
         listener.GrpcListener().reserve(ServeOptions(keys=("exp",), grpc_port=0))
     assert caught.value.hint == "pip install 'studio-plugins[grpc]'"
     assert listener.GrpcListener().reserve(ServeOptions(keys=("exp",))) is None  # not asked
+
+
+def test_a_protobuf_too_old_for_the_generated_modules_is_one_line_before_anything_loads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pip install tritonclient[grpc]`` (2.73) beside the server downgraded protobuf to 6.33,
+    and ``serve --grpc-port`` then loaded its models and died in three tracebacks."""
+    import importlib.metadata
+
+    from plugins.protocols.grpc import listener
+
+    found = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "6.33.6" if name == "protobuf" else found(name))
+    with pytest.raises(ConfigurationError, match=r"--grpc-port needs protobuf >= 7\.35\.1, and "
+                       r"6\.33\.6 is installed") as caught:
+        listener.GrpcListener().reserve(ServeOptions(keys=("exp",), grpc_port=0))
+    assert caught.value.hint is not None and "pip install 'protobuf>=7.35.1'" in caught.value.hint
+
+
+def test_the_versions_checked_are_those_the_modules_were_generated_for() -> None:
+    from plugins.protocols.grpc import grpc_service_pb2_grpc, listener
+
+    assert listener.GENERATED_BY["grpcio"] == tuple(
+        int(part) for part in grpc_service_pb2_grpc.GRPC_GENERATED_VERSION.split("."))
+    source = (Path(listener.__file__).parent / "grpc_service_pb2.py").read_text()
+    major, minor, patch = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", source).groups()
+    assert listener.GENERATED_BY["protobuf"] == (int(major), int(minor), int(patch))
     with pytest.raises(ConfigurationError, match="--grpc-port and --port are both 5000"):
         listener.GrpcListener().reserve(ServeOptions(keys=("exp",), port=5000, grpc_port=5000))

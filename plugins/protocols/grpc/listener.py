@@ -14,6 +14,7 @@ the last), read once here, at start.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 import socket
@@ -51,6 +52,20 @@ refused by gRPC's core with ``UNAVAILABLE``, as --max-queue refuses: a status to
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
+GENERATED_BY = {"grpcio": (1, 85, 1), "protobuf": (7, 35, 1)}
+"""The versions the checked-in ``*_pb2*`` modules need at least (they were generated for them,
+and refuse older ones when imported, after the models have loaded); pyproject's ``grpc`` extra
+says the same."""
+
+
+def _version(distribution: str) -> tuple[int, ...] | None:
+    try:
+        found = re.match(r"\d+(\.\d+)*", importlib.metadata.version(distribution))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in found.group(0).split(".")) if found else None
+
+
 def _require_extra() -> None:
     """Checked without importing grpc: the launching process may fork workers after this."""
     missing = [name for name, module in (("grpcio", "grpc"), ("protobuf", "google.protobuf"))
@@ -59,6 +74,16 @@ def _require_extra() -> None:
         raise ConfigurationError(
             f"--grpc-port needs {' and '.join(missing)}, which is not installed",
             hint="pip install 'studio-plugins[grpc]'")
+    for distribution, needed in GENERATED_BY.items():
+        # e.g. a client that pins protobuf<7 (tritonclient 2.73), installed beside the server
+        found = _version(distribution)
+        if found is not None and found < needed:
+            wanted = ".".join(map(str, needed))
+            raise ConfigurationError(
+                f"--grpc-port needs {distribution} >= {wanted}, and {'.'.join(map(str, found))} is "
+                "installed (something installed later may have downgraded it)",
+                hint=f"pip install '{distribution}>={wanted}'; a client that needs an older one "
+                "goes in an environment of its own")
 
 
 def _pem_blocks(path: str, kinds: tuple[str, ...]) -> bytes:
