@@ -259,7 +259,7 @@ def _experiments_group(host: PluginHost) -> click.Group:
             return
         rows = [("KEY", "NEWEST CHECKPOINT", "LOADER", "MODIFIED (UTC)", "FILES")]
         for info in infos:
-            newest = newest_by_name(info, loaders)
+            newest = served_checkpoint(store, info, loaders)
             if newest:
                 mtime, name, loader_name = newest
                 rows.append((info.key, name, loader_name,
@@ -308,13 +308,27 @@ def _experiments_group(host: PluginHost) -> click.Group:
         click.echo(f"pushed {count} file(s) to {key} in {store.url}")
         # push keeps modification times, so an older checkpoint pushed now is not the one served
         info = next((info for info in store.experiments() if info.key == key), None)
-        newest = newest_by_name(info, host.loaders()) if info else None
+        newest = served_checkpoint(store, info, host.loaders()) if info else None
         if newest and source.is_file() and newest[1] != source.name:
             click.echo(f"note: `studio-plug serve {key}` loads {newest[1]}, the newest checkpoint "
                        f"(by modification time), not {source.name}; `serve --checkpoint "
                        f"{source.name}` picks it", err=True)
 
     return experiments
+
+
+def served_checkpoint(store: ExperimentStore, info: ExperimentInfo, loaders: dict[str, Loader]
+                      ) -> tuple[datetime, str, str] | None:
+    """(mtime, name, loader) of the file ``serve KEY`` loads, or None. A local store's files are
+    looked into as ``serve`` looks (a torch state_dict is no model: ``survey``); a remote
+    store's listing tells only names (fetching every modeldir to look would cost downloads), so
+    there it is ``newest_by_name``."""
+    if not store.url.startswith("file:"):
+        return newest_by_name(info, loaders)
+    for entry in survey(store.modeldir(info.key), loaders):
+        if entry.served and entry.loader:
+            return datetime.fromtimestamp(entry.mtime, UTC), entry.path.name, entry.loader
+    return None
 
 
 def newest_by_name(info: ExperimentInfo, loaders: dict[str, Loader]) -> tuple[datetime, str, str] | None:

@@ -99,7 +99,8 @@ def test_ls_without_a_key_keeps_its_summary(checkpoints: Path) -> None:
     code, out, err = cli("experiments", "ls")
     assert code == 0, err
     assert out.splitlines()[0].split()[:3] == ["KEY", "NEWEST", "CHECKPOINT"]
-    assert out.splitlines()[1].split()[0] == "exp"
+    # what serve loads: the Keras model, not the newer torch state_dict (no model in it)
+    assert out.splitlines()[1].split()[:3] == ["exp", "model.keras", "keras"], out
     # files but none a loader recognises by name: not "identity", which serve would not use
     for name in ("model.keras", "weights.pt"):
         (checkpoints / name).unlink()
@@ -141,3 +142,19 @@ def test_pushing_an_older_checkpoint_says_which_one_serve_loads(studio_home: Pat
     code, out, err = cli("experiments", "push", "kept", str(older))
     assert code == 0 and "pushed 1 file(s)" in out
     assert "serve kept` loads newer.keras" in err and "--checkpoint best.keras" in err, err
+
+
+def test_pushing_a_model_beside_a_newer_state_dict_names_no_other_file(
+        checkpoints: Path, tmp_path: Path) -> None:
+    """A torch state_dict is no model, newer or not: push's note named it as what serve loads
+    (by its name) when serve loaded the file just pushed (found trying the README)."""
+    (checkpoints / "model.keras").unlink()
+    inputs = keras.Input((3,))
+    best = tmp_path / "best.keras"
+    keras.Model(inputs, keras.layers.Dense(1)(inputs)).save(best)
+    touch(best, T0)  # older than weights.pt
+    code, out, err = cli("experiments", "push", "exp", str(best))
+    assert code == 0 and "pushed 1 file(s)" in out, err
+    assert "note:" not in err, err
+    code, out, err = cli("experiments", "ls", "exp")
+    assert code == 0 and rows(out)["best.keras"][:2] == ["*", "keras"], (out, err)
