@@ -151,7 +151,7 @@ class ServeOptions:
         True, "--metrics", "Serve Prometheus metrics on GET /metrics.", kind=SWITCH)
     access_log: bool = option(
         False, "--access-log", "Log one line per request: method, path, status, duration, batch "
-        "size.", kind=FLAG)
+        "size, model, request id.", kind=FLAG)
     debug: bool = option(
         False, "--debug", "Log debug output and return tracebacks in error replies.", kind=FLAG)
     backend_options: Mapping[str, Any] = field(default_factory=dict)

@@ -112,7 +112,8 @@ class Metrics:
         return bytes(generate_latest(registry))
 
 
-REQUESTS = ("studio_requests", "Inference requests by route, model and status")
+REQUESTS = ("studio_requests", "Requests by route, model and status (all but health checks and "
+            "/metrics)")
 LATENCY = ("studio_request_duration_seconds", "Inference request latency")
 BATCH = ("studio_batch_size", "Rows per model call")
 FAILED = ("studio_failed_items", "Keys a model answered None for because they failed (a ModelPipe's "
