@@ -195,13 +195,7 @@ def test_a_fleets_certificate_left_alone_still_shows_and_stop_deletes_it(fleet_c
     ssm().delete_parameters(Names=leftovers(aws)["parameters"])
     assert set(leftovers(aws)) == {"certificates"}
 
-    code, out, err = cli("ls")  # the certificate alone keeps the fleet listed: not forgotten
-    assert code == 0, err
-    assert out.splitlines()[1].split()[:5] == [name, "exp", "-", "-", "-"]
-    code, out, err = cli("stop", "--all")
-    assert code == 0, err
-    assert out == f"stopped fleet {name}\n" and f"deleting certificate {certificate}" in err
-    assert leftovers(aws) == {}
+    listed_then_stopped_by_all(aws, name, "exp", f"certificate {certificate}")
     code, out, err = cli("stop", name)  # again: nothing left, and fine
     assert code == 0 and out == "", err
 
@@ -218,10 +212,16 @@ def test_a_fleet_whose_token_is_all_that_is_left_still_shows_and_stop_all_delete
         {"Key": "studio-plug:managed", "Value": "fleet"}, {"Key": "studio-plug:fleet", "Value": name}])
     assert leftovers(aws) == {"parameters": [token]}
 
-    code, out, err = cli("ls")  # the token alone keeps the fleet listed: not forgotten
+    listed_then_stopped_by_all(aws, name, "?", f"parameters {token}")  # its tags name no key
+
+
+def listed_then_stopped_by_all(aws: SimpleNamespace, name: str, key: str, part: str) -> None:
+    """What is left of fleet ``name`` keeps it in ``ls`` (not forgotten), with experiment ``key``,
+    and ``stop --all`` finds it there and deletes ``part``, the last of it."""
+    code, out, err = cli("ls")
     assert code == 0, err
-    assert out.splitlines()[1].split()[:5] == [name, "?", "-", "-", "-"]
+    assert out.splitlines()[1].split()[:5] == [name, key, "-", "-", "-"]
     code, out, err = cli("stop", "--all")
     assert code == 0, err
-    assert out == f"stopped fleet {name}\n" and f"deleting parameters {token}" in err
+    assert out == f"stopped fleet {name}\n" and f"deleting {part}" in err
     assert leftovers(aws) == {}

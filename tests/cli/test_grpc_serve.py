@@ -6,6 +6,7 @@ gRPC calls, and the mistakes one can make with the option fail before anything l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -144,29 +145,42 @@ def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
     assert pids_answering(served, tls, 4) <= before == worker_pids(served)
 
 
+@contextlib.contextmanager
+def raw_h2(served: ServerProcess, tls: Tls, timeout: float = 10
+           ) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection]]:
+    """An HTTP/2 connection to the gRPC port, TLS and preface done, for frames written by hand
+    as a hostile client may write them."""
+    host, port = served.grpc_target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=tls.ca)
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=timeout),
+                             server_hostname=host) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        yield sock, conn
+
+
+def model_infer_headers(served: ServerProcess, metadata: dict[str, str]) -> list[tuple[str, str]]:
+    return [(":method", "POST"), (":scheme", "https"), (":authority", served.grpc_target.rsplit(":", 1)[0]),
+            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            ("content-type", "application/grpc"), ("te", "trailers"), *metadata.items()]
+
+
 def test_a_connection_may_open_max_streams_and_gzip_does_not_pass_max_body(
         served: ServerProcess, tls: Tls) -> None:
     """Hostile transport: calls that each send part of a large message and stall buffer it until
     the connection closes, so one connection's calls are bounded (SETTINGS_MAX_CONCURRENT_STREAMS,
     none by gRPC's default); a gzip message of a few KB that inflates past --max-body is
     refused (the limit applies after decompression)."""
-    host, port = served.grpc_target.rsplit(":", 1)
-    context = ssl.create_default_context(cafile=tls.ca)
-    context.set_alpn_protocols(["h2"])
-    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
-                             server_hostname=host) as sock:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
+    with raw_h2(served, tls) as (sock, conn):
         settings: dict[int, int] = {}
         while not settings:
             for event in conn.receive_data(sock.recv(65536)):
                 if isinstance(event, h2.events.RemoteSettingsChanged):
                     settings = {key: value.new_value for key, value in event.changed_settings.items()}
         assert settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS) == MAX_STREAMS, settings
-        headers = [(":method", "POST"), (":scheme", "https"), (":authority", host),
-                   (":path", "/inference.GRPCInferenceService/ModelInfer"),
-                   ("content-type", "application/grpc"), ("te", "trailers"), *AUTH.items()]
+        headers = model_infer_headers(served, AUTH)
         for _ in range(MAX_STREAMS):  # each claims 1 MiB - 1, sends 10 KB, and stalls
             stream = conn.get_next_available_stream_id()
             conn.send_headers(stream, headers)
@@ -190,18 +204,9 @@ def _h2_call(served: ServerProcess, tls: Tls, metadata: dict[str, str], data: by
              ) -> tuple[dict[str, str], float]:
     """One ModelInfer over a raw HTTP/2 connection that sends ``data`` (part of a message) and
     then nothing: the trailers the server ends the call with, and the seconds that took."""
-    host, port = served.grpc_target.rsplit(":", 1)
-    context = ssl.create_default_context(cafile=tls.ca)
-    context.set_alpn_protocols(["h2"])
-    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=15),
-                             server_hostname=host) as sock:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+    with raw_h2(served, tls, timeout=15) as (sock, conn):
         stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, [
-            (":method", "POST"), (":scheme", "https"), (":authority", host),
-            (":path", "/inference.GRPCInferenceService/ModelInfer"),
-            ("content-type", "application/grpc"), ("te", "trailers"), *metadata.items()])
+        conn.send_headers(stream, model_infer_headers(served, metadata))
         conn.send_data(stream, data)
         sock.sendall(conn.data_to_send())
         started = time.monotonic()
