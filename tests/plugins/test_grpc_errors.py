@@ -262,7 +262,8 @@ def test_cancelled_calls_stop_counting_against_the_queue(server: GrpcServer) -> 
     """--max-queue 2: two slow calls fill it (a third is UNAVAILABLE); cancelling them frees it
     at once, long before the model's 0.5 s are up, and they are counted 499."""
     route = "/inference.GRPCInferenceService/ModelInfer"
-    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="499")
+    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="499",
+                    model="slow")
     stub = stub_for(server)
     request = request_with(("sleep", "FP32", [1], np.array([2.0], np.float32).tobytes()), model="slow")
     calls = [stub.ModelInfer.future(request) for _ in range(2)]
@@ -279,7 +280,7 @@ def test_cancelled_calls_stop_counting_against_the_queue(server: GrpcServer) -> 
         assert time.monotonic() < deadline, "cancelled calls still count"
         time.sleep(0.01)
     text = server.http("GET", "/metrics").text
-    assert metric(text, "studio_requests_total", route=route, status="499") == before + 2, text
+    assert metric(text, "studio_requests_total", route=route, status="499", model="slow") == before + 2, text
     assert server.context.activity.in_flight == 0
     still_serving(server)
 
@@ -392,7 +393,8 @@ class RawCall:
 
 def test_a_call_that_ends_without_its_message_is_a_bad_request_at_once(server: GrpcServer) -> None:
     route = "/inference.GRPCInferenceService/ModelInfer"
-    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="400")
+    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="400",
+                    model="")
     call = RawCall(server)
     call.conn.end_stream(call.stream)  # END_STREAM, no message
     call.flush()
@@ -404,10 +406,11 @@ def test_a_call_that_ends_without_its_message_is_a_bad_request_at_once(server: G
 
 
 def wait_for_count(server: GrpcServer, route: str, status: str, count: float) -> None:
-    """The call is counted once its handler is done, which may be just after its client heard."""
+    """A call that named no model is counted once its handler is done, which may be just after
+    its client heard."""
     deadline = time.monotonic() + 5
     while metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route,
-                 status=status) < count:
+                 status=status, model="") < count:
         assert time.monotonic() < deadline, server.http("GET", "/metrics").text
         time.sleep(0.02)
 
@@ -420,7 +423,8 @@ def test_a_call_that_ends_before_its_message_is_counted_499_and_logs_nothing(
     import h2.errors
 
     route = "/inference.GRPCInferenceService/ModelInfer"
-    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="499")
+    before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="499",
+                    model="")
     call = RawCall(server)
     if how == "reset by its client":
         call.conn.send_data(call.stream, b"\0" + (1000).to_bytes(4, "big") + bytes(10))
