@@ -297,6 +297,20 @@ def test_timeout_smaller_than_the_deadline_wins(tmp_path: Path) -> None:
 # --- the token ------------------------------------------------------------------------------------
 
 
+def test_the_calls_that_need_no_token_do_not_parse_their_message(server: GrpcServer) -> None:
+    """ServerLive's and ServerReady's messages have no fields, so no bytes can change their
+    answer: they are not parsed. Anyone could send 64 MiB of unknown fields to be parsed on the
+    event loop; bytes that are no message at all show that nothing is parsed."""
+    channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)])
+    for method, reply_type in (("ServerLive", service_pb2.ServerLiveResponse),
+                               ("ServerReady", service_pb2.ServerReadyResponse)):
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        for body in (b"\xff\xff\xff", b"\x0a\x00" * 100_000):  # garbage; 100k empty unknown fields
+            reply = reply_type.FromString(call(body, timeout=10))
+            assert (reply.live if method == "ServerLive" else reply.ready) is True
+    channel.close()
+
+
 def test_the_token_is_the_authorization_metadata(tmp_path: Path) -> None:
     served = grpc_server(tmp_path / "studioml", {"exp": None}, token="s3cret")
     try:

@@ -256,7 +256,13 @@ def _parse(message_type: Any, data: bytes) -> Any:
     """The request message in ``data``, parsed by the handler once the token passed: the
     handlers take the message's bytes (no ``request_deserializer``, which grpc runs before the
     handler), so a client without the token cannot make the server parse 64 MiB of 33 million
-    empty fields, a second of protobuf holding the GIL."""
+    empty fields, a second of protobuf holding the GIL.
+
+    A type with no fields (ServerLive's, ServerReady's: the calls that need no token) is not
+    parsed at all: nothing its bytes hold could change the answer, and parsing 64 MiB of
+    unknown fields from anyone held the event loop as well."""
+    if not message_type.DESCRIPTOR.fields:
+        return message_type()
     try:
         return message_type.FromString(data)
     except DecodeError as exc:
