@@ -308,6 +308,13 @@ def test_the_calls_that_need_no_token_do_not_parse_their_message(server: GrpcSer
         for body in (b"\xff\xff\xff", b"\x0a\x00" * 100_000):  # garbage; 100k empty unknown fields
             reply = reply_type.FromString(call(body, timeout=10))
             assert (reply.live if method == "ServerLive" else reply.ready) is True
+        # not even read: a message that claims 1 MB and stalls is answered at once, so gRPC's
+        # core never takes in what anyone, without the token, claims to send
+        raw = RawCall(server, method)
+        raw.conn.send_data(raw.stream, b"\0" + (1 << 20).to_bytes(4, "big") + bytes(10_000))
+        raw.flush()
+        assert raw.status() == "0"
+        raw.sock.close()
     channel.close()
 
 
@@ -370,7 +377,7 @@ class RawCall:
     """One ModelInfer on a raw HTTP/2 connection (plain TCP), written by hand as a hostile
     client may: what frames it sends is up to the test."""
 
-    def __init__(self, server: GrpcServer) -> None:
+    def __init__(self, server: GrpcServer, method: str = "ModelInfer") -> None:
         import socket
 
         import h2.config
@@ -383,7 +390,7 @@ class RawCall:
         self.stream = self.conn.get_next_available_stream_id()
         self.conn.send_headers(self.stream, [
             (":method", "POST"), (":scheme", "http"), (":authority", host),
-            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            (":path", f"/inference.GRPCInferenceService/{method}"),
             ("content-type", "application/grpc"), ("te", "trailers")])
         self.flush()
 

@@ -256,13 +256,7 @@ def _parse(message_type: Any, data: bytes) -> Any:
     """The request message in ``data``, parsed by the handler once the token passed: the
     handlers take the message's bytes (no ``request_deserializer``, which grpc runs before the
     handler), so a client without the token cannot make the server parse 64 MiB of 33 million
-    empty fields, a second of protobuf holding the GIL.
-
-    A type with no fields (ServerLive's, ServerReady's: the calls that need no token) is not
-    parsed at all: nothing its bytes hold could change the answer, and parsing 64 MiB of
-    unknown fields from anyone held the event loop as well."""
-    if not message_type.DESCRIPTOR.fields:
-        return message_type()
+    empty fields, a second of protobuf holding the GIL."""
     try:
         return message_type.FromString(data)
     except DecodeError as exc:
@@ -299,6 +293,18 @@ async def _message(rpc: Any, read_timeout: float) -> bytes:
     return data
 
 
+async def _request(rpc: Any, request_type: Any, read_timeout: float) -> Any:
+    """The call's request: its message read (``_message``) and parsed (``_parse``). A type
+    with no fields (ServerLive's, ServerReady's, which need no token; ServerMetadata's) is not
+    read at all: no bytes could change the answer, and reading asks gRPC's core to take in a
+    message of whatever length it claims (up to --max-body), which anyone could then have held
+    and parsed on the event loop. Unread, the call is answered at once and what its client
+    still sends is dropped (at most the stream's flow-control window)."""
+    if not request_type.DESCRIPTOR.fields:
+        return request_type()
+    return _parse(request_type, await _message(rpc, read_timeout))
+
+
 def _guarded(context: ServingContext, method: str, handler: Handler, request_type: Any,
              counted: bool, read_timeout: float) -> Callable[[Any, Any], Awaitable[Any]]:
     """``handler`` as a grpc method: the token, then the message read (``_message``) and parsed
@@ -308,7 +314,7 @@ def _guarded(context: ServingContext, method: str, handler: Handler, request_typ
 
     async def uncounted(requests: Any, rpc: Any) -> Any:
         try:
-            request = _parse(request_type, await _message(rpc, read_timeout))
+            request = await _request(rpc, request_type, read_timeout)
         except StudioError as exc:
             await rpc.abort(status_code(exc.status), exc.message)
         if isinstance(request, _Undecodable):
@@ -321,7 +327,7 @@ def _guarded(context: ServingContext, method: str, handler: Handler, request_typ
                             "missing or wrong bearer token (metadata authorization: Bearer <token>)")
         with context.counted(route) as scope:
             try:
-                request = _parse(request_type, await _message(rpc, read_timeout))
+                request = await _request(rpc, request_type, read_timeout)
                 if isinstance(request, _Undecodable):
                     raise BadRequest(f"not a {method} request: {request.error}")
                 reply = await handler(request, rpc, scope)
