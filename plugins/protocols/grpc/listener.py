@@ -46,7 +46,9 @@ MAX_STREAMS = 256
 default is no limit, and each open call buffers what its client sent of a message (gRPC opens the
 flow-control window to the length the message claims, up to --max-body) until it is whole, so
 one connection of 4000 calls that each sent 60 KB of a 1 MB message and stalled held 240 MB, for
-as long as the connection stayed open. This bounds one connection to this many times --max-body.
+as long as the connection stayed open. This bounds one connection to this many times --max-body,
+and since the handlers read the message themselves (service.py), for --read-timeout at most,
+only after the token, and never on the calls that need none.
 256 is --max-queue's default: one channel can still fill the queue (a burst past the limit is
 refused by gRPC's core with ``UNAVAILABLE``, as --max-queue refuses: a status to retry)."""
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
