@@ -64,6 +64,9 @@ def _redirect_error(url: str, status: int, location: str | None) -> PredictionEr
         "request and its token there: call that URL if you trust it")
 
 
+CERT_HAS_EXPIRED = 10
+"""OpenSSL's ``X509_V_ERR_CERT_HAS_EXPIRED``, as ``SSLCertVerificationError.verify_code``."""
+
 DEFAULT_TIMEOUT = 120.0
 """Seconds ``predict`` waits for a reply unless told otherwise: a server that never answers
 must not hang its client."""
@@ -129,6 +132,11 @@ def predict(
         raise PredictionError(0, f"no reply from {url} within {timeout:g} s") from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            if exc.reason.verify_code == CERT_HAS_EXPIRED:  # another CA would not help
+                raise PredictionError(
+                    0, f"the certificate of {url} has expired (or this machine's clock is "
+                    "wrong): the server needs a new one; one launched with --cloud ec2 gets a "
+                    "certificate for 30 days, so launch it again") from None
             raise PredictionError(
                 0, f"cannot verify the certificate of {url}: {exc.reason.verify_message}; pass "
                 f"cafile= (or set ${CA_FILE_ENV}) to the CA that signed it") from None

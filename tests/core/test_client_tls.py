@@ -75,3 +75,46 @@ def test_a_ca_file_that_cannot_be_used_is_a_clear_error(cas: dict[str, object], 
         path.write_text(content)
     with pytest.raises(ConfigurationError, match=str(path)):
         client_context(path)
+
+
+@pytest.mark.parametrize("expired", [True, False])
+def test_an_expired_certificate_is_named_and_a_stranger_s_asks_for_its_ca(
+        tmp_path: Path, expired: bool) -> None:
+    """A certificate past its date used to get the hint for an unknown CA ("pass cafile="),
+    which cannot help: the server needs a new certificate (an EC2 one lasts 30 days)."""
+    import datetime as dt
+    import http.server
+    import ssl
+    import threading
+
+    import numpy as np
+
+    from studio_plugins.client import PredictionError, predict
+
+    ca = trustme.CA()
+    now = dt.datetime.now(dt.UTC)
+    leaf = (ca.issue_cert("127.0.0.1", not_before=now - dt.timedelta(days=40),
+                          not_after=now - dt.timedelta(days=10)) if expired
+            else trustme.CA().issue_cert("127.0.0.1"))  # valid, but from a CA not given
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(context)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/"
+    try:
+        with pytest.raises(PredictionError) as raised:
+            predict(url, {"x": np.zeros(1)}, cafile=tmp_path / "ca.pem", timeout=10)
+    finally:
+        httpd.shutdown()
+    if expired:
+        assert "has expired" in str(raised.value) and "cafile" not in str(raised.value)
+        assert "launch it again" in str(raised.value)
+    else:
+        assert "pass cafile=" in str(raised.value)
