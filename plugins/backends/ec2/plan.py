@@ -280,7 +280,6 @@ def with_shipment(plan: Plan) -> Plan:
     return dataclasses.replace(plan, shipment=build_shipment(modules))
 
 
-
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
