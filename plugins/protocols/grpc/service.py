@@ -244,23 +244,16 @@ METHODS: dict[str, tuple[str, Any, Any, bool]] = {
 }
 
 
-class _Undecodable:
-    """What ``_parse`` gives for bytes that are not the message: the call answers
-    ``INVALID_ARGUMENT`` (grpc would answer an exception in a deserializer ``INTERNAL``)."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def _parse(message_type: Any, data: bytes) -> Any:
+def _parse(method: str, message_type: Any, data: bytes) -> Any:
     """The request message in ``data``, parsed by the handler once the token passed: the
     handlers take the message's bytes (no ``request_deserializer``, which grpc runs before the
     handler), so a client without the token cannot make the server parse 64 MiB of 33 million
-    empty fields, a second of protobuf holding the GIL."""
+    empty fields, a second of protobuf holding the GIL. Bytes that are no such message are a
+    400, ``INVALID_ARGUMENT`` (grpc answers an exception in a deserializer ``INTERNAL``)."""
     try:
         return message_type.FromString(data)
     except DecodeError as exc:
-        return _Undecodable(str(exc))
+        raise BadRequest(f"not a {method} request: {exc}") from None
 
 
 def _authorization(rpc: Any) -> str | None:
@@ -293,7 +286,7 @@ async def _message(rpc: Any, read_timeout: float) -> bytes:
     return data
 
 
-async def _request(rpc: Any, request_type: Any, read_timeout: float) -> Any:
+async def _request(rpc: Any, method: str, request_type: Any, read_timeout: float) -> Any:
     """The call's request: its message read (``_message``) and parsed (``_parse``). A type
     with no fields (ServerLive's, ServerReady's, which need no token; ServerMetadata's) is not
     read at all: no bytes could change the answer, and reading asks gRPC's core to take in a
@@ -302,7 +295,7 @@ async def _request(rpc: Any, request_type: Any, read_timeout: float) -> Any:
     still sends is dropped (at most the stream's flow-control window)."""
     if not request_type.DESCRIPTOR.fields:
         return request_type()
-    return _parse(request_type, await _message(rpc, read_timeout))
+    return _parse(method, request_type, await _message(rpc, read_timeout))
 
 
 def _guarded(context: ServingContext, method: str, handler: Handler, request_type: Any,
@@ -314,11 +307,9 @@ def _guarded(context: ServingContext, method: str, handler: Handler, request_typ
 
     async def uncounted(requests: Any, rpc: Any) -> Any:
         try:
-            request = await _request(rpc, request_type, read_timeout)
+            request = await _request(rpc, method, request_type, read_timeout)
         except StudioError as exc:
             await rpc.abort(status_code(exc.status), exc.message)
-        if isinstance(request, _Undecodable):
-            await rpc.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a {method} request: {request.error}")
         return await handler(request, rpc, {})
 
     async def call(requests: Any, rpc: Any) -> Any:
@@ -327,9 +318,7 @@ def _guarded(context: ServingContext, method: str, handler: Handler, request_typ
                             "missing or wrong bearer token (metadata authorization: Bearer <token>)")
         with context.counted(route) as scope:
             try:
-                request = await _request(rpc, request_type, read_timeout)
-                if isinstance(request, _Undecodable):
-                    raise BadRequest(f"not a {method} request: {request.error}")
+                request = await _request(rpc, method, request_type, read_timeout)
                 reply = await handler(request, rpc, scope)
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed
                 _note(context, scope, 499)
