@@ -38,12 +38,19 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_keras import KEY, time_calls, write_mlp
-from bench.harness import Result, check_echo, describe_machine, load, print_table, studio_server
+from bench.harness import (
+    SETTLE_SECONDS,
+    Result,
+    check_echo,
+    describe_machine,
+    load,
+    print_table,
+    studio_server,
+)
 
 PICKLE = "application/python-pickle"
 IDENTITY = "ident"
 BATCH_SIZES = (1, 4, 16, 32, 64, 128)
-SETTLE_SECONDS = 12.0
 
 
 def median_result(results: list[Result], key: str = "rps") -> Result:

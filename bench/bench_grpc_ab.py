@@ -25,6 +25,7 @@ import numpy as np
 
 from bench.bench_grpc import drive, infer_request, measure
 from bench.bench_v2 import free_port
+from bench.harness import SETTLE_SECONDS
 
 KEY = "ident"
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--grpc-port", str(grpc_port), "--killafter", "0"],
                     cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 servers[label] = (process, f"127.0.0.1:{grpc_port}")
-            time.sleep(12)  # started, and past the heap's refreeze (core/process/heap.py)
+            time.sleep(SETTLE_SECONDS)  # started, and past the heap's refreeze
             request = infer_request(KEY, KEY, np.random.default_rng(0).random((1, 10), dtype=np.float32))
             results: dict[str, list[tuple[float, float]]] = {label: [] for label in servers}
             for round_ in range(args.rounds):

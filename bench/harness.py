@@ -39,6 +39,9 @@ from studio_plugins.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
+SETTLE_SECONDS = 12.0
+"""Seconds to wait after a server is up before measuring it: past the heap's one refreeze
+(core/process/heap.py: a full collection, ~200 ms, 10 s after a compiled model's swap)."""
 
 
 # --- servers ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import h2.connection
 import h2.events
 import numpy as np
 
-from bench.harness import studio_server
+from bench.harness import SETTLE_SECONDS, studio_server
 
 TOKEN = "soak-token"
 READ_TIMEOUT = 2.0
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                            home=Path(home), env={"STUDIO_TOKEN": TOKEN}) as server:
             assert server.process is not None
             pid = server.process.pid
-            time.sleep(12)  # past the heap's refreeze (core/process/heap.py)
+            time.sleep(SETTLE_SECONDS)
             rss_start = rss_mb(pid)
             outcomes: collections.Counter[str] = collections.Counter()
             longest, lock = [0.0], threading.Lock()
