@@ -31,6 +31,7 @@ from studio_plugins import ConfigurationError, ServeOptions
 from studio_plugins.testing import ServerProcess
 from tests.cli.test_serve import free_port, run_cli
 from tests.cli.test_workers import PID_WRAPPER, worker_pids
+from tests.grpc_raw import RawCall, call_headers
 from tests.tls_ca import Tls
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -146,25 +147,15 @@ def test_silent_and_garbage_connections_are_closed_and_the_workers_serve_on(
 
 
 @contextlib.contextmanager
-def raw_h2(served: ServerProcess, tls: Tls, timeout: float = 10
-           ) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection]]:
-    """An HTTP/2 connection to the gRPC port, TLS and preface done, for frames written by hand
-    as a hostile client may write them."""
+def tls_socket(served: ServerProcess, tls: Tls, timeout: float = 10) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to the gRPC port offering HTTP/2, for frames written by hand as a hostile
+    client may write them."""
     host, port = served.grpc_target.rsplit(":", 1)
     context = ssl.create_default_context(cafile=tls.ca)
     context.set_alpn_protocols(["h2"])
     with context.wrap_socket(socket.create_connection((host, int(port)), timeout=timeout),
                              server_hostname=host) as sock:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        sock.sendall(conn.data_to_send())
-        yield sock, conn
-
-
-def model_infer_headers(served: ServerProcess, metadata: dict[str, str]) -> list[tuple[str, str]]:
-    return [(":method", "POST"), (":scheme", "https"), (":authority", served.grpc_target.rsplit(":", 1)[0]),
-            (":path", "/inference.GRPCInferenceService/ModelInfer"),
-            ("content-type", "application/grpc"), ("te", "trailers"), *metadata.items()]
+        yield sock
 
 
 def test_a_connection_may_open_max_streams_and_gzip_does_not_pass_max_body(
@@ -173,14 +164,17 @@ def test_a_connection_may_open_max_streams_and_gzip_does_not_pass_max_body(
     the connection closes, so one connection's calls are bounded (SETTINGS_MAX_CONCURRENT_STREAMS,
     none by gRPC's default); a gzip message of a few KB that inflates past --max-body is
     refused (the limit applies after decompression)."""
-    with raw_h2(served, tls) as (sock, conn):
+    with tls_socket(served, tls) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
         settings: dict[int, int] = {}
         while not settings:
             for event in conn.receive_data(sock.recv(65536)):
                 if isinstance(event, h2.events.RemoteSettingsChanged):
                     settings = {key: value.new_value for key, value in event.changed_settings.items()}
         assert settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS) == MAX_STREAMS, settings
-        headers = model_infer_headers(served, AUTH)
+        headers = call_headers(served.grpc_target.rsplit(":", 1)[0], metadata=AUTH, scheme="https")
         for _ in range(MAX_STREAMS):  # each claims 1 MiB - 1, sends 10 KB, and stalls
             stream = conn.get_next_available_stream_id()
             conn.send_headers(stream, headers)
@@ -204,21 +198,12 @@ def _h2_call(served: ServerProcess, tls: Tls, metadata: dict[str, str], data: by
              ) -> tuple[dict[str, str], float]:
     """One ModelInfer over a raw HTTP/2 connection that sends ``data`` (part of a message) and
     then nothing: the trailers the server ends the call with, and the seconds that took."""
-    with raw_h2(served, tls, timeout=15) as (sock, conn):
-        stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, model_infer_headers(served, metadata))
-        conn.send_data(stream, data)
-        sock.sendall(conn.data_to_send())
+    with tls_socket(served, tls, timeout=15) as sock:
+        call = RawCall(sock, served.grpc_target.rsplit(":", 1)[0], metadata=metadata, scheme="https")
+        call.conn.send_data(call.stream, data)
+        call.flush()
         started = time.monotonic()
-        while True:
-            received = sock.recv(65536)
-            assert received, "the server closed the connection without ending the call"
-            for event in conn.receive_data(received):
-                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived) \
-                        and any(k == b"grpc-status" for k, _ in event.headers):
-                    return ({k.decode(): v.decode() for k, v in event.headers},
-                            time.monotonic() - started)
-            sock.sendall(conn.data_to_send())
+        return call.trailers(), time.monotonic() - started
 
 
 def test_a_call_that_stalls_mid_message_is_ended_after_read_timeout(served: ServerProcess,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from core.dataplane.plane import DataPlaneOptions
+from tests.grpc_raw import RawCall
 from tests.plugins.grpc_harness import GrpcServer, grpc_server
 
 tritongrpc = pytest.importorskip("tritonclient.grpc")
@@ -310,7 +311,7 @@ def test_the_calls_that_need_no_token_do_not_parse_their_message(server: GrpcSer
             assert (reply.live if method == "ServerLive" else reply.ready) is True
         # not even read: a message that claims 1 MB and stalls is answered at once, so gRPC's
         # core never takes in what anyone, without the token, claims to send
-        raw = RawCall(server, method)
+        raw = raw_call(server, method)
         raw.conn.send_data(raw.stream, b"\0" + (1 << 20).to_bytes(4, "big") + bytes(10_000))
         raw.flush()
         assert raw.status() == "0"
@@ -373,50 +374,19 @@ def test_server_ready_follows_the_app_draining_and_models(tmp_path: Path) -> Non
         served.close()
 
 
-class RawCall:
-    """One ModelInfer on a raw HTTP/2 connection (plain TCP), written by hand as a hostile
-    client may: what frames it sends is up to the test."""
+def raw_call(server: GrpcServer, method: str = "ModelInfer") -> RawCall:
+    """A call on a raw HTTP/2 connection of its own to the in-process server."""
+    import socket
 
-    def __init__(self, server: GrpcServer, method: str = "ModelInfer") -> None:
-        import socket
-
-        import h2.config
-        import h2.connection
-
-        host, port = server.address.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.conn.initiate_connection()
-        self.stream = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(self.stream, [
-            (":method", "POST"), (":scheme", "http"), (":authority", host),
-            (":path", f"/inference.GRPCInferenceService/{method}"),
-            ("content-type", "application/grpc"), ("te", "trailers")])
-        self.flush()
-
-    def flush(self) -> None:
-        self.sock.sendall(self.conn.data_to_send())
-
-    def status(self) -> str:
-        """The grpc-status the server ends the call with."""
-        import h2.events
-
-        while True:
-            received = self.sock.recv(65536)
-            assert received, "the server closed the connection without ending the call"
-            for event in self.conn.receive_data(received):
-                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
-                    found = dict(event.headers).get(b"grpc-status")
-                    if found is not None:
-                        return found.decode()
-            self.flush()
+    host, port = server.address.rsplit(":", 1)
+    return RawCall(socket.create_connection((host, int(port)), timeout=10), host, method)
 
 
 def test_a_call_that_ends_without_its_message_is_a_bad_request_at_once(server: GrpcServer) -> None:
     route = "/inference.GRPCInferenceService/ModelInfer"
     before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="400",
                     model="")
-    call = RawCall(server)
+    call = raw_call(server)
     call.conn.end_stream(call.stream)  # END_STREAM, no message
     call.flush()
     started = time.monotonic()
@@ -446,7 +416,7 @@ def test_a_call_that_ends_before_its_message_is_counted_499_and_logs_nothing(
     route = "/inference.GRPCInferenceService/ModelInfer"
     before = metric(server.http("GET", "/metrics").text, "studio_requests_total", route=route, status="499",
                     model="")
-    call = RawCall(server)
+    call = raw_call(server)
     if how == "reset by its client":
         call.conn.send_data(call.stream, b"\0" + (1000).to_bytes(4, "big") + bytes(10))
         call.flush()
